@@ -1,0 +1,112 @@
+"""Score policies in the real simulator: the dream-trained policy (seeing real frames through the same
+tokenizer), a uniformly random policy and the scripted expert, on the same held-out tracks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from envs.sources import SourceConfig, make_expert, make_source_env
+from worldmodel.checkpoint import load_module
+from worldmodel.train import TOKENIZER, load_tokenizer
+
+POLICIES = ("policy", "random", "expert")
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 5
+    seed: int = 1_000_000
+    """Episode i runs on seed `seed + i`; these must not overlap the collection seeds."""
+    workers: int = 2
+    max_steps: int | None = None
+    """Cap on recorded steps per episode (None: the simulator's full episode); only for quick tests."""
+    deterministic: bool = True
+
+
+class TokenPolicy:
+    """The trained actor-critic acting on real frames passed through the run's tokenizer."""
+
+    def __init__(self, run_dir: Path, deterministic: bool):
+        from agents.policy import ActorCritic, PolicyConfig
+        from agents.ppo import POLICY
+
+        self.tokenizer, _ = load_tokenizer(run_dir / TOKENIZER)
+        self.policy, _, _ = load_module(run_dir / POLICY, POLICY, ActorCritic, PolicyConfig)
+        self.policy.eval()
+        self.deterministic = deterministic
+
+    @torch.no_grad()
+    def __call__(self, frame: np.ndarray, space: gym.Space) -> np.ndarray | int:
+        tokens = self.tokenizer.encode(torch.from_numpy(np.array(frame))[None]).tokens
+        action, *_ = self.policy.act(tokens, deterministic=self.deterministic)
+        if isinstance(space, gym.spaces.Discrete):
+            return int(action[0])
+        return np.clip(action[0].numpy(), space.low, space.high).astype(np.float32)
+
+
+def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int]) -> tuple[str, int, float, int]:
+    kind, run_dir, source, config, seed = args
+    torch.set_num_threads(1)
+    env = make_source_env(SourceConfig(source.name, source.frame_size, source.action_repeat, config.max_steps))
+    env.action_space.seed(seed)
+    actor = TokenPolicy(Path(run_dir), config.deterministic) if kind == "policy" else None
+    expert = make_expert(source) if kind == "expert" else None
+    if expert is not None:
+        expert.reset()
+    obs, info = env.reset(seed=seed)
+    total, steps = info.get("intro_reward", 0.0), 0
+    while True:
+        if actor is not None:
+            action = actor(obs, env.action_space)
+        elif expert is not None:
+            action = expert.act(env)
+        else:
+            action = env.action_space.sample()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total += reward
+        steps += 1
+        if terminated or truncated:
+            break
+    env.close()
+    return kind, seed, float(total), steps
+
+
+def evaluate(
+    run_dir: str | Path,
+    source: SourceConfig,
+    config: EvalConfig,
+    used_seeds: list[int],
+    kinds: tuple[str, ...] = POLICIES,
+) -> dict[str, dict]:
+    """Returns per policy: mean, std, per-episode returns and seeds. Refuses seeds used for collection."""
+    seeds = [config.seed + i for i in range(config.episodes)]
+    overlap = sorted(set(seeds) & set(used_seeds))
+    if overlap:
+        raise ValueError(
+            f"evaluation seeds {overlap[:5]} were used to collect training data; choose eval.seed elsewhere"
+        )
+    tasks = [(kind, str(run_dir), source, config, seed) for kind in kinds for seed in seeds]
+    results: dict[str, dict[int, float]] = {kind: {} for kind in kinds}
+    progress = tqdm(total=len(tasks), desc=f"evaluate in real {source.name}", unit="episode", dynamic_ncols=True)
+    with mp.get_context("spawn").Pool(max(1, min(config.workers, len(tasks)))) as pool:
+        for kind, seed, ret, _ in pool.imap_unordered(_episode, tasks):
+            results[kind][seed] = ret
+            progress.update()
+    progress.close()
+    summary = {}
+    for kind in kinds:
+        returns = [results[kind][s] for s in seeds]
+        summary[kind] = {
+            "mean": float(np.mean(returns)),
+            "std": float(np.std(returns)),
+            "returns": returns,
+            "seeds": seeds,
+        }
+    return summary

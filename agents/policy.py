@@ -1,0 +1,99 @@
+"""Actor-critic over token-grid observations: Gaussian actions for Box spaces, categorical for Discrete."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+from torch.distributions import Categorical, Normal
+
+from worldmodel.fsq import FSQ
+
+
+@dataclass
+class PolicyConfig:
+    grid_size: int = 8
+    levels: tuple[int, ...] = (8, 6, 5)
+    """The tokenizer's FSQ levels: each token is fed to the policy as its code vector plus a learned embedding."""
+    action_dim: int = 3
+    discrete_actions: bool = False
+    embedding_dim: int = 16
+    hidden: int = 256
+    init_log_std: float = -0.5
+
+    @property
+    def vocab_size(self) -> int:
+        return int(np.prod(self.levels))
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = config
+        self.quantizer = FSQ(config.levels)
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        channels = self.quantizer.dim + config.embedding_dim
+        side = (config.grid_size + 1) // 2
+        self.trunk = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(64 * side * side, config.hidden),
+            nn.SiLU(),
+        )
+        self.actor = nn.Linear(config.hidden, config.action_dim)
+        self.critic = nn.Linear(config.hidden, 1)
+        nn.init.orthogonal_(self.actor.weight, 0.01)
+        nn.init.zeros_(self.actor.bias)
+        nn.init.orthogonal_(self.critic.weight, 1.0)
+        self.log_std = nn.Parameter(torch.full((config.action_dim,), config.init_log_std))
+
+    @classmethod
+    def for_spaces(
+        cls, observation_space: gym.Space, action_space: gym.Space, levels: tuple[int, ...], **kwargs
+    ) -> ActorCritic:
+        discrete = isinstance(action_space, gym.spaces.Discrete)
+        return cls(
+            PolicyConfig(
+                grid_size=int(observation_space.shape[-1]),
+                levels=tuple(levels),
+                action_dim=int(action_space.n) if discrete else int(action_space.shape[0]),
+                discrete_actions=discrete,
+                **kwargs,
+            )
+        )
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) tokens -> (B, hidden)."""
+        tokens = tokens.long()
+        x = torch.cat([self.quantizer.indices_to_codes(tokens), self.embedding(tokens)], dim=-1)
+        return self.trunk(rearrange(x, "b h w d -> b d h w"))
+
+    def distribution(self, hidden: torch.Tensor) -> Categorical | Normal:
+        out = self.actor(hidden)
+        if self.config.discrete_actions:
+            return Categorical(logits=out)
+        return Normal(out, self.log_std.exp().expand_as(out))
+
+    def value(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.features(tokens)).squeeze(-1)
+
+    def act(self, tokens: torch.Tensor, action: torch.Tensor | None = None, deterministic: bool = False):
+        """(action, log_prob, entropy, value); samples unless `action` is given or `deterministic`."""
+        hidden = self.features(tokens)
+        dist = self.distribution(hidden)
+        if action is None:
+            if deterministic:
+                action = dist.probs.argmax(-1) if self.config.discrete_actions else dist.mean
+            else:
+                action = dist.sample()
+        log_prob, entropy = dist.log_prob(action), dist.entropy()
+        if not self.config.discrete_actions:
+            log_prob, entropy = log_prob.sum(-1), entropy.sum(-1)
+        return action, log_prob, entropy, self.critic(hidden).squeeze(-1)

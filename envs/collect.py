@@ -1,0 +1,152 @@
+"""Record episodes from a real simulator with a scripted expert plus exploration, in parallel processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from tqdm.auto import tqdm
+
+from envs.sources import SourceConfig, make_expert, make_source_env
+from worldmodel.dataset import Dataset, Episode, EpisodeRecord, write_episode
+
+
+@dataclass
+class CollectConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    episodes: int = 40
+    workers: int = 2
+    seed: int = 0
+    """Episode i is driven on track/scenario seed `seed + i`."""
+    random_fraction: float = 0.1
+    """Fraction of episodes driven by uniformly random actions."""
+    action_noise: float = 0.1
+    """Gaussian noise std on the expert's continuous actions; for discrete actions, the chance of a random one."""
+    perturb_prob: float = 0.03
+    """Per-step chance that a perturbation starts: a random action held for a few steps (spins, leaving the road)."""
+    perturb_steps: tuple[int, int] = (3, 12)
+
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.episodes)]
+
+
+def episode_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+class _Driver:
+    """Expert actions with noise, random perturbation segments, or fully random actions, from one seed."""
+
+    def __init__(self, config: CollectConfig, env: gym.Env, seed: int):
+        self.config = config
+        self.env = env
+        self.rng = np.random.default_rng(seed)
+        self.space = env.action_space
+        self.space.seed(int(self.rng.integers(2**31)))
+        self.expert = make_expert(config.source)
+        self.expert.reset()
+        self.kind = "random" if self.rng.random() < config.random_fraction else "expert"
+        self.held: np.ndarray | int | None = None
+        self.hold_left = 0
+
+    def act(self) -> np.ndarray | int:
+        if self.kind == "random":
+            return self.space.sample()
+        if self.hold_left == 0 and self.rng.random() < self.config.perturb_prob:
+            self.held = self.space.sample()
+            self.hold_left = int(self.rng.integers(*self.config.perturb_steps, endpoint=True))
+        if self.hold_left > 0:
+            self.hold_left -= 1
+            self.expert.act(self.env)  # keep the expert's internal state in step with the simulator
+            return self.held
+        action = self.expert.act(self.env)
+        if isinstance(self.space, gym.spaces.Discrete):
+            return self.space.sample() if self.rng.random() < self.config.action_noise else int(action)
+        noisy = action + self.rng.normal(0, self.config.action_noise, size=action.shape)
+        return np.clip(noisy, self.space.low, self.space.high).astype(np.float32)
+
+
+_worker_env: gym.Env | None = None
+
+
+def _record(config: CollectConfig, root: str, index: int) -> EpisodeRecord:
+    global _worker_env
+    if _worker_env is None:
+        _worker_env = make_source_env(config.source)
+    env = _worker_env
+    seed = config.seed + index
+    driver = _Driver(config, env, seed)
+    obs, info = env.reset(seed=seed)
+    frames, actions, rewards, terminated, truncated = [obs], [], [], [], []
+    while True:
+        action = driver.act()
+        obs, reward, term, trunc, _ = env.step(action)
+        frames.append(obs)
+        actions.append(action)
+        rewards.append(reward)
+        terminated.append(term)
+        truncated.append(trunc)
+        if term or trunc:
+            break
+    discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    episode = Episode(
+        frames=np.stack(frames),
+        actions=np.array(actions, dtype=np.int64 if discrete else np.float32),
+        rewards=np.array(rewards, dtype=np.float32),
+        terminated=np.array(terminated, dtype=bool),
+        truncated=np.array(truncated, dtype=bool),
+    )
+    write_episode(root, episode_name(index), episode)
+    return EpisodeRecord(episode_name(index), len(episode), seed, float(episode.rewards.sum()), driver.kind)
+
+
+def _record_star(args: tuple[CollectConfig, str, int]) -> EpisodeRecord:
+    return _record(*args)
+
+
+def collect(config: CollectConfig, root: str | Path) -> Dataset:
+    """Record `config.episodes` episodes into the dataset at `root`, resuming where an earlier run stopped."""
+    probe = make_source_env(config.source)
+    dataset = Dataset.create(
+        root,
+        config.source.name,
+        probe.observation_space.shape,
+        probe.action_space,
+        meta={"collect": dataclasses.asdict(config)},
+    )
+    probe.close()
+    done = {record.name for record in dataset.episodes}
+    todo = [i for i in range(config.episodes) if episode_name(i) not in done]
+    if not todo:
+        return dataset
+    tasks = [(config, str(root), i) for i in todo]
+    progress = tqdm(
+        total=config.episodes,
+        initial=config.episodes - len(todo),
+        desc=f"collect {config.source.name}",
+        unit="episode",
+        dynamic_ncols=True,
+    )
+    if config.workers <= 1:
+        results = map(_record_star, tasks)
+        pool = None
+    else:
+        pool = mp.get_context("spawn").Pool(min(config.workers, len(tasks)))
+        results = pool.imap_unordered(_record_star, tasks)
+    try:
+        for record in results:
+            dataset.add(record)
+            progress.update()
+            progress.set_postfix(ret=f"{record.ret:.0f}", kind=record.kind)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    dataset.manifest.episodes.sort(key=lambda r: r.name)
+    dataset.save_manifest()
+    return dataset

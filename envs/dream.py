@@ -1,0 +1,213 @@
+"""The learned world model as a Gymnasium environment: `DreamVectorEnv` steps a batch of dreams with one
+forward pass; `DreamEnv` is the single-environment view of it.
+
+Each dream starts from real context frames sampled from the run's dataset (its first frames and actions are
+fed to the model, the last frame is the first observation). `step` predicts the next frame's tokens, the
+reward and termination; dreams are truncated at `horizon` steps. Actions outside a Box's bounds are clipped
+(as the real simulators do); actions of the wrong shape or dtype, or NaN/inf, raise ValueError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from worldmodel.world_model import WorldModel
+
+ObsMode = Literal["tokens", "pixels"]
+
+
+def check_actions(actions: Any, space: gym.Space, batch: int) -> np.ndarray:
+    """Validate a batch of `batch` actions for `space`; returns them as an array (Box actions clipped)."""
+    if isinstance(space, gym.spaces.Discrete):
+        expected = f"{batch} integer action(s) in [0, {space.n}) with shape ({batch},)"
+        array = np.asarray(actions)
+        if array.dtype.kind not in "iu" or array.shape != (batch,):
+            raise ValueError(f"expected {expected}, got {array.dtype} array of shape {array.shape}")
+        if array.min() < 0 or array.max() >= space.n:
+            raise ValueError(f"expected {expected}, got values {array.tolist()}")
+        return array.astype(np.int64)
+    expected = f"float actions of shape ({batch}, {space.shape[0]}) within {space.low.tolist()}..{space.high.tolist()}"
+    array = np.asarray(actions)
+    if array.dtype.kind not in "fiu" or array.shape != (batch, *space.shape):
+        raise ValueError(f"expected {expected}, got {array.dtype} array of shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"expected {expected}, got NaN or infinite values")
+    return np.clip(array.astype(np.float32), space.low, space.high)
+
+
+class DreamVectorEnv(gym.vector.VectorEnv):
+    """`num_envs` dreams stepped together; Gymnasium's NEXT_STEP (default) or SAME_STEP autoreset."""
+
+    metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP, "render_fps": 12}
+
+    def __init__(
+        self,
+        checkpoint: str | Path | WorldModel,
+        num_envs: int = 16,
+        obs_mode: ObsMode = "tokens",
+        horizon: int = 64,
+        burn_in: int = 4,
+        temperature: float = 0.0,
+        device: str = "cpu",
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        render_mode: str | None = None,
+        max_episode_steps: int | None = None,
+    ):
+        model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
+        if model.contexts is None:
+            raise ValueError("the dream env needs real context episodes (the run's tokens.npz)")
+        if obs_mode not in ("tokens", "pixels"):
+            raise ValueError(f"obs_mode must be 'tokens' or 'pixels', got {obs_mode!r}")
+        if burn_in < 1 or burn_in > model.dynamics.config.context_frames:
+            raise ValueError(f"burn_in must be in [1, {model.dynamics.config.context_frames}], got {burn_in}")
+        self.model = model
+        self.num_envs = num_envs
+        self.obs_mode = obs_mode
+        self.horizon = max_episode_steps or horizon
+        self.burn_in = burn_in
+        self.temperature = temperature
+        self.render_mode = render_mode
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+        grid = model.grid_size
+        if obs_mode == "tokens":
+            self.single_observation_space = gym.spaces.MultiDiscrete(
+                np.full((grid, grid), model.dynamics.config.vocab_size, dtype=np.int64)
+            )
+        else:
+            c = model.tokenizer.config
+            self.single_observation_space = gym.spaces.Box(0, 255, (c.image_size, c.image_size, c.channels), np.uint8)
+        self.single_action_space = model.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        device_ = model.device
+        self._cache = model.dynamics.new_cache(num_envs)
+        self._tokens = torch.zeros(num_envs, grid, grid, dtype=torch.long, device=device_)
+        self._steps = np.zeros(num_envs, dtype=np.int64)
+        self._needs_reset = np.zeros(num_envs, dtype=bool)
+        self._generator = torch.Generator(device=device_)
+        self._np_random, _ = gym.utils.seeding.np_random(None)
+
+    def _reset_rows(self, rows: np.ndarray) -> None:
+        contexts = self.model.contexts
+        window = contexts.sample(self.burn_in - 1, len(rows), self.np_random)
+        device = self.model.device
+        rows_t = torch.as_tensor(rows, device=device)
+        tokens = torch.as_tensor(window["tokens"], device=device)  # (b, burn_in, h, w)
+        actions = self.model.action_tensor(window["actions"])  # (b, burn_in - 1, ...)
+        self.model.burn_in(self._cache, tokens, actions, rows_t)
+        self._tokens[rows_t] = tokens[:, -1]
+        self._steps[rows] = 0
+        self._needs_reset[rows] = False
+
+    def _observe(self) -> np.ndarray:
+        if self.obs_mode == "tokens":
+            return self._tokens.cpu().numpy()
+        return self.model.tokenizer.tokens_to_frames(self._tokens).cpu().numpy()
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        if isinstance(seed, list):
+            seed = seed[0]
+        if seed is not None:
+            self._np_random, _ = gym.utils.seeding.np_random(seed)
+            self._generator.manual_seed(int(seed))
+        self._reset_rows(np.arange(self.num_envs))
+        return self._observe(), {}
+
+    def step(self, actions: Any):
+        actions = check_actions(actions, self.single_action_space, self.num_envs)
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        active = np.flatnonzero(~self._needs_reset)
+        if len(active):
+            rows = None if len(active) == self.num_envs else torch.as_tensor(active, device=self.model.device)
+            current = self._tokens if rows is None else self._tokens[rows]
+            prediction = self.model.imagine(
+                self._cache, current, self.model.action_tensor(actions[active]), rows, self.temperature, self._generator
+            )
+            if rows is None:
+                self._tokens = prediction.tokens
+            else:
+                self._tokens[rows] = prediction.tokens
+            rewards[active] = prediction.reward.cpu().numpy()
+            terminated[active] = prediction.terminated.cpu().numpy()
+            self._steps[active] += 1
+            truncated[active] = self._steps[active] >= self.horizon
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            resets = np.flatnonzero(self._needs_reset)
+            if len(resets):
+                self._reset_rows(resets)
+            self._needs_reset = terminated | truncated
+            return self._observe(), rewards, terminated, truncated, {}
+        done = np.flatnonzero(terminated | truncated)
+        infos: dict[str, Any] = {}
+        if len(done):
+            final_obs = self._observe()
+            self._reset_rows(done)
+            infos = {"final_obs": final_obs, "_final_obs": terminated | truncated}
+        return self._observe(), rewards, terminated, truncated, infos
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return self.model.tokenizer.tokens_to_frames(self._tokens[:1]).cpu().numpy()[0]
+
+
+class DreamEnv(gym.Env):
+    """One dream: the single-environment view of `DreamVectorEnv` (same arguments, `num_envs=1`)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 12}
+
+    def __init__(
+        self,
+        checkpoint: str | Path | WorldModel,
+        obs_mode: ObsMode = "tokens",
+        horizon: int = 64,
+        burn_in: int = 4,
+        temperature: float = 0.0,
+        device: str = "cpu",
+        render_mode: str | None = None,
+        max_episode_steps: int | None = None,
+    ):
+        self._vector = DreamVectorEnv(
+            checkpoint,
+            1,
+            obs_mode,
+            horizon,
+            burn_in,
+            temperature,
+            device,
+            AutoresetMode.DISABLED,
+            render_mode,
+            max_episode_steps,
+        )
+        self.observation_space = self._vector.single_observation_space
+        self.action_space = self._vector.single_action_space
+        self.render_mode = render_mode
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        vector = self._vector
+        vector._np_random = self.np_random
+        if seed is not None:
+            vector._generator.manual_seed(int(seed))
+        vector._reset_rows(np.arange(1))
+        return vector._observe()[0], {}
+
+    def step(self, action: Any):
+        batched = np.asarray(action)[None]
+        if isinstance(self.action_space, gym.spaces.Discrete) and np.asarray(action).ndim != 0:
+            raise ValueError(f"expected one integer action in [0, {self.action_space.n}), got shape {np.shape(action)}")
+        obs, reward, terminated, truncated, _ = self._vector.step(batched)
+        return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
+
+    def render(self) -> np.ndarray | None:
+        return self._vector.render()

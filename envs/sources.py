@@ -1,0 +1,116 @@
+"""The real simulators used as data sources, behind one interface: small RGB or grayscale frames,
+an action repeat, the intro skipped, and a scripted expert that reads the simulator's state."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from PIL import Image
+
+from envs.experts import CarRacingExpert, HighwayExpert
+
+# highway-env renders through pygame; with the `dummy` driver its frames come back black without an error
+os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
+
+CARRACING_INTRO_STEPS = 50
+
+
+@dataclass
+class SourceConfig:
+    name: Literal["carracing", "highway"] = "carracing"
+    frame_size: int = 64
+    action_repeat: int | None = None
+    """Simulator steps per recorded step, rewards summed (None: 4 for CarRacing, 1 for highway-env)."""
+    max_steps: int | None = None
+    """Recorded steps per episode before it is truncated (None: the simulator's own limit)."""
+
+    @property
+    def repeat(self) -> int:
+        if self.action_repeat is not None:
+            return self.action_repeat
+        return 4 if self.name == "carracing" else 1
+
+
+class DrivingFrames(gym.Wrapper):
+    """Observations become (S, S, C) uint8 frames; each action is repeated; CarRacing's zoom-in is skipped.
+
+    The reward of the skipped intro steps is reported as `info["intro_reward"]` at reset, so that the sum of
+    rewards plus that figure is the simulator's own episode return.
+    """
+
+    def __init__(self, env: gym.Env, config: SourceConfig):
+        super().__init__(env)
+        self.config = config
+        probe = self._frame(np.zeros(env.observation_space.shape, env.observation_space.dtype))
+        self.observation_space = gym.spaces.Box(0, 255, probe.shape, np.uint8)
+        self._steps = 0
+
+    def _frame(self, obs: np.ndarray) -> np.ndarray:
+        size = self.config.frame_size
+        if obs.ndim == 3 and obs.shape[0] in (1, 3, 4) and obs.shape[-1] not in (1, 3):
+            obs = obs[-1:].transpose(1, 2, 0)  # highway: (stack, H, W) -> last frame as (H, W, 1)
+        if obs.shape[:2] != (size, size):
+            channels = obs.shape[-1]
+            image = Image.fromarray(obs.squeeze(-1) if channels == 1 else obs)
+            obs = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+            obs = obs[..., None] if channels == 1 else obs
+        return np.ascontiguousarray(obs, dtype=np.uint8)
+
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        intro_reward = 0.0
+        if self.config.name == "carracing":
+            idle = np.zeros(self.env.action_space.shape, np.float32)
+            for _ in range(CARRACING_INTRO_STEPS):
+                obs, reward, _, _, info = self.env.step(idle)
+                intro_reward += float(reward)
+        self._steps = 0
+        return self._frame(obs), {**info, "intro_reward": intro_reward}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        total = 0.0
+        for _ in range(self.config.repeat):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        self._steps += 1
+        if self.config.max_steps is not None and self._steps >= self.config.max_steps:
+            truncated = True
+        return self._frame(obs), total, bool(terminated), bool(truncated), info
+
+
+def make_source_env(config: SourceConfig, render_mode: str | None = None) -> DrivingFrames:
+    """The real simulator named by `config`, producing frames of `config.frame_size`."""
+    if config.name == "carracing":
+        env = gym.make("CarRacing-v3", continuous=True, render_mode=render_mode)
+    elif config.name == "highway":
+        import highway_env  # noqa: F401  (registers the highway environments)
+
+        env = gym.make(
+            "highway-fast-v0",
+            render_mode=render_mode,
+            config={
+                "observation": {
+                    "type": "GrayscaleObservation",
+                    "observation_shape": (config.frame_size, config.frame_size),
+                    "stack_size": 1,
+                    "weights": [0.2989, 0.587, 0.114],
+                    "scaling": 1.75,
+                },
+            },
+        )
+    else:
+        raise ValueError(f"unknown source {config.name!r}; expected 'carracing' or 'highway'")
+    return DrivingFrames(env, config)
+
+
+def make_expert(config: SourceConfig) -> CarRacingExpert | HighwayExpert:
+    """The scripted driver for a source; `act(env)` reads the simulator state through `env.unwrapped`."""
+    if config.name == "carracing":
+        return CarRacingExpert(action_repeat=config.repeat)
+    return HighwayExpert()

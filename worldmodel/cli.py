@@ -1,0 +1,146 @@
+"""The `worldmodel` command. It is the composition root: it may import `envs` and `agents` (lazily, per
+command); the library modules under `worldmodel/` never do."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.train.steps=200 ppo.num_envs=32"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="preset name in configs/ or a path to a YAML file")
+    parser.add_argument(
+        "--source",
+        choices=["carracing", "highway"],
+        default=None,
+        help="data source (default: the preset's, CarRacing-v3)",
+    )
+    parser.add_argument("--name", default=None, help="run name (folder under runs/); default: <preset>-<source>")
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def _config(args: argparse.Namespace):
+    from agents.pipeline import load_pipeline_config
+
+    config = load_pipeline_config(args.preset, args.overrides, args.source)
+    if args.name:
+        config.run.name = args.name
+    elif not any(o.startswith("run.name=") for o in args.overrides):
+        config.run.name = f"{Path(args.preset).stem}-{config.collect.source.name}"
+    return config
+
+
+def _logger(config):
+    from worldmodel.logger import RunLogger
+
+    return RunLogger(config.run_dir, config.run.wandb)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from agents.pipeline import run_pipeline
+
+    run_pipeline(_config(args))
+
+
+def cmd_collect(args: argparse.Namespace) -> None:
+    from envs.collect import collect
+
+    config = _config(args)
+    out = Path(args.out) if args.out else config.dataset_dir
+    dataset = collect(config.collect, out)
+    print(f"{len(dataset)} episodes, {sum(e.length for e in dataset.episodes)} steps in {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from worldmodel.train import train_dynamics, train_tokenizer
+
+    config = _config(args)
+    data = Path(args.data) if args.data else config.dataset_dir
+    logger = _logger(config)
+    if args.component == "tokenizer":
+        figures = train_tokenizer(
+            data, config.run_dir, config.tokenizer, logger, config.run.val_fraction, config.run.device
+        )
+    elif args.component == "dynamics":
+        figures = train_dynamics(
+            data, config.run_dir, config.dynamics, logger, config.run.val_fraction, config.run.device
+        )
+    else:
+        from agents.ppo import train_ppo
+
+        figures = train_ppo(config.run_dir, config.ppo, logger, config.run.device)
+    logger.close()
+    print(json.dumps(figures, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from agents.evaluate import evaluate
+    from worldmodel.dataset import Dataset
+
+    config = _config(args)
+    data = Path(args.data) if args.data else config.dataset_dir
+    used = [e.seed for e in Dataset.open(data).episodes if e.seed is not None]
+    print(json.dumps(evaluate(config.run_dir, config.collect.source, config.eval, used), indent=2))
+
+
+def cmd_rollout(args: argparse.Namespace) -> None:
+    from worldmodel.rollout import write_rollout
+
+    config = _config(args)
+    data = Path(args.data) if args.data else config.dataset_dir
+    print(json.dumps(write_rollout(config.run_dir, data, config.rollout, args.out), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldmodel", description="Driving world model: collect, train, dream, evaluate."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="the whole pipeline: collect, train, dream PPO, evaluate, video")
+    _common(run)
+    run.set_defaults(func=cmd_run)
+
+    collect = commands.add_parser("collect", help="record episodes from a real simulator")
+    _common(collect)
+    collect.add_argument("--out", default=None, help="dataset folder (default: runs/<name>/dataset)")
+    collect.set_defaults(func=cmd_collect)
+
+    train = commands.add_parser("train", help="train one component of a run")
+    train.add_argument("component", choices=["tokenizer", "dynamics", "policy"])
+    _common(train)
+    train.add_argument("--data", default=None, help="dataset folder (default: runs/<name>/dataset)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score policy, random and expert in the real simulator")
+    _common(evaluate)
+    evaluate.add_argument("--data", default=None, help="dataset folder, to refuse its seeds")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    rollout = commands.add_parser("rollout", help="video: real vs tokenizer vs dream on a held-out episode")
+    _common(rollout)
+    rollout.add_argument("--data", default=None, help="dataset folder (default: runs/<name>/dataset)")
+    rollout.add_argument("--out", default=None, help="output path without suffix (default: runs/<name>/rollout)")
+    rollout.set_defaults(func=cmd_rollout)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from worldmodel.checkpoint import CheckpointError
+    from worldmodel.config import ConfigError
+    from worldmodel.dataset import DatasetError
+
+    try:
+        args.func(args)
+    except (ConfigError, DatasetError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

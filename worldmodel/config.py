@@ -1,0 +1,124 @@
+"""Presets as plain YAML, typed per-module config dataclasses, and `section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not match the config dataclasses."""
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """Resolve a preset name (`tiny`) to `configs/tiny.yaml`, or return an existing YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r}; expected one of {known} or a path to a .yaml file")
+    return candidate
+
+
+def load_preset(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a preset into nested dicts and apply `section.key=value` overrides (values parsed as YAML)."""
+    with open(preset_path(name_or_path)) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {name_or_path} must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in nested dicts; the value is parsed as YAML (`3`, `1e-3`, `[8, 6, 5]`, `true`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, value = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses and rejecting unknown keys."""
+    data = dict(data or {})
+    where = where or cls.__name__
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where) if len(args) == 1 else value
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        items = [_coerce(item_hint, v, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON/YAML-able data."""
+    return dataclasses.asdict(config)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = "tiny"
+    """Run folder name under `runs_dir`."""
+    runs_dir: str = "runs"
+    seed: int = 0
+    device: str = "cpu"
+    """cpu, cuda, or auto."""
+    wandb: typing.Literal["disabled", "offline", "online"] = "disabled"
+    val_fraction: float = 0.1
+    """Fraction of episodes held out for validation (every k-th episode)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""

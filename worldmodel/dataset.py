@@ -1,0 +1,321 @@
+"""The on-disk dataset: one folder per dataset, one folder of `.npy` arrays per episode, a JSON manifest.
+
+Layout (documented for users in docs/dataset_format.md)::
+
+    <root>/manifest.json
+    <root>/episodes/<name>/frames.npy      (T+1, H, W, C) uint8   frames[t] is seen before actions[t]
+    <root>/episodes/<name>/actions.npy     (T, A) float32 (box) or (T,) int64 (discrete)
+    <root>/episodes/<name>/rewards.npy     (T,) float32           reward for actions[t]
+    <root>/episodes/<name>/terminated.npy  (T,) bool
+    <root>/episodes/<name>/truncated.npy   (T,) bool
+
+Episodes are written to a temporary folder and renamed into place, and the manifest is rewritten
+atomically after each one, so a crash loses at most the episode in flight. Arrays are memory-mapped,
+so sampling training windows never loads the whole dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+FORMAT_NAME = "worldmodel-dataset"
+FORMAT_VERSION = 1
+ARRAYS = ("frames", "actions", "rewards", "terminated", "truncated")
+
+
+class DatasetError(ValueError):
+    """A dataset folder or manifest that does not follow the format."""
+
+
+class EpisodeError(DatasetError):
+    """One episode's files are missing, truncated or inconsistent; the message names the file."""
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    """An action space as manifest JSON."""
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "box", "shape": list(space.shape), "low": space.low.tolist(), "high": space.high.tolist()}
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "discrete", "n": int(space.n)}
+    raise DatasetError(f"unsupported action space {space}; expected Box or Discrete")
+
+
+def space_from_dict(data: dict[str, Any]) -> gym.Space:
+    """The inverse of `space_to_dict`."""
+    kind = data.get("type")
+    if kind == "box":
+        return gym.spaces.Box(np.array(data["low"], np.float32), np.array(data["high"], np.float32), dtype=np.float32)
+    if kind == "discrete":
+        return gym.spaces.Discrete(int(data["n"]))
+    raise DatasetError(f"action_space type must be 'box' or 'discrete', got {kind!r}")
+
+
+@dataclass
+class Episode:
+    """One recorded episode; arrays may be memory-mapped."""
+
+    frames: np.ndarray  # (T+1, H, W, C) uint8
+    actions: np.ndarray  # (T, A) float32 or (T,) int64
+    rewards: np.ndarray  # (T,) float32
+    terminated: np.ndarray  # (T,) bool
+    truncated: np.ndarray  # (T,) bool
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def validate(self, frame_shape: tuple[int, ...] | None = None, where: str = "episode") -> None:
+        steps = len(self.rewards)
+        if self.frames.dtype != np.uint8 or self.frames.ndim != 4:
+            raise EpisodeError(
+                f"{where}: frames must be (T+1, H, W, C) uint8, got {self.frames.shape} {self.frames.dtype}"
+            )
+        if frame_shape is not None and tuple(self.frames.shape[1:]) != tuple(frame_shape):
+            raise EpisodeError(f"{where}: frames are {self.frames.shape[1:]}, manifest says {tuple(frame_shape)}")
+        if len(self.frames) != steps + 1:
+            raise EpisodeError(f"{where}: {len(self.frames)} frames for {steps} steps; expected steps + 1 frames")
+        for name in ("actions", "terminated", "truncated"):
+            if len(getattr(self, name)) != steps:
+                raise EpisodeError(f"{where}: {name} has {len(getattr(self, name))} entries, expected {steps}")
+
+
+@dataclass
+class EpisodeRecord:
+    """A manifest entry."""
+
+    name: str
+    length: int
+    seed: int | None = None
+    ret: float = 0.0
+    kind: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "length": self.length, "seed": self.seed, "return": self.ret, "kind": self.kind}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EpisodeRecord:
+        return cls(
+            data["name"], int(data["length"]), data.get("seed"), float(data.get("return", 0.0)), data.get("kind", "")
+        )
+
+
+def write_episode(root: str | Path, name: str, episode: Episode) -> Path:
+    """Write an episode's arrays into `<root>/episodes/<name>/` atomically (temporary folder, then rename)."""
+    episode.validate(where=f"episode {name}")
+    final = Path(root) / "episodes" / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        for array_name in ARRAYS:
+            with open(tmp / f"{array_name}.npy", "wb") as f:
+                np.save(f, np.ascontiguousarray(getattr(episode, array_name)))
+                f.flush()
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+@dataclass
+class Manifest:
+    source: str
+    frame_shape: tuple[int, int, int]
+    action_space: dict[str, Any]
+    episodes: list[EpisodeRecord] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "source": self.source,
+            "frame_shape": list(self.frame_shape),
+            "action_space": self.action_space,
+            "episodes": [e.to_json() for e in self.episodes],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
+        if data.get("format") != FORMAT_NAME:
+            raise DatasetError(f"{where}: 'format' must be {FORMAT_NAME!r}, got {data.get('format')!r}")
+        if data.get("version") != FORMAT_VERSION:
+            raise DatasetError(f"{where}: version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
+        try:
+            return cls(
+                source=str(data["source"]),
+                frame_shape=tuple(int(x) for x in data["frame_shape"]),
+                action_space=dict(data["action_space"]),
+                episodes=[EpisodeRecord.from_json(e) for e in data["episodes"]],
+                meta=dict(data.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise DatasetError(f"{where}: malformed manifest ({err!r})") from err
+
+
+class Dataset:
+    """A dataset folder: read the manifest, load (memory-mapped) episodes, append new ones."""
+
+    def __init__(self, root: str | Path, manifest: Manifest):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: str | Path) -> Dataset:
+        path = Path(root) / "manifest.json"
+        if not path.is_file():
+            raise DatasetError(f"{path} not found; is {root} a dataset folder written by `worldmodel collect`?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: not valid JSON ({err})") from err
+        return cls(root, Manifest.from_json(data, str(path)))
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        source: str,
+        frame_shape: tuple[int, int, int],
+        action_space: gym.Space,
+        meta: dict[str, Any] | None = None,
+    ) -> Dataset:
+        """Create a new dataset, or reopen an existing one after checking it has the same source and shapes."""
+        manifest = Manifest(source, tuple(frame_shape), space_to_dict(action_space), meta=dict(meta or {}))
+        if (Path(root) / "manifest.json").is_file():
+            existing = cls.open(root)
+            for key in ("source", "frame_shape", "action_space"):
+                if getattr(existing.manifest, key) != getattr(manifest, key):
+                    raise DatasetError(
+                        f"{root} already holds a dataset with {key}={getattr(existing.manifest, key)},"
+                        f" not {getattr(manifest, key)}; use another folder"
+                    )
+            return existing
+        dataset = cls(root, manifest)
+        dataset.save_manifest()
+        return dataset
+
+    def save_manifest(self) -> None:
+        write_json_atomic(self.root / "manifest.json", self.manifest.to_json())
+
+    def add(self, record: EpisodeRecord) -> None:
+        """Register an episode already written with `write_episode`, and persist the manifest."""
+        self.manifest.episodes = [e for e in self.manifest.episodes if e.name != record.name] + [record]
+        self.save_manifest()
+
+    @property
+    def action_space(self) -> gym.Space:
+        return space_from_dict(self.manifest.action_space)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return self.manifest.frame_shape
+
+    @property
+    def episodes(self) -> list[EpisodeRecord]:
+        return self.manifest.episodes
+
+    def __len__(self) -> int:
+        return len(self.manifest.episodes)
+
+    def episode_dir(self, index: int) -> Path:
+        return self.root / "episodes" / self.manifest.episodes[index].name
+
+    def load(self, index: int, mmap: bool = True) -> Episode:
+        """Load episode `index`; raises EpisodeError naming the file if it is missing or malformed."""
+        record = self.manifest.episodes[index]
+        folder = self.episode_dir(index)
+        arrays = {}
+        for name in ARRAYS:
+            path = folder / f"{name}.npy"
+            try:
+                arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            except FileNotFoundError as err:
+                raise EpisodeError(f"{path}: missing") from err
+            except (ValueError, OSError, EOFError) as err:
+                raise EpisodeError(f"{path}: unreadable or truncated ({err})") from err
+        episode = Episode(**arrays)
+        episode.validate(self.frame_shape, where=str(folder))
+        if len(episode) != record.length:
+            raise EpisodeError(f"{folder}: holds {len(episode)} steps, manifest says {record.length}")
+        return episode
+
+    def usable(self, indices: list[int] | None = None) -> list[int]:
+        """Indices of episodes that load; each bad one is reported by a warning naming its file and skipped."""
+        good = []
+        for index in range(len(self)) if indices is None else indices:
+            try:
+                self.load(index)
+            except EpisodeError as err:
+                warnings.warn(f"skipping bad episode: {err}", stacklevel=2)
+                continue
+            good.append(index)
+        return good
+
+    def split(self, val_fraction: float) -> tuple[list[int], list[int]]:
+        """Deterministic train/validation split by episode: every k-th episode is held out."""
+        if len(self) < 2:
+            raise DatasetError(f"{self.root} has {len(self)} episode(s); at least 2 are needed for a validation split")
+        stride = max(2, round(1 / max(val_fraction, 1e-6)))
+        val = [i for i in range(len(self)) if i % stride == stride - 1] or [len(self) - 1]
+        train = [i for i in range(len(self)) if i not in val]
+        return train, val
+
+
+def sample_windows(
+    lengths: np.ndarray, window: int, batch_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pick `batch_size` (episode, start) pairs uniformly over all windows of `window` steps."""
+    counts = np.maximum(np.asarray(lengths) - window + 1, 0)
+    if counts.sum() == 0:
+        raise DatasetError(f"no episode is long enough for windows of {window} steps (lengths {list(lengths)[:10]})")
+    flat = rng.integers(0, counts.sum(), size=batch_size)
+    bounds = np.cumsum(counts)
+    episode = np.searchsorted(bounds, flat, side="right")
+    start = flat - (bounds[episode] - counts[episode])
+    return episode, start
+
+
+class FrameSampler:
+    """Random frames from a set of episodes, read from memory-mapped arrays (for tokenizer training)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int], seed: int = 0):
+        self.episodes = [dataset.load(i) for i in indices]
+        self.lengths = np.array([len(e.frames) for e in self.episodes])
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch_size: int) -> np.ndarray:
+        episode, start = sample_windows(self.lengths, 1, batch_size, self.rng)
+        return np.stack([self.episodes[e].frames[s] for e, s in zip(episode, start, strict=True)])  # (B, H, W, C)
+
+    def all_frames(self, stride: int = 1) -> np.ndarray:
+        return np.concatenate([np.asarray(e.frames[::stride]) for e in self.episodes])

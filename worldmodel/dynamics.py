@@ -1,0 +1,273 @@
+"""Transformer dynamics: from past token grids and actions, predict every token of the next frame at once,
+plus the reward and whether the episode terminates.
+
+The sequence is one block of K + 1 positions per frame: the frame's K tokens, then the action taken after it.
+Attention is block-causal: a position sees every position of its own frame's block and of earlier blocks,
+so the outputs at frame t's token positions (which see action t) predict the tokens of frame t + 1, and the
+output at the action position predicts the reward and termination of that step. Time enters through rotary
+embeddings over the frame index, so a sliding key/value cache stays valid as old frames drop out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class DynamicsConfig:
+    vocab_size: int = 240
+    tokens_per_frame: int = 64
+    action_dim: int = 3
+    """Width of a continuous action, or the number of discrete actions."""
+    discrete_actions: bool = False
+    context_frames: int = 8
+    """Frames a position may attend to (its own and the previous ones): the training window and the cache size."""
+    d_model: int = 128
+    layers: int = 3
+    heads: int = 4
+    dropout: float = 0.0
+    reward_weight: float = 1.0
+    termination_weight: float = 0.1
+
+    @property
+    def block_size(self) -> int:
+        return self.tokens_per_frame + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    def validate(self) -> None:
+        if self.d_model % self.heads or self.head_dim % 2:
+            raise ValueError(f"d_model {self.d_model} must split into {self.heads} heads of even width")
+
+
+@dataclass
+class DynamicsOutput:
+    logits: torch.Tensor  # (B, T, K, V) next-frame token logits
+    reward: torch.Tensor  # (B, T)
+    termination_logit: torch.Tensor  # (B, T)
+
+
+class KVCache:
+    """Keys and values of the last `context_frames - 1` frame blocks of each environment, as a ring.
+
+    Each batch row keeps its own frame counter and validity mask, so rows can be reset independently.
+    """
+
+    def __init__(self, config: DynamicsConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        self.config = config
+        slots = config.context_frames - 1
+        shape = (config.layers, batch_size, config.heads, slots * config.block_size, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, slots, dtype=torch.bool, device=device)  # (B, S)
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # frame index of the next block
+        self.slots = slots
+
+    def write(
+        self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor], rows: torch.Tensor | None = None
+    ) -> None:
+        """Store one new block per row (each (b, H, K + 1, Dh)) and advance the rows' frame counters."""
+        if self.slots and self.config.context_frames > 1:
+            position = self.position if rows is None else self.position[rows]
+            block = self.config.block_size
+            slot = position % self.slots  # (b,)
+            index = slot[:, None] * block + torch.arange(block, device=slot.device)[None, :]  # (b, K + 1)
+            for layer, (k, v) in enumerate(zip(layer_keys, layer_values, strict=True)):
+                gather = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+                if rows is None:
+                    self.keys[layer].scatter_(2, gather, k.to(self.keys.dtype))
+                    self.values[layer].scatter_(2, gather, v.to(self.values.dtype))
+                else:
+                    keys, values = self.keys[layer][rows], self.values[layer][rows]
+                    keys.scatter_(2, gather, k.to(keys.dtype))
+                    values.scatter_(2, gather, v.to(values.dtype))
+                    self.keys[layer][rows], self.values[layer][rows] = keys, values
+            if rows is None:
+                self.valid[torch.arange(len(slot), device=slot.device), slot] = True
+            else:
+                self.valid[rows, slot] = True
+        if rows is None:
+            self.position += 1
+        else:
+            self.position[rows] += 1
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        self.valid[rows] = False
+        self.position[rows] = 0
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, L, Dh) queries or keys by their (B, L) frame positions."""
+    half = x.shape[-1] // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = positions[:, None, :, None].float() * freqs  # (B, 1, L, Dh/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DynamicsConfig):
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.config.heads)
+        q, k = rotary(q, positions), rotary(k, positions)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        dropout = self.config.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)")), k, v
+
+
+class Block(nn.Module):
+    def __init__(self, config: DynamicsConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, 4 * config.d_model), nn.GELU(), nn.Linear(4 * config.d_model, config.d_model)
+        )
+
+    def forward(self, x, positions, mask, past):
+        attended, k, v = self.attn(self.norm1(x), positions, mask, past)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), k, v
+
+
+class DynamicsModel(nn.Module):
+    """Block-causal transformer over (frame tokens, action) blocks; see the module docstring."""
+
+    def __init__(self, config: DynamicsConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.d_model
+        self.token_embedding = nn.Embedding(config.vocab_size, d)
+        if config.discrete_actions:
+            self.action_embedding: nn.Module = nn.Embedding(config.action_dim, d)
+        else:
+            self.action_embedding = nn.Linear(config.action_dim, d)
+        self.slot_embedding = nn.Parameter(torch.randn(config.block_size, d) * 0.02)  # spatial position in a block
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(d)
+        self.token_head = nn.Linear(d, config.vocab_size)
+        self.reward_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.termination_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+
+    def embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(B, T, K) tokens and (B, T, A) or (B, T) actions -> (B, T * (K + 1), D)."""
+        frames = self.token_embedding(tokens)  # (B, T, K, D)
+        if self.config.discrete_actions:
+            acts = self.action_embedding(actions.long())
+        else:
+            acts = self.action_embedding(actions.to(frames.dtype))
+        x = torch.cat([frames, acts.unsqueeze(2)], dim=2) + self.slot_embedding  # (B, T, K + 1, D)
+        return rearrange(x, "b t k d -> b (t k) d")
+
+    def block_causal_mask(self, frames: int, device: torch.device) -> torch.Tensor:
+        """(T * (K + 1), T * (K + 1)) bool: True where attention is allowed (same or earlier frame, in context)."""
+        frame = torch.arange(frames, device=device).repeat_interleave(self.config.block_size)
+        gap = frame[:, None] - frame[None, :]
+        return (gap >= 0) & (gap < self.config.context_frames)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        actions: torch.Tensor,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> DynamicsOutput:
+        """Predict the next frame, reward and termination for each of T new frames.
+
+        Without a cache, T frames attend block-causally to each other (training). With a cache, the T new
+        frames of the selected `rows` also attend to the cached frames, and their keys and values are
+        stored (one frame at a time when T > 1 is not supported: pass T = 1 with a cache).
+        """
+        config = self.config
+        batch, steps = tokens.shape[:2]
+        x = self.embed(tokens, actions)
+        device = x.device
+        if cache is None:
+            positions = torch.arange(steps, device=device).repeat_interleave(config.block_size)
+            positions = positions.expand(batch, -1)
+            mask = self.block_causal_mask(steps, device)
+            past = [None] * config.layers
+        else:
+            if steps != 1:
+                raise ValueError(f"a cached step takes one frame per row, got {steps}")
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t if rows is None else t[rows]
+
+            positions = pick(cache.position)[:, None].expand(-1, config.block_size)
+            # the ring holds exactly the previous context_frames - 1 frames; this block is written after
+            key_mask = torch.cat(
+                [
+                    pick(cache.valid).repeat_interleave(config.block_size, dim=1),
+                    torch.ones(batch, config.block_size, dtype=torch.bool, device=device),
+                ],
+                1,
+            )
+            mask = key_mask[:, None, None, :]  # (b, 1, 1, S * (K + 1) + K + 1)
+            past = [(pick(cache.keys[i]), pick(cache.values[i])) for i in range(config.layers)]
+        new_keys, new_values = [], []
+        for block, layer_past in zip(self.blocks, past, strict=True):
+            x, k, v = block(x, positions, mask, layer_past)
+            new_keys.append(k)
+            new_values.append(v)
+        if cache is not None:
+            cache.write(new_keys, new_values, rows)
+        x = rearrange(self.norm(x), "b (t k) d -> b t k d", k=config.block_size)
+        return DynamicsOutput(
+            logits=self.token_head(x[:, :, :-1]),
+            reward=self.reward_head(x[:, :, -1]).squeeze(-1),
+            termination_logit=self.termination_head(x[:, :, -1]).squeeze(-1),
+        )
+
+    def new_cache(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        param = next(self.parameters())
+        return KVCache(self.config, batch_size, device or param.device, dtype or param.dtype)
+
+    def loss(
+        self, tokens: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Teacher-forced losses on a window: tokens (B, T+1, K), actions (B, T, ...), rewards/terminated (B, T)."""
+        out = self(tokens[:, :-1], actions)
+        target = tokens[:, 1:]
+        token_loss = F.cross_entropy(rearrange(out.logits, "b t k v -> (b t k) v").float(), target.reshape(-1))
+        reward_loss = F.mse_loss(out.reward.float(), rewards.float())
+        termination_loss = F.binary_cross_entropy_with_logits(out.termination_logit.float(), terminated.float())
+        loss = token_loss + self.config.reward_weight * reward_loss + self.config.termination_weight * termination_loss
+        with torch.no_grad():
+            accuracy = (out.logits.argmax(-1) == target).float().mean().item()
+            copy_accuracy = (tokens[:, :-1] == target).float().mean().item()
+        return loss, {
+            "loss": loss.item(),
+            "token_ce": token_loss.item(),
+            "reward_mse": reward_loss.item(),
+            "termination_bce": termination_loss.item(),
+            "token_accuracy": accuracy,
+            "copy_last_accuracy": copy_accuracy,
+        }
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["terminated"])

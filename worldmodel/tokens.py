@@ -1,0 +1,129 @@
+"""Tokenize a dataset once and keep the result: token grids, actions, rewards and flags for every episode."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from worldmodel.dataset import Dataset, DatasetError, sample_windows
+from worldmodel.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenizedDataset:
+    """Episodes as token grids, concatenated; episode e spans frames[frame_offsets[e]:frame_offsets[e+1]]."""
+
+    tokens: np.ndarray  # (N, h, w) int16, N = total frames
+    actions: np.ndarray  # (M, A) float32 or (M,) int64, M = total steps
+    rewards: np.ndarray  # (M,) float32
+    terminated: np.ndarray  # (M,) bool
+    frame_offsets: np.ndarray  # (E + 1,)
+    step_offsets: np.ndarray  # (E + 1,)
+    episode_ids: np.ndarray  # (E,) indices into the source dataset
+    tokenizer_fingerprint: str
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Steps per episode."""
+        return np.diff(self.step_offsets)
+
+    def select(self, episode_ids: list[int]) -> TokenizedDataset:
+        """The subset of episodes whose source dataset indices are in `episode_ids`."""
+        keep = [i for i, e in enumerate(self.episode_ids) if int(e) in set(episode_ids)]
+        if not keep:
+            raise DatasetError(f"none of episodes {episode_ids[:10]} are in the tokenized dataset")
+        parts = {name: [] for name in ("tokens", "actions", "rewards", "terminated")}
+        for i in keep:
+            f0, f1, s0, s1 = (
+                self.frame_offsets[i],
+                self.frame_offsets[i + 1],
+                self.step_offsets[i],
+                self.step_offsets[i + 1],
+            )
+            parts["tokens"].append(self.tokens[f0:f1])
+            for name in ("actions", "rewards", "terminated"):
+                parts[name].append(getattr(self, name)[s0:s1])
+        frames = np.cumsum([0] + [self.frame_offsets[i + 1] - self.frame_offsets[i] for i in keep])
+        steps = np.cumsum([0] + [self.step_offsets[i + 1] - self.step_offsets[i] for i in keep])
+        return TokenizedDataset(
+            **{k: np.concatenate(v) for k, v in parts.items()},
+            frame_offsets=frames,
+            step_offsets=steps,
+            episode_ids=self.episode_ids[keep],
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+        )
+
+    def sample(self, window: int, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Windows of `window` steps: tokens (B, window + 1, h, w), actions (B, window, ...), rewards, terminated."""
+        episode, start = sample_windows(self.lengths, window, batch_size, rng)
+        frame0 = self.frame_offsets[episode] + start
+        step0 = self.step_offsets[episode] + start
+        frame_index = frame0[:, None] + np.arange(window + 1)
+        step_index = step0[:, None] + np.arange(window)
+        return {
+            "tokens": self.tokens[frame_index].astype(np.int64),
+            "actions": self.actions[step_index],
+            "rewards": self.rewards[step_index],
+            "terminated": self.terminated[step_index],
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(
+                    f,
+                    **{k: v for k, v in vars(self).items() if k != "tokenizer_fingerprint"},
+                    tokenizer_fingerprint=np.array(self.tokenizer_fingerprint),
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenizedDataset:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                fields = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError) as err:
+            raise DatasetError(f"{path}: unreadable token cache ({err}); delete it to re-tokenize") from err
+        fields["tokenizer_fingerprint"] = str(fields["tokenizer_fingerprint"])
+        return cls(**fields)
+
+
+@torch.no_grad()
+def tokenize_dataset(
+    dataset: Dataset, tokenizer: Tokenizer, fingerprint: str, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> TokenizedDataset:
+    """Encode every usable episode of `dataset` with `tokenizer`."""
+    tokenizer.eval()
+    indices = dataset.usable()
+    tokens, actions, rewards, terminated = [], [], [], []
+    for index in tqdm(indices, desc="tokenize", dynamic_ncols=True):
+        episode = dataset.load(index)
+        grids = []
+        for start in range(0, len(episode.frames), batch_size):
+            frames = torch.from_numpy(np.array(episode.frames[start : start + batch_size])).to(device)
+            grids.append(tokenizer.encode(frames).tokens.cpu().numpy().astype(np.int16))
+        tokens.append(np.concatenate(grids))
+        actions.append(np.asarray(episode.actions))
+        rewards.append(np.asarray(episode.rewards, dtype=np.float32))
+        terminated.append(np.asarray(episode.terminated, dtype=bool))
+    return TokenizedDataset(
+        tokens=np.concatenate(tokens),
+        actions=np.concatenate(actions),
+        rewards=np.concatenate(rewards),
+        terminated=np.concatenate(terminated),
+        frame_offsets=np.cumsum([0] + [len(t) for t in tokens]),
+        step_offsets=np.cumsum([0] + [len(r) for r in rewards]),
+        episode_ids=np.array(indices),
+        tokenizer_fingerprint=fingerprint,
+    )

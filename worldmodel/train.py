@@ -1,0 +1,213 @@
+"""The training stages: tokenizer on frames, then dynamics on the tokenized dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodel.checkpoint import CheckpointError, fingerprint, load_module, read_checkpoint
+from worldmodel.config import from_dict
+from worldmodel.dataset import Dataset, DatasetError, FrameSampler
+from worldmodel.dynamics import DynamicsConfig, DynamicsModel
+from worldmodel.logger import RunLogger
+from worldmodel.tokenizer import Tokenizer, TokenizerConfig, psnr, ssim
+from worldmodel.tokens import TokenizedDataset, tokenize_dataset
+from worldmodel.trainer import TrainConfig, train
+
+TOKENIZER = "tokenizer"
+DYNAMICS = "dynamics"
+
+
+@dataclass
+class TokenizerStage:
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_frames: int = 512
+
+
+@dataclass
+class DynamicsStage:
+    model: DynamicsConfig = field(default_factory=DynamicsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_batches: int = 8
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tokenizer, dict]:
+    tokenizer, meta, _ = load_module(path, TOKENIZER, Tokenizer, TokenizerConfig, device)
+    return tokenizer.eval(), meta
+
+
+def load_dynamics(
+    path: str | Path, tokenizer_fingerprint: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[DynamicsModel, dict]:
+    """Load a dynamics model; if `tokenizer_fingerprint` is given, refuse one trained on another tokenizer."""
+    model, meta, _ = load_module(path, DYNAMICS, DynamicsModel, DynamicsConfig, device)
+    trained_on = meta.get("tokenizer_fingerprint")
+    if tokenizer_fingerprint is not None and trained_on != tokenizer_fingerprint:
+        raise CheckpointError(
+            f"{path} was trained on tokenizer {trained_on}, but the tokenizer given is "
+            f"{tokenizer_fingerprint}; use the tokenizer from the same run"
+        )
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    tokenizer: Tokenizer, frames: np.ndarray, device: torch.device, batch_size: int = 128
+) -> dict[str, float]:
+    """Mean PSNR and SSIM of decoded tokens against `frames` ((N, H, W, C) uint8), and codebook usage."""
+    psnrs, ssims, used = [], [], set()
+    for start in range(0, len(frames), batch_size):
+        batch = torch.from_numpy(frames[start : start + batch_size]).to(device)
+        tokens = tokenizer.encode(batch).tokens
+        recon = tokenizer.decode(tokens).float()
+        target = batch.permute(0, 3, 1, 2).float() / 255
+        psnrs.append(psnr(recon, target).item() * len(batch))
+        ssims.append(ssim(recon, target).item() * len(batch))
+        used.update(torch.unique(tokens).tolist())
+    return {"psnr": sum(psnrs) / len(frames), "ssim": sum(ssims) / len(frames), "codes_used": float(len(used))}
+
+
+def train_tokenizer(
+    dataset_dir: str | Path,
+    run_dir: str | Path,
+    stage: TokenizerStage,
+    logger: RunLogger,
+    val_fraction: float = 0.1,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Train the tokenizer on the dataset's training episodes; returns validation metrics and the rate."""
+    dev = resolve_device(device)
+    dataset = Dataset.open(dataset_dir)
+    height, width, channels = dataset.frame_shape
+    if height != width:
+        raise DatasetError(f"the tokenizer needs square frames, {dataset_dir} has {height}x{width}")
+    config = dataclasses.replace(stage.model, image_size=height, channels=channels)
+    train_ids, val_ids = dataset.split(val_fraction)
+    sampler = FrameSampler(dataset, dataset.usable(train_ids), seed=stage.train.seed)
+    val_all = FrameSampler(dataset, dataset.usable(val_ids)).all_frames()
+    val_frames = val_all[np.linspace(0, len(val_all) - 1, min(stage.val_frames, len(val_all))).astype(int)]
+    tokenizer = Tokenizer(config).to(dev)
+    path = Path(run_dir) / TOKENIZER
+
+    def sample(step: int) -> dict[str, torch.Tensor]:
+        return {"frames": torch.from_numpy(sampler.sample(stage.train.batch_size)).to(dev)}
+
+    metrics = train(
+        tokenizer,
+        sample,
+        stage.train,
+        path,
+        TOKENIZER,
+        logger,
+        evaluate=lambda m: evaluate_reconstruction(m, val_frames, dev),
+        extra_meta={"dataset": str(dataset_dir), "val_episodes": val_ids},
+        description="tokenizer",
+    )
+    return {
+        "bytes_per_frame": config.bytes_per_frame,
+        "tokens_per_frame": config.tokens_per_frame,
+        "codebook_size": config.codebook_size,
+        "val_psnr": metrics["psnr"],
+        "val_ssim": metrics["ssim"],
+        "codes_used": metrics["codes_used"],
+    }
+
+
+def tokens_for_run(dataset_dir: str | Path, run_dir: str | Path, device: str = "cpu") -> TokenizedDataset:
+    """The run's token cache (`<run>/tokens.npz`), made once with the run's tokenizer and reused after."""
+    run_dir = Path(run_dir)
+    tokenizer, _ = load_tokenizer(run_dir / TOKENIZER, resolve_device(device))
+    current = fingerprint(tokenizer)
+    path = run_dir / "tokens.npz"
+    if path.is_file():
+        cached = TokenizedDataset.load(path)
+        if cached.tokenizer_fingerprint == current:
+            return cached
+    tokenized = tokenize_dataset(Dataset.open(dataset_dir), tokenizer, current, device=resolve_device(device))
+    tokenized.save(path)
+    return tokenized
+
+
+def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+    tensors["tokens"] = tensors["tokens"].flatten(2)  # (B, T + 1, K)
+    return tensors
+
+
+def train_dynamics(
+    dataset_dir: str | Path,
+    run_dir: str | Path,
+    stage: DynamicsStage,
+    logger: RunLogger,
+    val_fraction: float = 0.1,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Train the dynamics model on the tokenized training episodes; returns teacher-forced validation metrics."""
+    dev = resolve_device(device)
+    run_dir = Path(run_dir)
+    dataset = Dataset.open(dataset_dir)
+    tokenizer_meta, _ = read_checkpoint(run_dir / TOKENIZER, TOKENIZER)
+    tokenizer_config = from_dict(TokenizerConfig, tokenizer_meta["config"])
+    tokenized = tokens_for_run(dataset_dir, run_dir, device)
+    train_ids, val_ids = dataset.split(val_fraction)
+    train_set, val_set = tokenized.select(train_ids), tokenized.select(val_ids)
+    space = dataset.action_space
+    discrete = space.shape == ()
+    config = dataclasses.replace(
+        stage.model,
+        vocab_size=tokenizer_config.codebook_size,
+        tokens_per_frame=tokenizer_config.tokens_per_frame,
+        discrete_actions=discrete,
+        action_dim=int(space.n) if discrete else int(space.shape[0]),
+    )
+    window = config.context_frames
+    model = DynamicsModel(config).to(dev)
+    rng = np.random.default_rng(stage.train.seed)
+    val_rng = np.random.default_rng(12345)
+    val_batches = [
+        _to_tensors(val_set.sample(window, stage.train.batch_size, val_rng), dev) for _ in range(stage.val_batches)
+    ]
+
+    @torch.no_grad()
+    def evaluate(m: DynamicsModel) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for batch in val_batches:
+            _, logs = m.forward_batch(batch)
+            out = m(batch["tokens"][:, :-1], batch["actions"])
+            logs["reward_mae"] = (out.reward - batch["rewards"]).abs().mean().item()
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + v / len(val_batches)
+        return totals
+
+    metrics = train(
+        model,
+        lambda step: _to_tensors(train_set.sample(window, stage.train.batch_size, rng), dev),
+        stage.train,
+        run_dir / DYNAMICS,
+        DYNAMICS,
+        logger,
+        evaluate=evaluate,
+        extra_meta={
+            "tokenizer_fingerprint": tokenized.tokenizer_fingerprint,
+            "action_space": dataset.manifest.action_space,
+            "val_episodes": val_ids,
+        },
+        description="dynamics",
+    )
+    return {
+        "val_token_accuracy": metrics["token_accuracy"],
+        "val_copy_last_accuracy": metrics["copy_last_accuracy"],
+        "val_token_ce": metrics["token_ce"],
+        "val_reward_mae": metrics["reward_mae"],
+    }

@@ -1,0 +1,115 @@
+"""One trainer for every component: a module with `forward_batch(batch) -> (loss, logs)` and a batch sampler."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from worldmodel.checkpoint import load_module, read_checkpoint, save_checkpoint
+from worldmodel.logger import RunLogger
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    log_every: int = 25
+    eval_every: int = 250
+    checkpoint_every: int = 100
+    max_minutes: float | None = None
+    """Wall-clock budget: training stops at `steps` or after this many minutes, whichever comes first."""
+    seed: int = 0
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, state in enumerate(optimizer.state_dict()["state"].values()):
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state_dict = optimizer.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+def train(
+    model: nn.Module,
+    sample_batch: Callable[[int], dict[str, torch.Tensor]],
+    config: TrainConfig,
+    checkpoint_path: Path,
+    kind: str,
+    logger: RunLogger,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    extra_meta: dict | None = None,
+    description: str = "train",
+) -> dict[str, float]:
+    """Train `model` and write `<checkpoint_path>.safetensors`; resumes from `<checkpoint_path>_last` if present.
+
+    `sample_batch(step)` returns a dict of tensors for `model.forward_batch`; metrics are logged as
+    `<kind>/train/<name>` and, from `evaluate`, `<kind>/val/<name>`. Returns the last validation metrics.
+    """
+    torch.manual_seed(config.seed)
+    last = checkpoint_path.with_name(checkpoint_path.name + "_last")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = 0
+    if last.with_suffix(".safetensors").is_file():
+        meta, _ = read_checkpoint(last, kind)
+        restored, _, state = load_module(last, kind, type(model), type(model.config))
+        model.load_state_dict(restored.state_dict())
+        _restore_optimizer(optimizer, state)
+        start = int(meta["step"])
+        tqdm.write(f"resuming {kind} training from step {start} ({last})")
+    schedule = lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))  # noqa: E731
+    began = time.monotonic()
+    val_logs: dict[str, float] = {}
+    step = start
+    progress = tqdm(range(start, config.steps), desc=description, initial=start, total=config.steps, dynamic_ncols=True)
+    for step in progress:
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * schedule(step)
+        loss, logs = model.forward_batch(sample_batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        if step % config.log_every == 0:
+            logger.log({f"{kind}/train/{k}": v for k, v in logs.items()}, step)
+            progress.set_postfix({k: f"{logs[k]:.3g}" for k in list(logs)[:4]})
+        optimizer.step()
+        done = step + 1
+        out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
+        if evaluate is not None and (done % config.eval_every == 0 or done == config.steps or out_of_time):
+            model.eval()
+            val_logs = evaluate(model)
+            logger.log({f"{kind}/val/{k}": v for k, v in val_logs.items()}, done)
+            tqdm.write(f"{kind} step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
+        if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
+            save_checkpoint(last, model, kind, {"step": done, **(extra_meta or {})}, _optimizer_state(optimizer))
+        if out_of_time:
+            tqdm.write(f"{kind}: stopping at step {done} after the {config.max_minutes} minute budget")
+            break
+    progress.close()
+    if evaluate is not None and not val_logs:
+        model.eval()
+        val_logs = evaluate(model)
+    final_step = step + 1 if config.steps > start else start
+    save_checkpoint(checkpoint_path, model, kind, {"step": final_step, "val": val_logs, **(extra_meta or {})})
+    return val_logs

@@ -1,0 +1,101 @@
+"""A trained world model as one object: tokenizer, dynamics, the action space and real context episodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from worldmodel.checkpoint import CheckpointError, fingerprint
+from worldmodel.dataset import space_from_dict
+from worldmodel.dynamics import DynamicsModel, KVCache
+from worldmodel.tokenizer import Tokenizer
+from worldmodel.tokens import TokenizedDataset
+from worldmodel.train import DYNAMICS, TOKENIZER, load_dynamics, load_tokenizer
+
+
+@dataclass
+class StepPrediction:
+    tokens: torch.Tensor  # (b, h, w) next frame
+    reward: torch.Tensor  # (b,)
+    terminated: torch.Tensor  # (b,) bool
+
+
+class WorldModel:
+    """Load with `WorldModel.load(run_dir)`; `imagine` advances a batch of dreams by one step."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        dynamics: DynamicsModel,
+        action_space: gym.Space,
+        contexts: TokenizedDataset | None,
+        meta: dict,
+    ):
+        self.tokenizer = tokenizer
+        self.dynamics = dynamics
+        self.action_space = action_space
+        self.contexts = contexts
+        self.meta = meta
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", with_contexts: bool = True) -> WorldModel:
+        """Read `<run>/tokenizer.*`, `<run>/dynamics.*` and (for resets) `<run>/tokens.npz`."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir} is not a run folder (expected tokenizer and dynamics checkpoints in it)")
+        tokenizer, _ = load_tokenizer(run_dir / TOKENIZER, device)
+        current = fingerprint(tokenizer)
+        dynamics, meta = load_dynamics(run_dir / DYNAMICS, current, device)
+        contexts = None
+        if with_contexts:
+            contexts = TokenizedDataset.load(run_dir / "tokens.npz")
+            if contexts.tokenizer_fingerprint != current:
+                raise CheckpointError(
+                    f"{run_dir / 'tokens.npz'} was made by another tokenizer; delete it to re-tokenize"
+                )
+            train_ids = [int(e) for e in contexts.episode_ids if int(e) not in set(meta.get("val_episodes", []))]
+            contexts = contexts.select(train_ids or [int(e) for e in contexts.episode_ids])
+        return cls(tokenizer, dynamics, space_from_dict(meta["action_space"]), contexts, meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dynamics.parameters()).device
+
+    @property
+    def grid_size(self) -> int:
+        return self.tokenizer.config.grid_size
+
+    def action_tensor(self, actions: np.ndarray) -> torch.Tensor:
+        dtype = torch.long if isinstance(self.action_space, gym.spaces.Discrete) else torch.float32
+        return torch.as_tensor(np.asarray(actions), dtype=dtype, device=self.device)
+
+    @torch.no_grad()
+    def imagine(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        actions: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> StepPrediction:
+        """One imagined step for `rows`: tokens (b, h, w) of the current frames and actions (b, ...) taken."""
+        out = self.dynamics(tokens.flatten(1)[:, None], actions[:, None], cache, rows)
+        logits = out.logits[:, 0].float()  # (b, K, V)
+        if temperature <= 0:
+            next_tokens = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_tokens = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
+        return StepPrediction(next_tokens.view(tokens.shape), out.reward[:, 0].float(), out.termination_logit[:, 0] > 0)
+
+    @torch.no_grad()
+    def burn_in(self, cache: KVCache, tokens: torch.Tensor, actions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Reset `rows` and feed them real context: tokens (b, C, h, w), actions (b, C - 1, ...)."""
+        cache.reset_rows(rows)
+        for step in range(actions.shape[1]):
+            self.dynamics(tokens[:, step].flatten(1)[:, None], actions[:, step][:, None], cache, rows)
