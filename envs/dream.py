@@ -109,7 +109,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
     def _observe(self) -> np.ndarray:
         if self.obs_mode == "tokens":
-            return self._tokens.cpu().numpy()
+            return self._tokens.cpu().numpy().copy()  # a tensor on the CPU shares memory with .numpy()
         return self.model.tokenizer.tokens_to_frames(self._tokens).cpu().numpy()
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
