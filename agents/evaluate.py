@@ -27,7 +27,8 @@ class EvalConfig:
     workers: int = 2
     max_steps: int | None = None
     """Cap on recorded steps per episode (None: the simulator's full episode); only for quick tests."""
-    deterministic: bool = True
+    deterministic: bool = False
+    """Act with the mean action instead of sampling (PPO optimises the sampling policy, so that is the default)."""
 
 
 class TokenPolicy:

@@ -22,7 +22,15 @@ from worldmodel.logger import RunLogger
 from worldmodel.rollout import RolloutConfig, write_rollout
 from worldmodel.train import DYNAMICS, TOKENIZER, DynamicsStage, TokenizerStage, train_dynamics, train_tokenizer
 
-STAGES = ("collect", "tokenizer", "dynamics", "policy", "evaluate", "rollout")
+# the config section that decides each stage's output: changing it after the stage finished is refused
+STAGE_SECTIONS = {
+    "collect": "collect",
+    "tokenizer": "tokenizer",
+    "dynamics": "dynamics",
+    "policy": "ppo",
+    "evaluate": "eval",
+    "rollout": "rollout",
+}
 
 
 @dataclass
@@ -88,15 +96,18 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         torch.set_num_threads(config.run.threads)
     run_dir, data_dir = config.run_dir, config.dataset_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), sort_keys=False)
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file() and config_path.read_text() != resolved:
-        raise ConfigError(
-            f"{run_dir} was started with another config ({config_path}); resume it with the same "
-            f"preset and overrides, or choose a new run.name"
-        )
-    config_path.write_text(resolved)
+    resolved = json.loads(json.dumps(dataclasses.asdict(config)))
     results = Results(run_dir)
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        previous = yaml.safe_load(config_path.read_text()) or {}
+        for stage_name, section in STAGE_SECTIONS.items():
+            if results.done(stage_name) and previous.get(section) != resolved[section]:
+                raise ConfigError(
+                    f"{run_dir}: stage {stage_name!r} finished with other `{section}` settings than "
+                    f"now (see {config_path}); choose a new run.name, or delete the run folder"
+                )
+    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
     logger = RunLogger(run_dir, config.run.wandb, dataclasses.asdict(config))
     timings: dict[str, float] = dict(results.data.get("timings", {}))
 

@@ -78,6 +78,8 @@ def train(
         start = int(meta["step"])
         tqdm.write(f"resuming {kind} training from step {start} ({last})")
     schedule = lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))  # noqa: E731
+    # bf16 autocast on GPU only: on CPU it made training about 3x slower in our measurements
+    device_type = next(model.parameters()).device.type
     began = time.monotonic()
     val_logs: dict[str, float] = {}
     step = start
@@ -86,7 +88,8 @@ def train(
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * schedule(step)
-        loss, logs = model.forward_batch(sample_batch(step))
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            loss, logs = model.forward_batch(sample_batch(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
