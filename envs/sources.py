@@ -4,9 +4,9 @@ an action repeat, the intro skipped, and a scripted expert that reads the simula
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import gymnasium as gym
