@@ -3,7 +3,6 @@ tokenizer), a uniformly random policy and the scripted expert, on the same held-
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from envs.sources import SourceConfig, make_expert, make_source_env
 from worldmodel.checkpoint import load_module
+from worldmodel.parallel import imap_unordered
 from worldmodel.train import TOKENIZER, load_tokenizer
 
 POLICIES = ("policy", "random", "expert")
@@ -96,10 +96,9 @@ def evaluate(
     tasks = [(kind, str(run_dir), source, config, seed) for kind in kinds for seed in seeds]
     results: dict[str, dict[int, float]] = {kind: {} for kind in kinds}
     progress = tqdm(total=len(tasks), desc=f"evaluate in real {source.name}", unit="episode", dynamic_ncols=True)
-    with mp.get_context("spawn").Pool(max(1, min(config.workers, len(tasks)))) as pool:
-        for kind, seed, ret, _ in pool.imap_unordered(_episode, tasks):
-            results[kind][seed] = ret
-            progress.update()
+    for kind, seed, ret, _ in imap_unordered(_episode, tasks, config.workers):
+        results[kind][seed] = ret
+        progress.update()
     progress.close()
     summary = {}
     for kind in kinds:

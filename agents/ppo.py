@@ -35,6 +35,8 @@ class PPOConfig:
     horizon: int = 32
     """Imagined steps before a dream is truncated and restarted from real context."""
     burn_in: int = 4
+    start_fraction: float = 0.25
+    """Fraction of dreams that start from an episode's first frames, where every real episode starts."""
     temperature: float = 0.0
     gamma: float = 0.97
     gae_lambda: float = 0.95
@@ -56,7 +58,14 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
     torch.manual_seed(config.seed)
     world = WorldModel.load(run_dir, device)
     envs = DreamVectorEnv(
-        world, config.num_envs, "tokens", config.horizon, config.burn_in, config.temperature, autoreset_mode="SameStep"
+        world,
+        config.num_envs,
+        "tokens",
+        config.horizon,
+        config.burn_in,
+        config.temperature,
+        autoreset_mode="SameStep",
+        start_fraction=config.start_fraction,
     )
     policy = ActorCritic.for_spaces(
         envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden

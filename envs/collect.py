@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 
 from envs.sources import SourceConfig, make_expert, make_source_env
 from worldmodel.dataset import Dataset, Episode, EpisodeRecord, write_episode
+from worldmodel.parallel import imap_unordered
 
 
 @dataclass
@@ -70,14 +70,14 @@ class _Driver:
         return np.clip(noisy, self.space.low, self.space.high).astype(np.float32)
 
 
-_worker_env: gym.Env | None = None
+_worker_envs: dict[SourceConfig, gym.Env] = {}
 
 
 def _record(config: CollectConfig, root: str, index: int) -> EpisodeRecord:
-    global _worker_env
-    if _worker_env is None:
-        _worker_env = make_source_env(config.source)
-    env = _worker_env
+    # one simulator per source config and process, reused across the episodes it records
+    env = _worker_envs.get(config.source)
+    if env is None:
+        env = _worker_envs[config.source] = make_source_env(config.source)
     seed = config.seed + index
     driver = _Driver(config, env, seed)
     obs, info = env.reset(seed=seed)
@@ -131,22 +131,13 @@ def collect(config: CollectConfig, root: str | Path) -> Dataset:
         unit="episode",
         dynamic_ncols=True,
     )
-    if config.workers <= 1:
-        results = map(_record_star, tasks)
-        pool = None
-    else:
-        pool = mp.get_context("spawn").Pool(min(config.workers, len(tasks)))
-        results = pool.imap_unordered(_record_star, tasks)
     try:
-        for record in results:
+        for record in imap_unordered(_record_star, tasks, config.workers):
             dataset.add(record)
             progress.update()
             progress.set_postfix(ret=f"{record.ret:.0f}", kind=record.kind)
     finally:
         progress.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     dataset.manifest.episodes.sort(key=lambda r: r.name)
     dataset.save_manifest()
     return dataset

@@ -59,6 +59,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
+        start_fraction: float = 0.0,
     ):
         model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
         if model.contexts is None:
@@ -73,6 +74,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.horizon = max_episode_steps or horizon
         self.burn_in = burn_in
         self.temperature = temperature
+        self.start_fraction = start_fraction
         self.render_mode = render_mode
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
@@ -97,7 +99,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
     def _reset_rows(self, rows: np.ndarray) -> None:
         contexts = self.model.contexts
-        window = contexts.sample(self.burn_in - 1, len(rows), self.np_random)
+        window = contexts.sample(self.burn_in - 1, len(rows), self.np_random, self.start_fraction)
         device = self.model.device
         rows_t = torch.as_tensor(rows, device=device)
         tokens = torch.as_tensor(window["tokens"], device=device)  # (b, burn_in, h, w)
@@ -146,6 +148,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             if len(resets):
                 self._reset_rows(resets)
             self._needs_reset = terminated | truncated
+            return self._observe(), rewards, terminated, truncated, {}
+        if self.autoreset_mode == AutoresetMode.DISABLED:
             return self._observe(), rewards, terminated, truncated, {}
         done = np.flatnonzero(terminated | truncated)
         infos: dict[str, Any] = {}

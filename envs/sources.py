@@ -17,11 +17,13 @@ from envs.experts import CarRacingExpert, HighwayExpert
 
 # highway-env renders through pygame; with the `dummy` driver its frames come back black without an error
 os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
+# SDL otherwise turns SIGTERM into a quit event, so a multiprocessing pool could never terminate its workers
+os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
 
 CARRACING_INTRO_STEPS = 50
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceConfig:
     name: Literal["carracing", "highway"] = "carracing"
     frame_size: int = 64

@@ -97,6 +97,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+        except ValueError:
+            pass
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):

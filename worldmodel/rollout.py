@@ -37,7 +37,7 @@ def dream_episode(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(reconstructions, dream frames) of `frames` (T+1, H, W, C) given `actions` (T, ...), both (N, H, W, C)."""
     device = world.device
-    steps = min(steps, len(actions) - burn_in + 1)
+    steps = min(steps, len(actions) - burn_in + 1)  # the dream ends with the episode's last frame
     real = torch.from_numpy(np.array(frames[: burn_in + steps])).to(device)
     tokens = torch.cat([world.tokenizer.encode(chunk).tokens for chunk in real.split(128)])  # (N, h, w)
     recon = world.tokenizer.tokens_to_frames(tokens).cpu().numpy()
@@ -45,7 +45,7 @@ def dream_episode(
     cache = world.dynamics.new_cache(1)
     world.burn_in(cache, tokens[None, :burn_in], acts[None, : burn_in - 1], torch.zeros(1, dtype=torch.long))
     current, dream = tokens[burn_in - 1 : burn_in], [tokens[i : i + 1] for i in range(burn_in)]
-    for t in range(burn_in - 1, burn_in - 1 + steps - 1):
+    for t in range(burn_in - 1, burn_in - 1 + steps):
         current = world.imagine(cache, current, acts[t : t + 1]).tokens
         dream.append(current)
     dream_frames = world.tokenizer.tokens_to_frames(torch.cat(dream)).cpu().numpy()

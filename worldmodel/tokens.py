@@ -59,9 +59,16 @@ class TokenizedDataset:
             tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
-    def sample(self, window: int, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Windows of `window` steps: tokens (B, window + 1, h, w), actions (B, window, ...), rewards, terminated."""
+    def sample(
+        self, window: int, batch_size: int, rng: np.random.Generator, start_fraction: float = 0.0
+    ) -> dict[str, np.ndarray]:
+        """Windows of `window` steps: tokens (B, window + 1, h, w), actions (B, window, ...), rewards, terminated.
+
+        A `start_fraction` of the windows begin at their episode's first step.
+        """
         episode, start = sample_windows(self.lengths, window, batch_size, rng)
+        if start_fraction > 0:
+            start = np.where(rng.random(batch_size) < start_fraction, 0, start)
         frame0 = self.frame_offsets[episode] + start
         step0 = self.step_offsets[episode] + start
         frame_index = frame0[:, None] + np.arange(window + 1)

@@ -1,0 +1,155 @@
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from agents.pipeline import PipelineConfig, load_pipeline_config
+from worldmodel.config import ConfigError, apply_override, from_dict, load_preset, preset_path, to_dict
+
+
+def test_tiny_preset_builds_pipeline_config():
+    raw = load_preset("tiny")  # compare with the YAML itself, so the test follows edits to the preset
+    config = load_pipeline_config("tiny")
+    assert isinstance(config, PipelineConfig)
+    assert config.run.name == raw["run"]["name"]
+    assert config.collect.source.name == raw["collect"]["source"]["name"]
+    assert config.collect.source.max_steps == raw["collect"]["source"]["max_steps"]
+    assert config.collect.episodes == raw["collect"]["episodes"]
+    assert config.collect.perturb_steps == tuple(raw["collect"]["perturb_steps"])
+    assert isinstance(config.collect.perturb_steps, tuple)
+    assert config.tokenizer.model.widths == tuple(raw["tokenizer"]["model"]["widths"])
+    assert config.tokenizer.model.levels == tuple(raw["tokenizer"]["model"]["levels"])
+    assert config.dynamics.model.context_frames == raw["dynamics"]["model"]["context_frames"]
+    assert config.ppo.horizon == raw["ppo"]["horizon"]
+    assert isinstance(config.tokenizer.train.lr, float)
+    # a preset file path works like a name
+    assert load_pipeline_config(str(preset_path("tiny"))) == config
+
+
+def test_overrides_parse_ints_floats_lists_null_bools():
+    config = load_pipeline_config(
+        "tiny",
+        [
+            "tokenizer.train.steps=7",
+            "tokenizer.train.lr=0.002",
+            "ppo.gamma=1",  # an int YAML value for a float field is coerced
+            "tokenizer.model.levels=[4, 3]",
+            "collect.source.max_steps=null",
+            "run.threads=2",
+            "eval.deterministic=false",
+            "run.name=custom",
+        ],
+    )
+    assert config.tokenizer.train.steps == 7 and isinstance(config.tokenizer.train.steps, int)
+    assert config.tokenizer.train.lr == pytest.approx(0.002) and isinstance(config.tokenizer.train.lr, float)
+    assert config.ppo.gamma == 1.0 and isinstance(config.ppo.gamma, float)
+    assert config.tokenizer.model.levels == (4, 3)
+    assert config.collect.source.max_steps is None
+    assert config.run.threads == 2
+    assert config.eval.deterministic is False
+    assert config.run.name == "custom"
+
+
+def test_unknown_key_names_it():
+    with pytest.raises(ConfigError, match="bogus_key"):
+        load_pipeline_config("tiny", ["ppo.bogus_key=3"])
+    with pytest.raises(ConfigError, match="nosuchsection"):
+        load_pipeline_config("tiny", ["nosuchsection.x=3"])
+    with pytest.raises(ConfigError, match="frobnicate"):
+        load_pipeline_config("tiny", ["tokenizer.model.frobnicate=1"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "tokenizer.train.steps=abc",  # str for int
+        "tokenizer.train.steps=[1, 2]",  # list for int
+        "tokenizer.model.levels=5",  # scalar for tuple
+        "run.wandb=sometimes",  # not in the Literal
+        "collect.source=3",  # scalar for a nested dataclass
+        "run.name.inner=3",  # a scalar used as a section
+        "tokenizer.train.steps",  # no '='
+    ],
+)
+def test_bad_overrides_raise_config_error(override):
+    with pytest.raises(ConfigError):
+        load_pipeline_config("tiny", [override])
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_preset("definitely-not-a-preset")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_preset(tmp_path / "missing.yaml")
+
+
+def test_preset_from_custom_yaml(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "mine", "seed": 3}, "ppo": {"num_envs": 4}}))
+    config = load_pipeline_config(str(path), ["run.seed=5"])
+    assert config.run.name == "mine" and config.run.seed == 5 and config.ppo.num_envs == 4
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_preset(bad)
+
+
+def test_highway_source_overlay():
+    base = load_pipeline_config("tiny")
+    highway = load_pipeline_config("tiny", source="highway")
+    assert highway.collect.source.name == "highway"
+    overlay = load_preset("tiny")["sources"]["highway"]
+    assert highway.collect.source.max_steps == overlay["collect"]["source"]["max_steps"]
+    assert highway.collect.episodes == overlay["collect"]["episodes"]
+    assert highway.ppo.horizon == overlay["ppo"]["horizon"]
+    assert highway.ppo.horizon != base.ppo.horizon or highway.collect.episodes != base.collect.episodes
+    # untouched keys keep the preset's values
+    assert highway.collect.source.frame_size == base.collect.source.frame_size == 64
+    assert highway.ppo.num_envs == base.ppo.num_envs
+    # overrides apply after the overlay
+    later = load_pipeline_config("tiny", ["ppo.horizon=9", "collect.episodes=4"], source="highway")
+    assert later.ppo.horizon == 9 and later.collect.episodes == 4
+    # carracing (the preset's own source) gets no highway overlay
+    assert load_pipeline_config("tiny", source="carracing").ppo.horizon == base.ppo.horizon
+
+
+def test_apply_override_nested_and_yaml_values():
+    raw = {"a": {"b": 1}}
+    apply_override(raw, "a.c.d=[1, 2.5, x]")
+    apply_override(raw, "a.b= 3 ")
+    assert raw == {"a": {"b": 3, "c": {"d": [1, 2.5, "x"]}}}
+
+
+@dataclass
+class _Inner:
+    x: int = 1
+    y: float = 0.5
+    z: tuple[int, ...] = (1,)
+
+
+@dataclass
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
+    maybe: int | None = None
+
+
+def test_from_dict_roundtrip_and_coercion():
+    built = from_dict(_Outer, {"inner": {"x": 2.0, "y": 3, "z": [4, 5]}, "maybe": 7})
+    assert built == _Outer(_Inner(2, 3.0, (4, 5)), 7)
+    assert isinstance(built.inner.x, int) and isinstance(built.inner.y, float)
+    assert from_dict(_Outer, to_dict(built)) == built
+    with pytest.raises(ConfigError, match="x"):
+        from_dict(_Outer, {"inner": {"x": 2.5}})
+    with pytest.raises(ConfigError, match="_Outer.inner"):
+        from_dict(_Outer, {"inner": {"w": 1}})
+
+
+def test_scientific_notation_override_is_a_float():
+    raw = {}
+    apply_override(raw, "lr=1e-3")
+    assert raw["lr"] == pytest.approx(1e-3)
+    assert load_pipeline_config("tiny", ["tokenizer.train.lr=1e-3"]).tokenizer.train.lr == pytest.approx(1e-3)

@@ -1,0 +1,207 @@
+import json
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from conftest import BOX_SPACE, make_episode, write_synthetic_dataset
+
+from worldmodel.dataset import (
+    Dataset,
+    DatasetError,
+    Episode,
+    EpisodeError,
+    EpisodeRecord,
+    FrameSampler,
+    sample_windows,
+    space_from_dict,
+    space_to_dict,
+    write_episode,
+)
+
+
+def test_write_read_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    dataset = Dataset.create(tmp_path, "synthetic", (16, 16, 3), BOX_SPACE, meta={"note": "x"})
+    episode = make_episode(9, 16, 3, BOX_SPACE, rng, terminal=True)
+    write_episode(tmp_path, "000000", episode)
+    dataset.add(EpisodeRecord("000000", 9, seed=5, ret=1.5, kind="expert"))
+
+    reopened = Dataset.open(tmp_path)
+    assert len(reopened) == 1
+    assert reopened.frame_shape == (16, 16, 3)
+    assert reopened.manifest.meta == {"note": "x"}
+    space = reopened.action_space
+    assert isinstance(space, gym.spaces.Box)
+    np.testing.assert_array_equal(space.low, BOX_SPACE.low)
+    np.testing.assert_array_equal(space.high, BOX_SPACE.high)
+    for mmap in (True, False):
+        loaded = reopened.load(0, mmap=mmap)
+        assert len(loaded) == 9
+        for name in ("frames", "actions", "rewards", "terminated", "truncated"):
+            np.testing.assert_array_equal(getattr(loaded, name), getattr(episode, name))
+            assert getattr(loaded, name).dtype == getattr(episode, name).dtype
+    record = reopened.episodes[0]
+    assert (record.name, record.length, record.seed, record.ret, record.kind) == ("000000", 9, 5, 1.5, "expert")
+    # no temporary files are left behind
+    assert sorted(p.name for p in (tmp_path / "episodes").iterdir()) == ["000000"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_manifest_lists_episodes(tmp_path):
+    write_synthetic_dataset(tmp_path, gym.spaces.Discrete(5), episodes=3, steps=6, channels=1)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["format"] == "worldmodel-dataset"
+    assert manifest["version"] == 1
+    assert manifest["frame_shape"] == [16, 16, 1]
+    assert manifest["action_space"] == {"type": "discrete", "n": 5}
+    assert [e["name"] for e in manifest["episodes"]] == ["000000", "000001", "000002"]
+    assert [e["length"] for e in manifest["episodes"]] == [6, 6, 6]
+    dataset = Dataset.open(tmp_path)
+    assert dataset.load(2).actions.dtype == np.int64
+    # re-adding an episode with the same name replaces its entry
+    dataset.add(EpisodeRecord("000001", 6, seed=9))
+    assert [e.name for e in Dataset.open(tmp_path).episodes] == ["000000", "000002", "000001"]
+
+
+def test_create_reopens_compatible_and_refuses_mismatch(tmp_path):
+    write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=2, steps=5)
+    again = Dataset.create(tmp_path, "synthetic", (16, 16, 3), BOX_SPACE)
+    assert len(again) == 2
+    with pytest.raises(DatasetError, match="frame_shape"):
+        Dataset.create(tmp_path, "synthetic", (32, 32, 3), BOX_SPACE)
+    with pytest.raises(DatasetError, match="source"):
+        Dataset.create(tmp_path, "other", (16, 16, 3), BOX_SPACE)
+    with pytest.raises(DatasetError, match="action_space"):
+        Dataset.create(tmp_path, "synthetic", (16, 16, 3), gym.spaces.Discrete(3))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize("array", ["frames", "actions"])
+def test_truncated_npy_names_the_file(tmp_path, mmap, array):
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=3, steps=8)
+    bad = dataset.episode_dir(1) / f"{array}.npy"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(EpisodeError) as info:
+        dataset.load(1, mmap=mmap)
+    assert str(bad) in str(info.value)
+    assert isinstance(info.value, DatasetError)
+    # the other episodes still load
+    assert len(dataset.load(0, mmap=mmap)) == 8
+    assert len(dataset.load(2, mmap=mmap)) == 8
+
+    with pytest.warns(UserWarning, match=str(bad).replace("\\", "\\\\")):
+        assert dataset.usable() == [0, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataset.usable([0, 2]) == [0, 2]
+
+
+def test_missing_and_inconsistent_episode_files(tmp_path):
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=3, steps=8)
+    missing = dataset.episode_dir(0) / "rewards.npy"
+    missing.unlink()
+    with pytest.raises(EpisodeError, match="rewards.npy"):
+        dataset.load(0)
+    # an array of the wrong length
+    np.save(dataset.episode_dir(1) / "actions.npy", np.zeros((3, 3), np.float32))
+    with pytest.raises(EpisodeError, match="actions"):
+        dataset.load(1)
+    # the manifest disagrees with the files
+    dataset.manifest.episodes[2].length = 5
+    with pytest.raises(EpisodeError, match="manifest"):
+        dataset.load(2)
+    with pytest.warns(UserWarning):
+        assert dataset.usable() == []
+
+
+def test_wrong_frame_shape_is_rejected(tmp_path):
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=1, steps=4)
+    np.save(dataset.episode_dir(0) / "frames.npy", np.zeros((5, 8, 8, 3), np.uint8))
+    with pytest.raises(EpisodeError, match="manifest"):
+        dataset.load(0)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(DatasetError, match="manifest.json"):
+        Dataset.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="JSON"):
+        Dataset.open(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else", "version": 1}))
+    with pytest.raises(DatasetError, match="format"):
+        Dataset.open(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "worldmodel-dataset", "version": 1}))
+    with pytest.raises(DatasetError, match="malformed"):
+        Dataset.open(tmp_path)
+
+
+def test_write_episode_validates():
+    bad = Episode(
+        frames=np.zeros((3, 4, 4, 3), np.uint8),  # 3 frames for 3 steps
+        actions=np.zeros((3, 3), np.float32),
+        rewards=np.zeros(3, np.float32),
+        terminated=np.zeros(3, bool),
+        truncated=np.zeros(3, bool),
+    )
+    with pytest.raises(EpisodeError, match="steps \\+ 1"):
+        bad.validate()
+    bad.frames = np.zeros((4, 4, 4, 3), np.float32)
+    with pytest.raises(EpisodeError, match="uint8"):
+        bad.validate()
+
+
+def test_space_dict_round_trip():
+    for space in (BOX_SPACE, gym.spaces.Discrete(7)):
+        back = space_from_dict(json.loads(json.dumps(space_to_dict(space))))
+        assert back == space
+    with pytest.raises(DatasetError):
+        space_to_dict(gym.spaces.MultiBinary(3))
+    with pytest.raises(DatasetError):
+        space_from_dict({"type": "tuple"})
+
+
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_sample_windows_never_cross_episode_ends(window):
+    lengths = np.array([5, 0, 2, 9, 6, 3])
+    rng = np.random.default_rng(0)
+    episode, start = sample_windows(lengths, window, 4000, rng)
+    assert episode.shape == start.shape == (4000,)
+    assert (start >= 0).all()
+    assert (start + window <= lengths[episode]).all()
+    # every valid (episode, start) pair is reachable, none of the too-short episodes is
+    valid = {(e, s) for e, n in enumerate(lengths) for s in range(n - window + 1)}
+    assert set(zip(episode.tolist(), start.tolist(), strict=True)) == valid
+
+
+def test_sample_windows_too_long():
+    with pytest.raises(DatasetError, match="long enough"):
+        sample_windows(np.array([2, 3]), 4, 1, np.random.default_rng(0))
+
+
+def test_split():
+    dataset = Dataset("unused", None)  # type: ignore[arg-type]
+    dataset.manifest = type("M", (), {"episodes": list(range(8))})()
+    train, val = dataset.split(0.25)
+    assert val == [3, 7] and train == [0, 1, 2, 4, 5, 6]
+    assert set(train).isdisjoint(val)
+    dataset.manifest.episodes = [0]
+    with pytest.raises(DatasetError, match="at least 2"):
+        dataset.split(0.5)
+
+
+def test_frame_sampler(tmp_path):
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=3, steps=5, lengths=[5, 2, 7])
+    sampler = FrameSampler(dataset, [0, 2], seed=0)
+    batch = sampler.sample(10)
+    assert batch.shape == (10, 16, 16, 3) and batch.dtype == np.uint8
+    everything = sampler.all_frames()
+    assert everything.shape == (6 + 8, 16, 16, 3)
+    assert sampler.all_frames(stride=2).shape == (3 + 4, 16, 16, 3)
+    # every sampled frame is one of the sampler's episodes' frames
+    pool = {f.tobytes() for f in everything}
+    assert all(f.tobytes() in pool for f in sampler.sample(50))
+    excluded = dataset.load(1).frames
+    assert not any(np.array_equal(f, g) for f in sampler.sample(50) for g in excluded)

@@ -1,0 +1,382 @@
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from gymnasium.vector import AutoresetMode
+
+from envs.dream import DreamEnv, DreamVectorEnv, check_actions
+
+BURN_IN = 2
+
+
+def with_termination(world, always: bool):
+    """A copy of the world model whose termination head always (or never) fires."""
+    world = copy.deepcopy(world)
+    last = world.dynamics.termination_head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(10.0 if always else -10.0)
+    return world
+
+
+@pytest.fixture(scope="module")
+def never_ends(box_world):
+    return with_termination(box_world, always=False)
+
+
+@pytest.fixture(scope="module")
+def always_ends(box_world):
+    return with_termination(box_world, always=True)
+
+
+def context_grids(world) -> set[bytes]:
+    return {grid.astype(np.int64).tobytes() for grid in world.contexts.tokens}
+
+
+def rollout(env, seed, actions):
+    obs, _ = env.reset(seed=seed)
+    trace = [np.array(obs, copy=True)]
+    rewards = []
+    for action in actions:
+        obs, reward, terminated, truncated, _ = env.step(action)
+        trace.append(np.array(obs, copy=True))
+        rewards.append(np.array(reward, copy=True))
+    return np.stack(trace), np.stack(rewards)
+
+
+@pytest.mark.parametrize("obs_mode", ["tokens", "pixels"])
+def test_check_env_passes(never_ends, obs_mode):
+    env = DreamEnv(never_ends, obs_mode=obs_mode, burn_in=BURN_IN, horizon=16)
+    check_env(env, skip_render_check=True)
+
+
+def test_check_env_passes_from_a_checkpoint_folder(box_run):
+    env = DreamEnv(box_run, obs_mode="pixels", burn_in=BURN_IN, horizon=8)
+    check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_spaces(box_world):
+    env = DreamEnv(box_world, obs_mode="tokens", burn_in=BURN_IN)
+    assert isinstance(env.observation_space, gym.spaces.MultiDiscrete)
+    assert env.observation_space.shape == (4, 4)
+    assert (env.observation_space.nvec == 12).all()
+    assert isinstance(env.action_space, gym.spaces.Box) and env.action_space.shape == (3,)
+    obs, info = env.reset(seed=0)
+    assert obs in env.observation_space and obs.dtype == np.int64
+    pixels = DreamEnv(box_world, obs_mode="pixels", burn_in=BURN_IN, render_mode="rgb_array")
+    assert pixels.observation_space == gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
+    obs, _ = pixels.reset(seed=0)
+    assert obs.shape == (16, 16, 3) and obs.dtype == np.uint8
+    assert pixels.render().shape == (16, 16, 3)
+
+
+def test_gym_make(box_run):
+    env = gym.make("WorldModel/Dream-v0", checkpoint=box_run, burn_in=BURN_IN, horizon=5)
+    assert isinstance(env.unwrapped, DreamEnv)
+    obs, _ = env.reset(seed=3)
+    assert obs in env.observation_space
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert obs in env.observation_space
+    assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
+    env.close()
+
+
+def test_gym_make_vec(box_run):
+    envs = gym.make_vec("WorldModel/Dream-v0", num_envs=3, checkpoint=box_run, burn_in=BURN_IN, horizon=5)
+    assert isinstance(envs, DreamVectorEnv)
+    assert envs.num_envs == 3
+    assert envs.single_observation_space.shape == (4, 4)
+    assert envs.observation_space.shape == (3, 4, 4)
+    assert envs.single_action_space.shape == (3,)
+    assert envs.action_space.shape == (3, 3)
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (3, 4, 4) and obs in envs.observation_space
+    obs, rewards, terminated, truncated, _ = envs.step(envs.action_space.sample())
+    assert obs in envs.observation_space
+    assert rewards.shape == terminated.shape == truncated.shape == (3,)
+    assert rewards.dtype == np.float32 and terminated.dtype == bool
+    pixels = gym.make_vec("WorldModel/Dream-v0", num_envs=2, checkpoint=box_run, burn_in=BURN_IN, obs_mode="pixels")
+    assert pixels.observation_space.shape == (2, 16, 16, 3)
+    assert pixels.reset(seed=0)[0].shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_same_seed_same_rollout(box_world, temperature):
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(6, 3, 3)).astype(np.float32)
+    runs = []
+    for _ in range(2):
+        envs = DreamVectorEnv(box_world, 3, burn_in=BURN_IN, horizon=4, temperature=temperature)
+        runs.append(rollout(envs, 11, actions))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    # the same env reset with the same seed repeats itself too
+    envs = DreamVectorEnv(box_world, 3, burn_in=BURN_IN, horizon=4, temperature=temperature)
+    rollout(envs, 5, actions)
+    again = rollout(envs, 11, actions)
+    np.testing.assert_array_equal(again[0], runs[0][0])
+
+
+def test_sampling_depends_on_the_seed(box_world):
+    actions = np.zeros((3, 4, 3), np.float32)
+    a = rollout(DreamVectorEnv(box_world, 4, burn_in=BURN_IN, horizon=10, temperature=5.0), 1, actions)[0]
+    b = rollout(DreamVectorEnv(box_world, 4, burn_in=BURN_IN, horizon=10, temperature=5.0), 2, actions)[0]
+    assert not np.array_equal(a[1:], b[1:])
+
+
+def test_different_seeds_different_contexts(box_world):
+    envs = DreamVectorEnv(box_world, 4, burn_in=BURN_IN)
+    first = np.array(envs.reset(seed=0)[0], copy=True)
+    second = np.array(envs.reset(seed=1)[0], copy=True)
+    assert not np.array_equal(first, second)
+    grids = context_grids(box_world)
+    assert all(grid.tobytes() in grids for grid in np.concatenate([first, second]))
+    single = DreamEnv(box_world, burn_in=BURN_IN)
+    starts = {single.reset(seed=s)[0].tobytes() for s in range(6)}
+    assert len(starts) > 1
+
+
+BAD_BOX_ACTIONS = {
+    "wrong batch": np.zeros((3, 3), np.float32),
+    "wrong width": np.zeros((2, 2), np.float32),
+    "flat": np.zeros(6, np.float32),
+    "extra dim": np.zeros((2, 3, 1), np.float32),
+    "strings": np.array([["a", "b", "c"]] * 2),
+    "complex": np.zeros((2, 3), np.complex64),
+    "bool": np.zeros((2, 3), bool),
+    "object": np.array([[None] * 3] * 2, dtype=object),
+    "nan": np.array([[0.0, np.nan, 0.0], [0.0, 0.0, 0.0]], np.float32),
+    "inf": np.array([[0.0, 0.0, 0.0], [np.inf, 0.0, 0.0]], np.float32),
+    "-inf": np.array([[0.0, 0.0, 0.0], [-np.inf, 0.0, 0.0]], np.float64),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BOX_ACTIONS))
+def test_bad_box_actions_raise(box_world, name):
+    envs = DreamVectorEnv(box_world, 2, burn_in=BURN_IN)
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match="expected float actions of shape \\(2, 3\\)"):
+        envs.step(BAD_BOX_ACTIONS[name])
+
+
+@pytest.mark.parametrize("action", [np.zeros(2), np.zeros((1, 3)), "abc", np.array([0.0, np.nan, 0.0]), [0, 0j, 0]])
+def test_bad_single_box_actions_raise(box_world, action):
+    env = DreamEnv(box_world, burn_in=BURN_IN)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="expected"):
+        env.step(action)
+
+
+def test_integer_box_actions_are_accepted(box_world):
+    space = box_world.action_space
+    out = check_actions(np.array([[1, 0, 1]]), space, 1)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [[1.0, 0.0, 1.0]])
+
+
+def test_out_of_bounds_box_actions_are_clipped(never_ends):
+    wild = np.array([[5.0, -3.0, 2.0], [-9.0, 0.5, -1.0]], np.float32)
+    clipped = np.array([[1.0, 0.0, 1.0], [-1.0, 0.5, 0.0]], np.float32)
+    np.testing.assert_array_equal(check_actions(wild, never_ends.action_space, 2), clipped)
+    a = rollout(DreamVectorEnv(never_ends, 2, burn_in=BURN_IN), 4, [wild, wild])
+    b = rollout(DreamVectorEnv(never_ends, 2, burn_in=BURN_IN), 4, [clipped, clipped])
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    # and in the single env
+    single = DreamEnv(never_ends, burn_in=BURN_IN)
+    single.reset(seed=0)
+    single.step(np.array([100.0, 100.0, -100.0]))
+
+
+def test_truncation_at_horizon(never_ends):
+    env = DreamEnv(never_ends, burn_in=BURN_IN, horizon=3)
+    env.reset(seed=0)
+    flags = [env.step(np.zeros(3, np.float32))[2:4] for _ in range(3)]
+    assert flags == [(False, False), (False, False), (False, True)]
+    envs = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN, horizon=2)
+    envs.reset(seed=0)
+    assert not envs.step(np.zeros((2, 3), np.float32))[3].any()
+    assert envs.step(np.zeros((2, 3), np.float32))[3].all()
+    # max_episode_steps overrides horizon
+    env = DreamEnv(never_ends, burn_in=BURN_IN, horizon=50, max_episode_steps=1)
+    env.reset(seed=0)
+    assert env.step(np.zeros(3, np.float32))[3] is True
+
+
+def test_termination_from_the_model(always_ends):
+    env = DreamEnv(always_ends, burn_in=BURN_IN, horizon=10)
+    env.reset(seed=0)
+    _, _, terminated, truncated, _ = env.step(np.zeros(3, np.float32))
+    assert terminated is True and truncated is False
+
+
+def test_next_step_autoreset(never_ends):
+    envs = DreamVectorEnv(never_ends, 3, burn_in=BURN_IN, horizon=2)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    grids = context_grids(never_ends)
+    zeros = np.zeros((3, 3), np.float32)
+    envs.reset(seed=0)
+    _, r1, _, trunc1, _ = envs.step(zeros)
+    obs2, r2, _, trunc2, _ = envs.step(zeros)
+    assert not trunc1.any() and trunc2.all()
+    assert (r1 != 0).all() and (r2 != 0).all()
+    obs3, r3, term3, trunc3, _ = envs.step(zeros)
+    # the step after a done only resets: reset observation, zero reward, no flags
+    assert (r3 == 0).all() and not term3.any() and not trunc3.any()
+    assert all(grid.tobytes() in grids for grid in obs3)
+    obs4, r4, _, trunc4, _ = envs.step(zeros)
+    assert (r4 != 0).all() and not trunc4.any()
+    assert envs.step(zeros)[3].all()
+
+
+def test_next_step_autoreset_of_one_row(never_ends):
+    envs = DreamVectorEnv(never_ends, 3, burn_in=BURN_IN, horizon=3)
+    zeros = np.zeros((3, 3), np.float32)
+    envs.reset(seed=0)
+    envs.step(zeros)
+    envs._steps[1] = 2  # row 1 reaches the horizon one step early
+    _, _, _, truncated, _ = envs.step(zeros)
+    assert truncated.tolist() == [False, True, False]
+    _, rewards, _, truncated, _ = envs.step(zeros)
+    assert rewards[1] == 0 and rewards[0] != 0 and rewards[2] != 0
+    assert truncated.tolist() == [True, False, True]
+
+
+def test_next_step_partial_reset_matches_undisturbed_rows(never_ends):
+    """Rows that are not reset evolve exactly as in an env where no row is ever reset."""
+    actions = np.random.default_rng(1).uniform(-1, 1, size=(5, 3, 3)).astype(np.float32)
+    reference = rollout(DreamVectorEnv(never_ends, 3, burn_in=BURN_IN, horizon=100), 8, actions)
+    envs = DreamVectorEnv(never_ends, 3, burn_in=BURN_IN, horizon=100)
+    obs, _ = envs.reset(seed=8)
+    trace = [np.array(obs, copy=True)]
+    for t, action in enumerate(actions):
+        if t == 1:
+            envs._steps[1] = 99
+        obs, *_ = envs.step(action)
+        trace.append(np.array(obs, copy=True))
+    trace = np.stack(trace)
+    np.testing.assert_array_equal(trace[:, [0, 2]], reference[0][:, [0, 2]])
+
+
+@pytest.mark.parametrize("obs_mode", ["tokens", "pixels"])
+def test_same_step_autoreset_gives_final_obs(never_ends, obs_mode):
+    self_check_same_step(never_ends, obs_mode)
+
+
+def self_check_same_step(world, obs_mode):
+    actions = np.zeros((2, 3), np.float32)
+    reference = DreamVectorEnv(world, 2, obs_mode=obs_mode, burn_in=BURN_IN, horizon=1)
+    reference.reset(seed=2)
+    predicted = np.array(reference.step(actions)[0], copy=True)  # NEXT_STEP: the final obs itself
+
+    envs = DreamVectorEnv(world, 2, obs_mode=obs_mode, burn_in=BURN_IN, horizon=1, autoreset_mode="SameStep")
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    envs.reset(seed=2)
+    obs, rewards, terminated, truncated, info = envs.step(actions)
+    assert truncated.all() and (rewards != 0).all()
+    assert "final_obs" in info and info["_final_obs"].all()
+    np.testing.assert_array_equal(info["final_obs"], predicted)
+    assert not np.array_equal(obs, info["final_obs"])  # obs is already the next episode's start
+    # no pending reset: the following step is a real step
+    _, rewards, _, truncated, info = envs.step(actions)
+    assert (rewards != 0).all() and truncated.all()
+
+
+def test_returned_observations_are_not_mutated_later(never_ends):
+    """Observations must not be views of the env's internal token buffer (which is written in place)."""
+    env = DreamEnv(never_ends, burn_in=BURN_IN)
+    obs, _ = env.reset(seed=0)
+    kept = obs.copy()
+    for seed in range(1, 4):
+        env.reset(seed=seed)
+    np.testing.assert_array_equal(obs, kept)
+    envs = DreamVectorEnv(never_ends, 3, burn_in=BURN_IN, horizon=3)
+    obs, _ = envs.reset(seed=0)
+    kept = obs.copy()
+    envs._steps[1] = 2
+    step_obs = envs.step(np.zeros((3, 3), np.float32))[0]  # row 1 truncates
+    step_kept = step_obs.copy()
+    envs.step(np.zeros((3, 3), np.float32))  # partial step: rows 0 and 2 advance, row 1 resets
+    envs.reset(seed=5)
+    np.testing.assert_array_equal(obs, kept)
+    np.testing.assert_array_equal(step_obs, step_kept)
+
+
+def test_single_env_returns_the_final_frame_when_done(never_ends):
+    actions = [np.full(3, 0.3, np.float32)] * 2
+    short = rollout(DreamEnv(never_ends, obs_mode="pixels", burn_in=BURN_IN, horizon=2), 7, actions)[0]
+    long = rollout(DreamEnv(never_ends, obs_mode="pixels", burn_in=BURN_IN, horizon=20), 7, actions)[0]
+    np.testing.assert_array_equal(short, long)
+
+
+def test_single_env_matches_vector_env(never_ends):
+    actions = np.random.default_rng(3).uniform(-1, 1, size=(4, 3)).astype(np.float32)
+    single = rollout(DreamEnv(never_ends, burn_in=BURN_IN, horizon=50), 5, list(actions))
+    vector = rollout(DreamVectorEnv(never_ends, 1, burn_in=BURN_IN, horizon=50), 5, list(actions[:, None]))
+    np.testing.assert_array_equal(single[0], vector[0][:, 0])
+    np.testing.assert_allclose(single[1], vector[1][:, 0], rtol=1e-6)
+
+
+def test_invalid_arguments(box_world):
+    with pytest.raises(ValueError, match="burn_in"):
+        DreamVectorEnv(box_world, 2, burn_in=4)  # the tiny model has 3 context frames
+    with pytest.raises(ValueError, match="burn_in"):
+        DreamVectorEnv(box_world, 2, burn_in=0)
+    with pytest.raises(ValueError, match="obs_mode"):
+        DreamVectorEnv(box_world, 2, obs_mode="latents", burn_in=BURN_IN)
+
+
+# --- discrete actions ------------------------------------------------------------------------------------------
+
+
+def test_discrete_dream_check_env(discrete_world):
+    env = DreamEnv(discrete_world, burn_in=3, horizon=8)
+    assert env.action_space == gym.spaces.Discrete(5)
+    check_env(DreamEnv(discrete_world, obs_mode="pixels", burn_in=3, horizon=8), skip_render_check=True)
+    obs, _ = env.reset(seed=0)
+    for action in (0, 4, np.int64(2), np.int32(1)):
+        obs, reward, *_ = env.step(action)
+        assert obs in env.observation_space
+    pixels = DreamEnv(discrete_world, obs_mode="pixels", burn_in=3)
+    assert pixels.reset(seed=0)[0].shape == (16, 16, 1)
+
+
+def test_discrete_dream_make_vec(discrete_run):
+    envs = gym.make_vec("WorldModel/Dream-v0", num_envs=3, checkpoint=discrete_run, burn_in=2)
+    assert envs.action_space == gym.spaces.MultiDiscrete([5, 5, 5])
+    envs.reset(seed=0)
+    obs, rewards, *_ = envs.step(np.array([0, 3, 4]))
+    assert obs.shape == (3, 4, 4) and rewards.shape == (3,)
+    a = rollout(envs, 1, [np.array([1, 2, 3])] * 3)
+    b = rollout(envs, 1, [np.array([1, 2, 3])] * 3)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize(
+    "actions",
+    [
+        np.array([1.0, 2.0, 0.0]),  # floats
+        np.array([1.5, 2.0, 0.0]),
+        np.array([5, 0, 0]),  # out of range
+        np.array([0, -1, 0]),
+        np.array([[1], [2], [3]]),  # wrong shape
+        np.array([1, 2]),
+        np.array(["1", "2", "3"]),
+        np.array([True, False, True]),
+    ],
+)
+def test_bad_discrete_vector_actions(discrete_world, actions):
+    envs = DreamVectorEnv(discrete_world, 3, burn_in=2)
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match="integer action"):
+        envs.step(actions)
+
+
+@pytest.mark.parametrize("action", [1.0, 2.5, 5, -1, np.array([1]), "2", None])
+def test_bad_discrete_single_actions(discrete_world, action):
+    env = DreamEnv(discrete_world, burn_in=2)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="integer action"):
+        env.step(action)

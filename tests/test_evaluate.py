@@ -1,0 +1,69 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agents.evaluate import EvalConfig, evaluate
+from envs.sources import SourceConfig
+
+
+def test_evaluation_refuses_collection_seeds(tmp_path):
+    with pytest.raises(ValueError, match=r"\[3, 4\]"):
+        evaluate(tmp_path, SourceConfig("carracing"), EvalConfig(episodes=3, seed=2), used_seeds=[3, 4, 9])
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
+    from agents.evaluate import EvalConfig, evaluate
+    from envs.sources import SourceConfig
+
+    if __name__ == "__main__":
+        out = evaluate(
+            "unused", SourceConfig({source!r}), EvalConfig(episodes={episodes}, max_steps=2, workers=1), [],
+            kinds=("random", "expert"),
+        )
+        print("RETURNS", out["random"]["returns"], out["expert"]["returns"])
+    """
+)
+
+
+def run_evaluate(source: str, tmp_path, timeout: float, episodes: int = 1) -> str:
+    """evaluate() in its own process group, killed (with its pool workers) if it overruns `timeout`."""
+    script = tmp_path / "evaluate_script.py"
+    script.write_text(SCRIPT.format(source=source, episodes=episodes))
+    env = {**os.environ, "SDL_VIDEODRIVER": "offscreen", "OMP_NUM_THREADS": "1"}
+    env.pop("SDL_NO_SIGNAL_HANDLERS", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"evaluate() on {source} did not finish within {timeout} s")
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_carracing_random_and_expert(tmp_path):
+    out = run_evaluate("carracing", tmp_path, timeout=120)
+    assert "RETURNS" in out
+
+
+@pytest.mark.slow
+def test_evaluate_highway_finishes(tmp_path):
+    out = run_evaluate("highway", tmp_path, timeout=45, episodes=2)
+    assert "RETURNS" in out

@@ -1,0 +1,244 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents.pipeline import format_summary, load_pipeline_config, make_summary
+from worldmodel.dataset import Dataset
+from worldmodel.rollout import RolloutConfig, dream_episode, write_rollout
+from worldmodel.world_model import WorldModel
+
+MICRO = [
+    "collect.episodes=4",
+    "collect.source.max_steps=20",
+    "tokenizer.train.steps=10",
+    "dynamics.train.steps=10",
+    "ppo.total_steps=2048",
+    "ppo.num_envs=16",
+    "eval.episodes=1",
+    "eval.max_steps=20",
+    "rollout.steps=8",
+    "run.val_fraction=0.25",
+]
+# lighter still, so the suite stays fast on a busy 2-core machine (one torch thread avoids oversubscription)
+LIGHT = [
+    "run.threads=1",
+    "tokenizer.train.batch_size=8",
+    "tokenizer.val_frames=16",
+    "dynamics.train.batch_size=4",
+    "dynamics.val_batches=1",
+    "eval.workers=1",
+]
+SUMMARY_KEYS = [
+    ("tokenizer", "bytes_per_frame"),
+    ("tokenizer", "val_psnr"),
+    ("dynamics", "val_token_accuracy"),
+    ("policy", "real_return_mean"),
+    ("policy", "real_return_std"),
+    ("random", "real_return_mean"),
+    ("expert", "real_return_mean"),
+]
+
+
+def worldmodel_cli(
+    args: list[str], cwd: Path, timeout: float = 300, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SDL_VIDEODRIVER": "offscreen", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.update(extra_env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "worldmodel.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --- fast: the rollout video and the summary ------------------------------------------------------------------
+
+
+def test_write_rollout(box_run, box_data, tmp_path):
+    figures = write_rollout(box_run, box_data, RolloutConfig(steps=3, burn_in=2, scale=2, fps=4), tmp_path / "vid")
+    mp4, gif = Path(figures["video"]), Path(figures["gif"])
+    assert mp4 == tmp_path / "vid.mp4" and gif == tmp_path / "vid.gif"
+    assert mp4.stat().st_size > 0 and gif.stat().st_size > 0
+    # the video shows a held-out (validation) episode
+    world = WorldModel.load(box_run, with_contexts=False)
+    names = [Dataset.open(box_data).episodes[i].name for i in world.meta["val_episodes"]]
+    assert figures["episode"] in names
+    assert np.isfinite(figures["dream_psnr"]) and np.isfinite(figures["tokenizer_psnr"])
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(gif)
+    assert len(frames) == figures["frames"]
+    assert frames[0].shape[:2] == (32, 3 * 32)  # three 16x16 panels at scale 2
+
+
+def test_dream_episode_context_is_reconstruction(box_world, box_data):
+    episode = Dataset.open(box_data).load(0)
+    recon, dream = dream_episode(box_world, np.asarray(episode.frames), np.asarray(episode.actions), 3, 4)
+    # the context part of the dream is the tokenizer's reconstruction of the real frames
+    np.testing.assert_array_equal(dream[:3], recon[:3])
+    assert dream.dtype == np.uint8 and dream.shape[1:] == (16, 16, 3)
+
+
+def test_dream_episode_imagines_steps_frames(box_world, box_data):
+    episode = Dataset.open(box_data).load(0)  # 12 steps: long enough for burn_in 3 + 4 steps
+    recon, dream = dream_episode(box_world, np.asarray(episode.frames), np.asarray(episode.actions), 3, 4)
+    assert recon.shape == dream.shape
+    assert len(dream) == 3 + 4
+
+
+def test_summary_from_results():
+    config = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x"])
+    evaluation = {
+        kind: {"mean": m, "std": 1.0, "returns": [m - 1, m + 1], "seeds": [5, 6]}
+        for kind, m in (("policy", 3.0), ("random", -1.0), ("expert", 9.0))
+    }
+    results = {
+        "collect": {"episodes": 2, "steps": 10, "mean_return": 1.0, "seeds": [0, 1]},
+        "tokenizer": {
+            "bytes_per_frame": 63.3,
+            "tokens_per_frame": 64,
+            "val_psnr": 20.0,
+            "val_ssim": 0.5,
+        },
+        "dynamics": {"val_token_accuracy": 0.5, "val_copy_last_accuracy": 0.4, "val_reward_mae": 0.1},
+        "policy": {"imagined_steps": 100, "steps_per_second": 10.0, "dream_return": 2.0},
+        "evaluate": evaluation,
+        "rollout": {"video": "/nowhere/x/rollout.mp4"},
+        "timings": {"collect": 1.0},
+    }
+    summary = make_summary(config, results)
+    assert summary["policy"] == {"real_return_mean": 3.0, "real_return_std": 1.0}
+    assert summary["expert"]["real_return_mean"] == 9.0
+    assert summary["episodes_evaluated"] == 2
+    assert summary["eval_seeds"] == [5, 6]
+    assert summary["dataset"] == {"episodes": 2, "steps": 10, "mean_return": 1.0}
+    assert summary["rollout_video"] == "/nowhere/x/rollout.mp4"
+    text = format_summary(summary)
+    assert "63.3 bytes/frame" in text and "over 2 held-out episodes" in text
+
+
+# --- slow: the whole pipeline as the `worldmodel` command ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    args = ["run", "--name", "smoke", *MICRO, *LIGHT, f"run.runs_dir={runs}"]
+    result = worldmodel_cli(args, cwd=runs)
+    return runs, args, result
+
+
+@pytest.mark.slow
+def test_micro_run_writes_summary(micro_run):
+    runs, _, result = micro_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = runs / "smoke"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for section, key in SUMMARY_KEYS:
+        assert isinstance(summary[section][key], float), (section, key)
+    assert summary["episodes_evaluated"] == 1
+    assert summary["source"] == "carracing"
+    assert summary["dataset"]["episodes"] == 4 and summary["dataset"]["steps"] == 80
+    assert 0 <= summary["dynamics"]["val_token_accuracy"] <= 1
+    assert summary["tokenizer"]["bytes_per_frame"] == pytest.approx(64 * np.log2(240) / 8)
+    video = Path(summary["rollout_video"])
+    assert video.is_file() and video.suffix == ".mp4" and video.stat().st_size > 0
+    assert video.parent == run_dir
+    for name in ("tokenizer", "dynamics", "policy"):
+        assert (run_dir / f"{name}.safetensors").is_file() and (run_dir / f"{name}.json").is_file()
+    assert (run_dir / "tokens.npz").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert "summary" in result.stdout
+    # evaluation seeds never overlap the collection seeds
+    results = json.loads((run_dir / "results.json").read_text())
+    assert not set(summary["eval_seeds"]) & set(results["collect"]["seeds"])
+
+
+@pytest.mark.slow
+def test_micro_run_rerun_skips_finished_stages(micro_run):
+    runs, args, first = micro_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (runs / "smoke" / "tokenizer.safetensors").stat().st_mtime_ns
+    result = worldmodel_cli(args, cwd=runs, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("collect", "tokenizer", "dynamics", "policy", "evaluate", "rollout"):
+        assert f"[{stage}] already done, skipping" in result.stdout
+    assert (runs / "smoke" / "tokenizer.safetensors").stat().st_mtime_ns == before
+    assert json.loads((runs / "smoke" / "summary.json").read_text())["episodes_evaluated"] == 1
+
+
+@pytest.mark.slow
+def test_rerun_with_another_config_is_refused(micro_run):
+    runs, args, first = micro_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = worldmodel_cli([*args, "ppo.lr=0.5"], cwd=runs, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "config.yaml" in result.stderr and "ppo" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_tokenizer_makes_rollout_exit_2(micro_run, tmp_path):
+    runs, _, first = micro_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    copy = tmp_path / "runs"
+    shutil.copytree(runs / "smoke", copy / "smoke")
+    weights = copy / "smoke" / "tokenizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = worldmodel_cli(
+        ["rollout", "--name", "smoke", f"run.runs_dir={copy}", "--out", str(tmp_path / "video")], cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("error:")
+    assert "tokenizer.safetensors" in result.stderr and "corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "video.mp4").exists()
+
+
+@pytest.mark.slow
+def test_cli_errors_and_help(tmp_path):
+    result = worldmodel_cli(["run", "--name", "x", f"run.runs_dir={tmp_path}", "ppo.nonsense=1"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "nonsense" in result.stderr
+    result = worldmodel_cli(["--help"], cwd=tmp_path)
+    assert result.returncode == 0 and "rollout" in result.stdout
+    script = shutil.which("worldmodel") or str(Path(sys.executable).parent / "worldmodel")
+    assert Path(script).is_file()
+    result = subprocess.run([script, "rollout", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--out" in result.stdout
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.slow
+def test_highway_micro_run(tmp_path):
+    args = [
+        "run",
+        "--source",
+        "highway",
+        "--name",
+        "hw",
+        *MICRO,
+        *LIGHT,
+        "collect.source.max_steps=null",
+        "ppo.total_steps=512",
+        f"run.runs_dir={tmp_path}",
+    ]
+    result = worldmodel_cli(args, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "hw" / "summary.json").read_text())
+    assert summary["source"] == "highway"
+    for section, key in SUMMARY_KEYS:
+        assert isinstance(summary[section][key], float), (section, key)
+    dataset = Dataset.open(tmp_path / "hw" / "dataset")
+    assert dataset.frame_shape == (64, 64, 1)
+    assert dataset.manifest.action_space == {"type": "discrete", "n": 5}
+    assert Path(summary["rollout_video"]).stat().st_size > 0

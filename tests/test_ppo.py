@@ -1,0 +1,117 @@
+import json
+import math
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Categorical, Normal
+
+from agents.policy import ActorCritic, PolicyConfig
+from agents.ppo import POLICY, PPOConfig, train_ppo
+from worldmodel.checkpoint import load_module
+from worldmodel.logger import RunLogger
+
+SMALL = dict(num_envs=4, rollout_steps=8, total_steps=64, horizon=3, burn_in=2, epochs=2, minibatches=2, hidden=32)
+
+
+def copy_run(run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+@pytest.mark.parametrize("which", ["box_run", "discrete_run"])
+def test_train_ppo_writes_a_loadable_policy(which, request, tmp_path):
+    run = copy_run(request.getfixturevalue(which), tmp_path)
+    logger = RunLogger(run)
+    figures = train_ppo(run, PPOConfig(**SMALL), logger)
+    logger.close()
+    assert figures["imagined_steps"] == 64  # two iterations of 4 envs x 8 steps
+    assert figures["steps_per_second"] > 0
+    # horizon 3 < 16 steps per env: episodes finished, so the dream return is a number
+    assert math.isfinite(figures["dream_return"])
+
+    policy, meta, _ = load_module(run / POLICY, POLICY, ActorCritic, PolicyConfig)
+    assert meta["kind"] == "policy" and meta["imagined_steps"] == 64
+    config = policy.config
+    assert config.grid_size == 4 and config.levels == (4, 3) and config.hidden == 32
+    assert config.discrete_actions == (which == "discrete_run")
+    assert config.action_dim == (5 if which == "discrete_run" else 3)
+    tokens = torch.randint(0, 12, (6, 4, 4))
+    action, logp, entropy, value = policy.act(tokens)
+    assert logp.shape == entropy.shape == value.shape == (6,)
+    assert torch.isfinite(value).all()
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ppo_rows = [r for r in rows if "ppo/train/policy_loss" in r]
+    assert [r["step"] for r in ppo_rows] == [32, 64]
+    assert all(math.isfinite(r["ppo/train/value_loss"]) for r in ppo_rows)
+
+
+def test_train_ppo_is_seeded(box_run, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        run = copy_run(box_run, tmp_path / name)
+        train_ppo(run, PPOConfig(**SMALL), RunLogger(run))
+        policy, _, _ = load_module(run / POLICY, POLICY, ActorCritic, PolicyConfig)
+        results.append(policy.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key])
+
+
+def make_policy(discrete: bool, grid: int = 4) -> ActorCritic:
+    torch.manual_seed(0)
+    obs = gym.spaces.MultiDiscrete(np.full((grid, grid), 12))
+    space = gym.spaces.Discrete(5) if discrete else gym.spaces.Box(-1, 1, (3,), np.float32)
+    return ActorCritic.for_spaces(obs, space, (4, 3), hidden=32)
+
+
+@pytest.mark.parametrize("grid", [4, 5, 8])
+def test_actor_critic_continuous(grid):
+    policy = make_policy(False, grid)
+    assert not policy.config.discrete_actions and policy.config.action_dim == 3
+    tokens = torch.randint(0, 12, (7, grid, grid))
+    action, logp, entropy, value = policy.act(tokens)
+    assert action.shape == (7, 3) and action.dtype == torch.float32
+    assert logp.shape == entropy.shape == value.shape == (7,)
+    dist = policy.distribution(policy.features(tokens))
+    assert isinstance(dist, Normal)
+    torch.testing.assert_close(logp, dist.log_prob(action).sum(-1))
+    mean, *_ = policy.act(tokens, deterministic=True)
+    torch.testing.assert_close(mean, dist.mean)
+    # with a given action the log-prob is of that action
+    given = torch.zeros(7, 3)
+    _, logp_given, _, _ = policy.act(tokens, given)
+    torch.testing.assert_close(logp_given, dist.log_prob(given).sum(-1))
+    torch.testing.assert_close(policy.value(tokens), value)
+
+
+def test_actor_critic_discrete():
+    policy = make_policy(True)
+    assert policy.config.discrete_actions and policy.config.action_dim == 5
+    tokens = torch.randint(0, 12, (9, 4, 4))
+    action, logp, entropy, value = policy.act(tokens)
+    assert action.shape == (9,) and action.dtype == torch.int64
+    assert ((action >= 0) & (action < 5)).all()
+    dist = policy.distribution(policy.features(tokens))
+    assert isinstance(dist, Categorical)
+    torch.testing.assert_close(logp, dist.log_prob(action))
+    greedy, *_ = policy.act(tokens, deterministic=True)
+    assert torch.equal(greedy, dist.probs.argmax(-1))
+    assert (entropy <= math.log(5) + 1e-5).all()
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_actor_critic_gradients(discrete):
+    policy = make_policy(discrete)
+    tokens = torch.randint(0, 12, (5, 4, 4))
+    action = torch.randint(0, 5, (5,)) if discrete else torch.rand(5, 3)
+    _, logp, entropy, value = policy.act(tokens, action)
+    (logp.sum() + entropy.sum() + value.sum()).backward()
+    assert policy.actor.weight.grad.abs().sum() > 0
+    assert policy.critic.weight.grad.abs().sum() > 0
+    assert policy.embedding.weight.grad.abs().sum() > 0
+    if not discrete:
+        assert policy.log_std.grad.abs().sum() > 0

@@ -1,0 +1,140 @@
+import dataclasses
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs.collect as collect_module
+from envs.collect import CollectConfig, collect
+from envs.sources import CARRACING_INTRO_STEPS, SourceConfig, make_expert, make_source_env
+from worldmodel.dataset import Dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _offscreen(monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "offscreen")
+    # collect() keeps one simulator per source config and process; start each test without any
+    monkeypatch.setattr(collect_module, "_worker_envs", {})
+
+
+def tile_multiple(value: float, env, base: float) -> bool:
+    """value == base + k * (1000 / tiles) for a small k >= 0 (CarRacing pays 1000/N per new tile)."""
+    per_tile = 1000 / len(env.unwrapped.track)
+    k = round((value - base) / per_tile)
+    return 0 <= k <= 3 and abs(value - (base + k * per_tile)) < 1e-3
+
+
+def test_source_config_repeat_defaults():
+    assert SourceConfig("carracing").repeat == 4
+    assert SourceConfig("highway").repeat == 1
+    assert SourceConfig("carracing", action_repeat=2).repeat == 2
+    with pytest.raises(ValueError, match="unknown source"):
+        make_source_env(SourceConfig(name="nope"))  # type: ignore[arg-type]
+
+
+def test_carracing_frames_intro_and_action_repeat():
+    env = make_source_env(SourceConfig("carracing", frame_size=64, max_steps=3))
+    assert env.observation_space == gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+    assert obs in env.observation_space
+    # the 50 idle intro steps each cost 0.1 (plus the bonus of the start tile the car sits on)
+    assert tile_multiple(info["intro_reward"], env, -0.1 * CARRACING_INTRO_STEPS)
+    # CarRacing gives -0.1 per simulator step; 4 repeated idle steps sum to -0.4
+    idle = np.zeros(3, np.float32)
+    obs, reward, terminated, truncated, _ = env.step(idle)
+    assert obs.shape == (64, 64, 3)
+    assert tile_multiple(reward, env, -0.4)
+    assert not terminated and not truncated
+    env.step(idle)
+    *_, truncated, _ = env.step(idle)
+    assert truncated  # max_steps=3 recorded steps
+    env.close()
+
+    single = make_source_env(SourceConfig("carracing", frame_size=32, action_repeat=1))
+    obs, _ = single.reset(seed=0)
+    assert obs.shape == (32, 32, 3)
+    assert tile_multiple(single.step(idle)[1], single, -0.1)
+    single.close()
+
+
+def test_carracing_intro_reward_completes_the_return():
+    """Rewards summed over recorded steps plus intro_reward equal the raw simulator's return."""
+    raw = gym.make("CarRacing-v3", continuous=True)
+    raw.reset(seed=3)
+    gas = np.array([0.0, 0.5, 0.0], np.float32)
+    raw_total = sum(raw.step(np.zeros(3, np.float32))[1] for _ in range(CARRACING_INTRO_STEPS))
+    raw_total += sum(raw.step(gas)[1] for _ in range(4 * 5))
+    raw.close()
+    env = make_source_env(SourceConfig("carracing"))
+    _, info = env.reset(seed=3)
+    total = info["intro_reward"] + sum(env.step(gas)[1] for _ in range(5))
+    env.close()
+    assert total == pytest.approx(raw_total, abs=1e-3)
+
+
+def test_highway_frames():
+    env = make_source_env(SourceConfig("highway", frame_size=64, max_steps=2))
+    assert env.observation_space.shape == (64, 64, 1)
+    assert isinstance(env.action_space, gym.spaces.Discrete)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (64, 64, 1) and obs.dtype == np.uint8
+    assert info["intro_reward"] == 0.0
+    assert obs.max() > 0 and obs.std() > 1  # offscreen rendering, not a black frame
+    expert = make_expert(env.config)
+    expert.reset()
+    obs, reward, terminated, truncated, _ = env.step(expert.act(env))
+    assert obs.shape == (64, 64, 1) and obs.max() > 0
+    assert isinstance(reward, float)
+    if not terminated:
+        assert env.step(1)[3]  # truncated at max_steps=2
+    env.close()
+
+
+def test_collect_writes_a_dataset_and_resumes(tmp_path):
+    config = CollectConfig(source=SourceConfig("carracing", max_steps=10), episodes=2, workers=1, seed=7)
+    dataset = collect(config, tmp_path / "data")
+    assert len(dataset) == 2
+    reopened = Dataset.open(tmp_path / "data")
+    assert reopened.manifest.source == "carracing"
+    assert reopened.frame_shape == (64, 64, 3)
+    assert isinstance(reopened.action_space, gym.spaces.Box) and reopened.action_space.shape == (3,)
+    assert [e.name for e in reopened.episodes] == ["000000", "000001"]
+    assert [e.seed for e in reopened.episodes] == [7, 8]
+    assert reopened.usable() == [0, 1]
+    for index, record in enumerate(reopened.episodes):
+        episode = reopened.load(index)
+        assert len(episode) == record.length == 10
+        assert episode.truncated[-1] and not episode.truncated[:-1].any()
+        assert episode.actions.dtype == np.float32 and episode.actions.shape == (10, 3)
+        assert record.ret == pytest.approx(float(episode.rewards.sum()), abs=1e-3)
+        assert record.kind in ("expert", "random")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "episodes").iterdir()}
+
+    more = collect(dataclasses.replace(config, episodes=3), tmp_path / "data")
+    assert len(more) == 3
+    assert [e.name for e in Dataset.open(tmp_path / "data").episodes] == ["000000", "000001", "000002"]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "episodes").iterdir()}
+    assert {k: after[k] for k in before} == before  # the first two episodes were not re-recorded
+    assert set(after) == {"000000", "000001", "000002"}
+
+
+def test_collect_twice_in_one_process_uses_each_config(tmp_path):
+    first = CollectConfig(source=SourceConfig("carracing", max_steps=3), episodes=1, workers=1)
+    second = CollectConfig(source=SourceConfig("carracing", max_steps=6), episodes=1, workers=1)
+    collect(first, tmp_path / "a")
+    dataset = collect(second, tmp_path / "b")
+    assert dataset.episodes[0].length == 6
+
+
+def test_collect_highway(tmp_path):
+    config = CollectConfig(source=SourceConfig("highway", max_steps=4), episodes=2, workers=1)
+    dataset = collect(config, tmp_path / "data")
+    assert dataset.frame_shape == (64, 64, 1)
+    assert dataset.action_space == gym.spaces.Discrete(5)
+    episode = dataset.load(0)
+    assert episode.frames.shape[1:] == (64, 64, 1)
+    assert episode.actions.dtype == np.int64
+    assert episode.frames.max() > 0
