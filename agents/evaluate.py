@@ -27,8 +27,8 @@ class EvalConfig:
     workers: int = 2
     max_steps: int | None = None
     """Cap on recorded steps per episode (None: the simulator's full episode); only for quick tests."""
-    deterministic: bool = False
-    """Act with the mean action instead of sampling (PPO optimises the sampling policy, so that is the default)."""
+    deterministic: bool = True
+    """Act with the mean (Gaussian) or most likely (categorical) action; False samples as in training."""
 
 
 class TokenPolicy:

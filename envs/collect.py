@@ -51,6 +51,7 @@ class _Driver:
         self.expert.reset()
         self.kind = "random" if self.rng.random() < config.random_fraction else "expert"
         self.held: np.ndarray | int | None = None
+        self.held_dims: np.ndarray | None = None
         self.hold_left = 0
 
     def act(self) -> np.ndarray | int:
@@ -59,9 +60,16 @@ class _Driver:
         if self.hold_left == 0 and self.rng.random() < self.config.perturb_prob:
             self.held = self.space.sample()
             self.hold_left = int(self.rng.integers(*self.config.perturb_steps, endpoint=True))
+            if isinstance(self.space, gym.spaces.Box):
+                # randomise a random subset of the action's parts (throttle alone, steering alone, ...), so the
+                # data shows each part's effect apart from the state the expert chose it in
+                self.held_dims = self.rng.random(self.space.shape) < 0.5
+                self.held_dims[self.rng.integers(self.space.shape[0])] = True
         if self.hold_left > 0:
             self.hold_left -= 1
-            self.expert.act(self.env)  # keep the expert's internal state in step with the simulator
+            action = self.expert.act(self.env)  # also keeps the expert's internal state in step with the simulator
+            if isinstance(self.space, gym.spaces.Box):
+                return np.where(self.held_dims, self.held, action).astype(np.float32)
             return self.held
         action = self.expert.act(self.env)
         if isinstance(self.space, gym.spaces.Discrete):
