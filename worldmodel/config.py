@@ -55,7 +55,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(value)
+    node[keys[-1]] = _numeric(yaml.safe_load(value))
+
+
+def _numeric(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: turn such strings into floats, leave the rest alone."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
@@ -98,10 +108,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
-        except ValueError:
-            pass
+        value = _numeric(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):

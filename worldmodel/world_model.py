@@ -71,7 +71,7 @@ class WorldModel:
 
     def action_tensor(self, actions: np.ndarray) -> torch.Tensor:
         dtype = torch.long if isinstance(self.action_space, gym.spaces.Discrete) else torch.float32
-        return torch.as_tensor(np.asarray(actions), dtype=dtype, device=self.device)
+        return torch.as_tensor(np.array(actions), dtype=dtype, device=self.device)  # a copy: inputs may be read-only
 
     @torch.no_grad()
     def imagine(
