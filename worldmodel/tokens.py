@@ -35,7 +35,8 @@ class TokenizedDataset:
 
     def select(self, episode_ids: list[int]) -> TokenizedDataset:
         """The subset of episodes whose source dataset indices are in `episode_ids`."""
-        keep = [i for i, e in enumerate(self.episode_ids) if int(e) in set(episode_ids)]
+        wanted = set(episode_ids)
+        keep = [i for i, e in enumerate(self.episode_ids) if int(e) in wanted]
         if not keep:
             raise DatasetError(f"none of episodes {episode_ids[:10]} are in the tokenized dataset")
         parts = {name: [] for name in ("tokens", "actions", "rewards", "terminated")}

@@ -57,7 +57,8 @@ class WorldModel:
                 raise CheckpointError(
                     f"{run_dir / 'tokens.npz'} was made by another tokenizer; delete it to re-tokenize"
                 )
-            train_ids = [int(e) for e in contexts.episode_ids if int(e) not in set(meta.get("val_episodes", []))]
+            held_out = set(meta.get("val_episodes", []))
+            train_ids = [int(e) for e in contexts.episode_ids if int(e) not in held_out]
             contexts = contexts.select(train_ids or [int(e) for e in contexts.episode_ids])
         return cls(tokenizer, dynamics, space_from_dict(meta["action_space"]), contexts, meta)
 
