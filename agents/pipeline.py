@@ -22,14 +22,14 @@ from worldmodel.logger import RunLogger
 from worldmodel.rollout import RolloutConfig, write_rollout
 from worldmodel.train import DYNAMICS, TOKENIZER, DynamicsStage, TokenizerStage, train_dynamics, train_tokenizer
 
-# the config section that decides each stage's output: changing it after the stage finished is refused
+# the config that decides each stage's output: changing it after the stage finished is refused
 STAGE_SECTIONS = {
-    "collect": "collect",
-    "tokenizer": "tokenizer",
-    "dynamics": "dynamics",
-    "policy": "ppo",
-    "evaluate": "eval",
-    "rollout": "rollout",
+    "collect": ("collect",),
+    "tokenizer": ("tokenizer", "run.val_fraction"),
+    "dynamics": ("dynamics", "run.val_fraction"),
+    "policy": ("ppo",),
+    "evaluate": ("eval",),
+    "rollout": ("rollout",),
 }
 
 
@@ -75,6 +75,12 @@ def load_pipeline_config(
     return from_dict(PipelineConfig, raw)
 
 
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree.get(key, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
 class Results:
     """`<run>/results.json`: each finished stage's figures, rewritten atomically after every stage."""
 
@@ -101,12 +107,13 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         previous = yaml.safe_load(config_path.read_text()) or {}
-        for stage_name, section in STAGE_SECTIONS.items():
-            if results.done(stage_name) and previous.get(section) != resolved[section]:
-                raise ConfigError(
-                    f"{run_dir}: stage {stage_name!r} finished with other `{section}` settings than "
-                    f"now (see {config_path}); choose a new run.name, or delete the run folder"
-                )
+        for stage_name, keys in STAGE_SECTIONS.items():
+            for key in keys:
+                if results.done(stage_name) and _lookup(previous, key) != _lookup(resolved, key):
+                    raise ConfigError(
+                        f"{run_dir}: stage {stage_name!r} finished with other `{key}` settings than "
+                        f"now (see {config_path}); choose a new run.name, or delete the run folder"
+                    )
     config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
     logger = RunLogger(run_dir, config.run.wandb, dataclasses.asdict(config))
     timings: dict[str, float] = dict(results.data.get("timings", {}))

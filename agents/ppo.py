@@ -18,6 +18,7 @@ from agents.policy import ActorCritic
 from envs.dream import DreamVectorEnv
 from worldmodel.checkpoint import save_checkpoint
 from worldmodel.logger import RunLogger
+from worldmodel.train import resolve_device
 from worldmodel.world_model import WorldModel
 
 POLICY = "policy"
@@ -36,7 +37,7 @@ class PPOConfig:
     """Imagined steps before a dream is truncated and restarted from real context."""
     burn_in: int = 4
     start_fraction: float = 0.25
-    """Fraction of dreams that start from an episode's first frames, where every real episode starts."""
+    """Fraction of dreams whose context is an episode's first frames (real episodes all start there)."""
     temperature: float = 0.0
     gamma: float = 0.97
     gae_lambda: float = 0.95
@@ -56,7 +57,7 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
     """Train a policy in the dream of the world model in `run_dir`; writes `<run>/policy.safetensors`."""
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
-    world = WorldModel.load(run_dir, device)
+    world = WorldModel.load(run_dir, resolve_device(device))
     envs = DreamVectorEnv(
         world,
         config.num_envs,
@@ -88,20 +89,23 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
     logs: dict[str, float] = {}
     progress = tqdm(range(iterations), desc="ppo (dream)", dynamic_ncols=True)
     for iteration in progress:
+        step_rewards = []
         for t in range(steps):
             with torch.no_grad():
                 action, logp, _, value = policy.act(obs)
             obs_buf[t], act_buf[t], logp_buf[t], val_buf[t] = obs, action, logp, value
-            next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-            reward = torch.as_tensor(reward, device=dev) * config.reward_scale
-            if truncated.any():
+            next_obs, env_reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            episode_returns += env_reward
+            step_rewards.append(float(env_reward.mean()))
+            reward = torch.as_tensor(env_reward, device=dev) * config.reward_scale
+            cut = truncated & ~terminated
+            if cut.any():
                 # bootstrap through time-limit truncation with the value of the observation before the reset
-                final = torch.as_tensor(info["final_obs"][truncated], device=dev)
+                final = torch.as_tensor(np.stack(info["final_obs"][cut]), device=dev)
                 with torch.no_grad():
-                    reward[torch.as_tensor(truncated, device=dev)] += config.gamma * policy.value(final)
+                    reward[torch.as_tensor(cut, device=dev)] += config.gamma * policy.value(final)
             rew_buf[t] = reward
             done_buf[t] = torch.as_tensor(terminated | truncated, device=dev, dtype=torch.float32)
-            episode_returns += reward.cpu().numpy() / config.reward_scale
             for i in np.flatnonzero(terminated | truncated):
                 finished.append(float(episode_returns[i]))
                 episode_returns[i] = 0
@@ -149,7 +153,7 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
         recent = finished[-100:]
         logs = {
             "dream_return": float(np.mean(recent)) if recent else float("nan"),
-            "reward_per_step": rew_buf.mean().item() / config.reward_scale,
+            "reward_per_step": float(np.mean(step_rewards)),
             "policy_loss": policy_loss.item(),
             "value_loss": value_loss.item(),
             "entropy": entropy.mean().item(),

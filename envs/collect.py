@@ -30,9 +30,6 @@ class CollectConfig:
     """Per-step chance that a perturbation starts: a random action held for a few steps (spins, leaving the road)."""
     perturb_steps: tuple[int, int] = (3, 12)
 
-    def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.episodes)]
-
 
 def episode_name(index: int) -> str:
     return f"{index:06d}"

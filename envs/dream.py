@@ -94,8 +94,9 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self._tokens = torch.zeros(num_envs, grid, grid, dtype=torch.long, device=device_)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
-        self._generator = torch.Generator(device=device_)
         self._np_random, _ = gym.utils.seeding.np_random(None)
+        self._generator = torch.Generator(device=device_)
+        self._generator.manual_seed(int(self._np_random.integers(2**63 - 1)))
 
     def _reset_rows(self, rows: np.ndarray) -> None:
         contexts = self.model.contexts
@@ -154,7 +155,10 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         done = np.flatnonzero(terminated | truncated)
         infos: dict[str, Any] = {}
         if len(done):
-            final_obs = self._observe()
+            observed = self._observe()
+            final_obs = np.empty(self.num_envs, dtype=object)  # Gymnasium 1.x: the final obs where done, else None
+            for row in done:
+                final_obs[row] = observed[row]
             self._reset_rows(done)
             infos = {"final_obs": final_obs, "_final_obs": terminated | truncated}
         return self._observe(), rewards, terminated, truncated, infos
@@ -180,6 +184,7 @@ class DreamEnv(gym.Env):
         device: str = "cpu",
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
+        start_fraction: float = 0.0,
     ):
         self._vector = DreamVectorEnv(
             checkpoint,
@@ -192,6 +197,7 @@ class DreamEnv(gym.Env):
             AutoresetMode.DISABLED,
             render_mode,
             max_episode_steps,
+            start_fraction,
         )
         self.observation_space = self._vector.single_observation_space
         self.action_space = self._vector.single_action_space

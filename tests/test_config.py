@@ -89,9 +89,9 @@ def test_unknown_preset_and_missing_file(tmp_path):
 
 def test_preset_from_custom_yaml(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump({"run": {"name": "mine", "seed": 3}, "ppo": {"num_envs": 4}}))
-    config = load_pipeline_config(str(path), ["run.seed=5"])
-    assert config.run.name == "mine" and config.run.seed == 5 and config.ppo.num_envs == 4
+    path.write_text(yaml.safe_dump({"run": {"name": "mine", "val_fraction": 0.2}, "ppo": {"num_envs": 4}}))
+    config = load_pipeline_config(str(path), ["run.val_fraction=0.25"])
+    assert config.run.name == "mine" and config.run.val_fraction == 0.25 and config.ppo.num_envs == 4
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):

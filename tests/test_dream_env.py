@@ -277,8 +277,10 @@ def self_check_same_step(world, obs_mode):
     obs, rewards, terminated, truncated, info = envs.step(actions)
     assert truncated.all() and (rewards != 0).all()
     assert "final_obs" in info and info["_final_obs"].all()
-    np.testing.assert_array_equal(info["final_obs"], predicted)
-    assert not np.array_equal(obs, info["final_obs"])  # obs is already the next episode's start
+    assert info["final_obs"].dtype == object and info["final_obs"].shape == (2,)  # Gymnasium 1.x layout
+    final = np.stack(info["final_obs"])
+    np.testing.assert_array_equal(final, predicted)
+    assert not np.array_equal(obs, final)  # obs is already the next episode's start
     # no pending reset: the following step is a real step
     _, rewards, _, truncated, info = envs.step(actions)
     assert (rewards != 0).all() and truncated.all()

@@ -126,7 +126,6 @@ class RunConfig:
     name: str = "tiny"
     """Run folder name under `runs_dir`."""
     runs_dir: str = "runs"
-    seed: int = 0
     device: str = "cpu"
     """cpu, cuda, or auto."""
     wandb: typing.Literal["disabled", "offline", "online"] = "disabled"

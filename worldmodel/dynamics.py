@@ -91,7 +91,7 @@ class KVCache:
         self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor], rows: torch.Tensor | None = None
     ) -> None:
         """Store one new block per row (each (b, H, K + 1, Dh)) and advance the rows' frame counters."""
-        if self.slots and self.config.context_frames > 1:
+        if self.slots:
             position = self.position if rows is None else self.position[rows]
             block = self.config.block_size
             slot = position % self.slots  # (b,)

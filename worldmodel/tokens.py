@@ -91,6 +91,8 @@ class TokenizedDataset:
                     **{k: v for k, v in vars(self).items() if k != "tokenizer_fingerprint"},
                     tokenizer_fingerprint=np.array(self.tokenizer_fingerprint),
                 )
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -112,6 +114,8 @@ def tokenize_dataset(
     dataset: Dataset, tokenizer: Tokenizer, fingerprint: str, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> TokenizedDataset:
     """Encode every usable episode of `dataset` with `tokenizer`."""
+    if tokenizer.config.codebook_size > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"codebook of {tokenizer.config.codebook_size} codes does not fit the int16 token cache")
     tokenizer.eval()
     indices = dataset.usable()
     tokens, actions, rewards, terminated = [], [], [], []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from worldmodel.checkpoint import CheckpointError, fingerprint, load_module, read_checkpoint
 from worldmodel.config import from_dict
@@ -131,9 +132,13 @@ def tokens_for_run(dataset_dir: str | Path, run_dir: str | Path, device: str = "
     current = fingerprint(tokenizer)
     path = run_dir / "tokens.npz"
     if path.is_file():
-        cached = TokenizedDataset.load(path)
-        if cached.tokenizer_fingerprint == current:
-            return cached
+        try:
+            cached = TokenizedDataset.load(path)
+        except DatasetError as err:
+            tqdm.write(f"re-tokenizing: {err}")
+        else:
+            if cached.tokenizer_fingerprint == current:
+                return cached
     tokenized = tokenize_dataset(Dataset.open(dataset_dir), tokenizer, current, device=resolve_device(device))
     tokenized.save(path)
     return tokenized

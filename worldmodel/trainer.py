@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from worldmodel.checkpoint import load_module, read_checkpoint, save_checkpoint
+from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 from worldmodel.logger import RunLogger
 
 
@@ -33,7 +35,7 @@ class TrainConfig:
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     tensors = {}
-    for index, state in enumerate(optimizer.state_dict()["state"].values()):
+    for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
     return tensors
@@ -71,8 +73,13 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = 0
     if last.with_suffix(".safetensors").is_file():
-        meta, _ = read_checkpoint(last, kind)
-        restored, _, state = load_module(last, kind, type(model), type(model.config))
+        restored, meta, state = load_module(last, kind, type(model), type(model.config))
+        stale = {k: v for k, v in (extra_meta or {}).items() if k.endswith("fingerprint") and meta.get(k) != v}
+        if stale or meta["config"] != json.loads(json.dumps(dataclasses.asdict(model.config))):
+            raise CheckpointError(
+                f"{last} was trained on other inputs or another config ({sorted(stale) or 'config'});"
+                f" delete it to start this stage afresh"
+            )
         model.load_state_dict(restored.state_dict())
         _restore_optimizer(optimizer, state)
         start = int(meta["step"])

@@ -59,7 +59,9 @@ class WorldModel:
                 )
             held_out = set(meta.get("val_episodes", []))
             train_ids = [int(e) for e in contexts.episode_ids if int(e) not in held_out]
-            contexts = contexts.select(train_ids or [int(e) for e in contexts.episode_ids])
+            if not train_ids:
+                raise CheckpointError(f"{run_dir / 'tokens.npz'} holds no training episodes to start dreams from")
+            contexts = contexts.select(train_ids)
         return cls(tokenizer, dynamics, space_from_dict(meta["action_space"]), contexts, meta)
 
     @property
