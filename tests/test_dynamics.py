@@ -32,6 +32,16 @@ def make_inputs(model: DynamicsModel, batch: int, steps: int, seed: int = 1):
     return tokens, actions
 
 
+def other_actions(actions: torch.Tensor, discrete: bool, steps: slice | int) -> torch.Tensor:
+    """A copy of `actions` with the given steps replaced by different valid actions."""
+    changed = actions.clone()
+    if discrete:
+        changed[:, steps] = (changed[:, steps] + 2) % 5
+    else:
+        changed[:, steps] = torch.tensor([1.0, -1.0, 0.5]) - changed[:, steps]
+    return changed
+
+
 def cached_rollout(model, tokens, actions, cache=None, rows=None):
     cache = cache if cache is not None else model.new_cache(tokens.shape[0])
     outs = [model(tokens[:, t : t + 1], actions[:, t : t + 1], cache, rows) for t in range(tokens.shape[1])]
@@ -79,12 +89,9 @@ def test_block_causal_mask_hides_the_future(discrete):
     tokens, actions = make_inputs(model, 2, 4)
     full = model(tokens, actions)
     t = 1
-    future_tokens, future_actions = tokens.clone(), actions.clone()
+    future_tokens = tokens.clone()
     future_tokens[:, t + 1 :] = (future_tokens[:, t + 1 :] + 5) % 12
-    if discrete:
-        future_actions[:, t + 1 :] = (future_actions[:, t + 1 :] + 1) % 5
-    else:
-        future_actions[:, t + 1 :] = -future_actions[:, t + 1 :] + 0.5
+    future_actions = other_actions(actions, discrete, slice(t + 1, None))
     changed = model(future_tokens, future_actions)
     torch.testing.assert_close(changed.logits[:, : t + 1], full.logits[:, : t + 1], atol=ATOL, rtol=0)
     torch.testing.assert_close(changed.reward[:, : t + 1], full.reward[:, : t + 1], atol=ATOL, rtol=0)
@@ -98,12 +105,7 @@ def test_action_of_frame_t_changes_its_predictions(discrete):
     tokens, actions = make_inputs(model, 2, 4)
     full = model(tokens, actions)
     t = 2
-    other_actions = actions.clone()
-    if discrete:
-        other_actions[:, t] = (other_actions[:, t] + 2) % 5
-    else:
-        other_actions[:, t] = torch.tensor([1.0, -1.0, 0.5]) - other_actions[:, t]
-    changed = model(tokens, other_actions)
+    changed = model(tokens, other_actions(actions, discrete, t))
     torch.testing.assert_close(changed.logits[:, :t], full.logits[:, :t], atol=ATOL, rtol=0)
     # the next-frame token logits (which see action t within the block) and the reward of step t change
     assert (changed.logits[:, t] - full.logits[:, t]).abs().max() > 1e-4
