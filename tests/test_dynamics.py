@@ -17,6 +17,7 @@ def make_model(discrete: bool = False, context: int = 3, layers: int = 2, seed: 
         d_model=32,
         layers=layers,
         heads=2,
+        reward_from="action",  # the reward head then shares the transformer, so the cache tests cover it too
     )
     return DynamicsModel(config).eval()
 
@@ -178,3 +179,28 @@ def test_config_validation():
         DynamicsModel(DynamicsConfig(d_model=30, heads=4))
     with pytest.raises(ValueError):
         DynamicsModel(DynamicsConfig(d_model=36, heads=4))  # odd head width cannot be rotated
+
+
+def test_transition_reward_reads_the_frames_not_the_action():
+    import dataclasses
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(make_model().config, reward_from="transition", tokens_per_frame=16)
+    model = DynamicsModel(config).eval()
+    assert model.reward_head is None
+    tokens, actions = make_inputs(model, 2, 4)
+    out = model(tokens[:, :-1], actions[:, :-1])
+    assert out.reward is None
+    reward = model.step_reward(out, tokens[:, :-1], tokens[:, 1:])
+    assert reward.shape == (2, 3)
+    other = model(tokens[:, :-1], other_actions(actions[:, :-1], False, slice(None)))
+    torch.testing.assert_close(model.step_reward(other, tokens[:, :-1], tokens[:, 1:]), reward)
+    # a different next frame does change it
+    shifted = model.step_reward(out, tokens[:, :-1], torch.roll(tokens[:, 1:], 1, dims=-1))
+    assert (shifted - reward).abs().max() > 1e-6
+    # and the loss trains it
+    model.train()
+    loss, logs = model.loss(tokens, actions[:, :-1], torch.randn(2, 3), torch.zeros(2, 3))
+    loss.backward()
+    assert model.transition_reward.embedding.weight.grad.abs().sum() > 0
+    assert logs["reward_mse"] > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ class DynamicsConfig:
     layers: int = 3
     heads: int = 4
     dropout: float = 0.0
+    action_every_layer: bool = True
+    """Also add a per-layer projection of the action to every position of its frame's block before each layer,
+    so the next-frame predictions are conditioned on the action directly, not only by attending to it."""
+    reward_from: Literal["action", "transition"] = "transition"
+    """Where the reward is read: at the action position (it sees the frames so far and the action), or by a
+    small convolutional head over the token grids of the frame and the next one, so that the reward can follow
+    only from what the transition shows. The second takes away a shortcut of confounded data: if the expert
+    steers one way more often while on the road, the action itself looks rewarding."""
     reward_weight: float = 1.0
     termination_weight: float = 0.1
 
@@ -64,10 +73,35 @@ class DynamicsConfig:
             )
 
 
+class TransitionReward(nn.Module):
+    """The reward of a step from the token grids of its frame and of the next frame."""
+
+    def __init__(self, config: DynamicsConfig, width: int = 48):
+        super().__init__()
+        self.side = config.grid_size
+        self.embedding = nn.Embedding(config.vocab_size, width)
+        reduced = (self.side + 1) // 2
+        self.net = nn.Sequential(
+            nn.Conv2d(2 * width, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(width * reduced * reduced, 1),
+        )
+
+    def forward(self, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """(..., K) tokens of a frame and of the next one -> (...) rewards."""
+        lead = tokens.shape[:-1]
+        pair = torch.cat([self.embedding(tokens), self.embedding(next_tokens)], dim=-1)  # (..., K, 2W)
+        grid = rearrange(pair.reshape(-1, *pair.shape[-2:]), "n (h w) c -> n c h w", h=self.side)
+        return self.net(grid).view(lead)
+
+
 @dataclass
 class DynamicsOutput:
     logits: torch.Tensor  # (B, T, K, V) next-frame token logits
-    reward: torch.Tensor  # (B, T)
+    reward: torch.Tensor | None  # (B, T); None when the reward is read from the transition (`step_reward`)
     termination_logit: torch.Tensor  # (B, T)
 
 
@@ -185,13 +219,19 @@ class DynamicsModel(nn.Module):
             self.action_embedding = nn.Linear(config.action_dim, d)
         self.slot_embedding = nn.Parameter(torch.randn(config.block_size, d) * 0.02)  # spatial position in a block
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.action_inject = (
+            nn.ModuleList(nn.Linear(d, d) for _ in range(config.layers)) if config.action_every_layer else None
+        )
         self.norm = nn.LayerNorm(d)
         self.token_head = nn.Linear(d, merged * config.vocab_size)
-        self.reward_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        by_action = config.reward_from == "action"
+        self.reward_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1)) if by_action else None
+        self.transition_reward = None if by_action else TransitionReward(config)
         self.termination_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
 
-    def embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """(B, T, K) tokens and (B, T, A) or (B, T) actions -> (B, T * (K / patch^2 + 1), D)."""
+    def embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, K) tokens and (B, T, A) or (B, T) actions -> the sequence (B, T * (K / patch^2 + 1), D) and the
+        action embeddings (B, T, D)."""
         p, side = self.config.patch, self.config.grid_size // self.config.patch
         frames = self.token_embedding(tokens)  # (B, T, K, D)
         frames = rearrange(frames, "b t (h p1 w p2) d -> b t (h w) (p1 p2 d)", p1=p, p2=p, h=side)
@@ -201,7 +241,7 @@ class DynamicsModel(nn.Module):
         else:
             acts = self.action_embedding(actions.to(frames.dtype))
         x = torch.cat([frames, acts.unsqueeze(2)], dim=2) + self.slot_embedding  # (B, T, K + 1, D)
-        return rearrange(x, "b t k d -> b (t k) d")
+        return rearrange(x, "b t k d -> b (t k) d"), acts
 
     def block_causal_mask(self, frames: int, device: torch.device) -> torch.Tensor:
         """(T * (K + 1), T * (K + 1)) bool: True where attention is allowed (same or earlier frame, in context)."""
@@ -224,7 +264,7 @@ class DynamicsModel(nn.Module):
         """
         config = self.config
         batch, steps = tokens.shape[:2]
-        x = self.embed(tokens, actions)
+        x, acts = self.embed(tokens, actions)
         device = x.device
         if cache is None:
             positions = torch.arange(steps, device=device).repeat_interleave(config.block_size)
@@ -250,7 +290,9 @@ class DynamicsModel(nn.Module):
             mask = key_mask[:, None, None, :]  # (b, 1, 1, S * (K + 1) + K + 1)
             past = [(pick(cache.keys[i]), pick(cache.values[i])) for i in range(config.layers)]
         new_keys, new_values = [], []
-        for block, layer_past in zip(self.blocks, past, strict=True):
+        for layer, (block, layer_past) in enumerate(zip(self.blocks, past, strict=True)):
+            if self.action_inject is not None:
+                x = x + self.action_inject[layer](acts).repeat_interleave(config.block_size, dim=1)
             x, k, v = block(x, positions, mask, layer_past)
             new_keys.append(k)
             new_values.append(v)
@@ -263,9 +305,16 @@ class DynamicsModel(nn.Module):
         )
         return DynamicsOutput(
             logits=logits,
-            reward=self.reward_head(x[:, :, -1]).squeeze(-1),
+            reward=self.reward_head(x[:, :, -1]).squeeze(-1) if self.reward_head is not None else None,
             termination_logit=self.termination_head(x[:, :, -1]).squeeze(-1),
         )
+
+    def step_reward(self, out: DynamicsOutput, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) rewards of steps from `tokens` to `next_tokens` ((B, T, K) each; `out` is the forward pass that
+        took them): read at the action position, or from the token pair (see `DynamicsConfig.reward_from`)."""
+        if self.transition_reward is None:
+            return out.reward
+        return self.transition_reward(tokens, next_tokens)
 
     def new_cache(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -280,7 +329,7 @@ class DynamicsModel(nn.Module):
         out = self(tokens[:, :-1], actions)
         target = tokens[:, 1:]
         token_loss = F.cross_entropy(rearrange(out.logits, "b t k v -> (b t k) v").float(), target.reshape(-1))
-        reward_loss = F.mse_loss(out.reward.float(), rewards.float())
+        reward_loss = F.mse_loss(self.step_reward(out, tokens[:, :-1], target).float(), rewards.float())
         termination_loss = F.binary_cross_entropy_with_logits(out.termination_logit.float(), terminated.float())
         loss = token_loss + self.config.reward_weight * reward_loss + self.config.termination_weight * termination_loss
         with torch.no_grad():

@@ -190,7 +190,8 @@ def train_dynamics(
         for batch in val_batches:
             _, logs = m.forward_batch(batch)
             out = m(batch["tokens"][:, :-1], batch["actions"])
-            logs["reward_mae"] = (out.reward - batch["rewards"]).abs().mean().item()
+            reward = m.step_reward(out, batch["tokens"][:, :-1], batch["tokens"][:, 1:])
+            logs["reward_mae"] = (reward - batch["rewards"]).abs().mean().item()
             for k, v in logs.items():
                 totals[k] = totals.get(k, 0.0) + v / len(val_batches)
         return totals

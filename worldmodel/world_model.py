@@ -94,7 +94,8 @@ class WorldModel:
         else:
             probs = torch.softmax(logits / temperature, dim=-1)
             next_tokens = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
-        return StepPrediction(next_tokens.view(tokens.shape), out.reward[:, 0].float(), out.termination_logit[:, 0] > 0)
+        reward = self.dynamics.step_reward(out, tokens.flatten(1)[:, None], next_tokens[:, None])[:, 0]
+        return StepPrediction(next_tokens.view(tokens.shape), reward.float(), out.termination_logit[:, 0] > 0)
 
     @torch.no_grad()
     def burn_in(self, cache: KVCache, tokens: torch.Tensor, actions: torch.Tensor, rows: torch.Tensor) -> None:
