@@ -29,6 +29,9 @@ class CollectConfig:
     perturb_prob: float = 0.03
     """Per-step chance that a perturbation starts: a random action held for a few steps (spins, leaving the road)."""
     perturb_steps: tuple[int, int] = (3, 12)
+    start_perturb_prob: float = 0.0
+    """Chance that an expert episode opens with a perturbation, so the data also shows the car at a standstill
+    under other actions than the expert's first ones (idling, braking, steering in place)."""
 
 
 def episode_name(index: int) -> str:
@@ -50,18 +53,23 @@ class _Driver:
         self.held: np.ndarray | int | None = None
         self.held_dims: np.ndarray | None = None
         self.hold_left = 0
+        if self.kind == "expert" and self.rng.random() < config.start_perturb_prob:
+            self._perturb()
+
+    def _perturb(self) -> None:
+        self.held = self.space.sample()
+        self.hold_left = int(self.rng.integers(*self.config.perturb_steps, endpoint=True))
+        if isinstance(self.space, gym.spaces.Box):
+            # randomise a random subset of the action's parts (throttle alone, steering alone, ...), so the
+            # data shows each part's effect apart from the state the expert chose it in
+            self.held_dims = self.rng.random(self.space.shape) < 0.5
+            self.held_dims[self.rng.integers(self.space.shape[0])] = True
 
     def act(self) -> np.ndarray | int:
         if self.kind == "random":
             return self.space.sample()
         if self.hold_left == 0 and self.rng.random() < self.config.perturb_prob:
-            self.held = self.space.sample()
-            self.hold_left = int(self.rng.integers(*self.config.perturb_steps, endpoint=True))
-            if isinstance(self.space, gym.spaces.Box):
-                # randomise a random subset of the action's parts (throttle alone, steering alone, ...), so the
-                # data shows each part's effect apart from the state the expert chose it in
-                self.held_dims = self.rng.random(self.space.shape) < 0.5
-                self.held_dims[self.rng.integers(self.space.shape[0])] = True
+            self._perturb()
         if self.hold_left > 0:
             self.hold_left -= 1
             action = self.expert.act(self.env)  # also keeps the expert's internal state in step with the simulator

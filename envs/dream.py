@@ -99,14 +99,19 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self._generator.manual_seed(int(self._np_random.integers(2**63 - 1)))
 
     def _reset_rows(self, rows: np.ndarray) -> None:
-        contexts = self.model.contexts
-        window = contexts.sample(self.burn_in - 1, len(rows), self.np_random, self.start_fraction)
-        device = self.model.device
-        rows_t = torch.as_tensor(rows, device=device)
-        tokens = torch.as_tensor(window["tokens"], device=device)  # (b, burn_in, h, w)
-        actions = self.model.action_tensor(window["actions"])  # (b, burn_in - 1, ...)
-        self.model.burn_in(self._cache, tokens, actions, rows_t)
-        self._tokens[rows_t] = tokens[:, -1]
+        # a `start_fraction` of the dreams begin at an episode's first frame with the policy in control from its
+        # first step, as in the real simulator; the others get `burn_in` real frames from anywhere
+        at_start = self.np_random.random(len(rows)) < self.start_fraction
+        for group, frames, start_fraction in ((rows[at_start], 1, 1.0), (rows[~at_start], self.burn_in, 0.0)):
+            if len(group) == 0:
+                continue
+            window = self.model.contexts.sample(frames - 1, len(group), self.np_random, start_fraction)
+            device = self.model.device
+            rows_t = torch.as_tensor(group, device=device)
+            tokens = torch.as_tensor(window["tokens"], device=device)  # (b, frames, h, w)
+            actions = self.model.action_tensor(window["actions"])  # (b, frames - 1, ...)
+            self.model.burn_in(self._cache, tokens, actions, rows_t)
+            self._tokens[rows_t] = tokens[:, -1]
         self._steps[rows] = 0
         self._needs_reset[rows] = False
 

@@ -382,3 +382,15 @@ def test_bad_discrete_single_actions(discrete_world, action):
     env.reset(seed=0)
     with pytest.raises(ValueError, match="integer action"):
         env.step(action)
+
+
+def test_dreams_from_episode_starts_begin_at_the_first_frame_with_no_context(never_ends):
+    world = never_ends
+    first_frames = {world.contexts.tokens[o].astype(np.int64).tobytes() for o in world.contexts.frame_offsets[:-1]}
+    env = DreamVectorEnv(world, num_envs=6, burn_in=3, horizon=4, start_fraction=1.0)
+    obs, _ = env.reset(seed=3)
+    assert all(grid.astype(np.int64).tobytes() in first_frames for grid in obs)
+    assert not env._cache.valid.any()  # the policy acts from the first frame on, as in the real simulator
+    mid = DreamVectorEnv(world, num_envs=6, burn_in=3, horizon=4, start_fraction=0.0)
+    mid.reset(seed=3)
+    assert mid._cache.valid.sum(1).tolist() == [2] * 6  # burn_in - 1 real steps of context per dream

@@ -138,3 +138,16 @@ def test_collect_highway(tmp_path):
     assert episode.frames.shape[1:] == (64, 64, 1)
     assert episode.actions.dtype == np.int64
     assert episode.frames.max() > 0
+
+
+def test_start_perturbations_open_expert_episodes_with_a_held_action():
+    class Stub:  # the driver reads only the action space before its first step
+        action_space = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
+
+    always = CollectConfig(random_fraction=0.0, start_perturb_prob=1.0, perturb_steps=(3, 5))
+    never = dataclasses.replace(always, start_perturb_prob=0.0, perturb_prob=0.0)
+    for seed in range(5):
+        driver = collect_module._Driver(always, Stub(), seed)
+        assert driver.kind == "expert" and 3 <= driver.hold_left <= 5
+        assert driver.held_dims is not None and driver.held_dims.any()
+        assert collect_module._Driver(never, Stub(), seed).hold_left == 0

@@ -104,3 +104,22 @@ def test_psnr_and_ssim():
     y[1] = (x[1] + 0.1).clamp(0, 1)
     expected = (psnr(x[:1], y[:1]) + psnr(x[1:], y[1:])) / 2
     assert psnr(x, y).item() == pytest.approx(expected.item())
+
+
+def test_bottom_rows_weight_the_gauge_strip():
+    torch.manual_seed(0)
+    plain = Tokenizer(TokenizerConfig(image_size=16, channels=3, widths=(8, 16), levels=(4, 3)))
+    weighted = Tokenizer(
+        TokenizerConfig(image_size=16, channels=3, widths=(8, 16), levels=(4, 3), bottom_rows=0.25, bottom_weight=5.0)
+    )
+    weighted.load_state_dict(plain.state_dict())
+    frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    _, plain_logs = plain(frames)
+    loss, logs = weighted(frames)
+    assert logs["l1"] == pytest.approx(plain_logs["l1"])  # the logged error is the plain one
+    # the 4 bottom rows count 5 times: the loss grows by 4 x their share of the mean error
+    recon = plain.decode_codes(plain.encode(frames).z_quantized)
+    error = (recon - frames.permute(0, 3, 1, 2).float() / 255).abs()
+    extra = 4 * error[..., -4:, :].sum() / error.numel()
+    plain_loss, _ = plain(frames)
+    assert loss.item() == pytest.approx(plain_loss.item() + extra.item(), rel=1e-4)

@@ -24,6 +24,10 @@ class TokenizerConfig:
     levels: tuple[int, ...] = (8, 6, 5)
     """FSQ levels per latent channel; the codebook has prod(levels) codes."""
     ssim_weight: float = 0.1
+    bottom_rows: float = 0.0
+    """Fraction of the frame's rows, from the bottom, whose pixel error is weighted by `bottom_weight`: CarRacing
+    draws its speed, steering and gyro gauges in the bottom eighth, a few pixels that carry the car's state."""
+    bottom_weight: float = 1.0
     latent_penalty: float = 0.01
     """Weight of a penalty on |z| > 2 before the FSQ bound, which keeps tanh out of saturation."""
 
@@ -181,10 +185,15 @@ class Tokenizer(nn.Module):
         out = self.encode(frames)
         target = frames_to_float(frames)
         recon = self.decode_codes(out.z_quantized)
-        l1 = (recon - target).abs().mean()
+        error = (recon - target).abs()
+        l1 = error.mean()
+        weighted = l1
+        rows = round(self.config.bottom_rows * target.shape[-2])
+        if rows and self.config.bottom_weight != 1.0:
+            weighted = l1 + (self.config.bottom_weight - 1) * error[..., -rows:, :].sum() / error.numel()
         structural = 1 - ssim(recon.clamp(0, 1), target)
         overflow = F.relu(out.z.abs() - 2).pow(2).mean()
-        loss = l1 + self.config.ssim_weight * structural + self.config.latent_penalty * overflow
+        loss = weighted + self.config.ssim_weight * structural + self.config.latent_penalty * overflow
         with torch.no_grad():
             used = torch.unique(out.tokens).numel()
             logs = {
