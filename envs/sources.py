@@ -68,8 +68,8 @@ class DrivingFrames(gym.Wrapper):
     def _physics_only(self) -> Iterator[None]:
         """Skip CarRacing's frame rendering (99% of a step's cost) for steps whose frame nobody sees."""
         unwrapped = self.env.unwrapped
-        if self.config.name != "carracing" or not hasattr(unwrapped, "_render"):
-            yield
+        if self.config.name != "carracing" or not hasattr(unwrapped, "_render") or "_render" in vars(unwrapped):
+            yield  # not CarRacing, or already skipping (nested)
             return
         unwrapped._render = lambda *args, **kwargs: None
         try:
@@ -107,6 +107,21 @@ class DrivingFrames(gym.Wrapper):
         if self.config.max_steps is not None and self._steps >= self.config.max_steps:
             truncated = True
         return self._frame(obs), total, bool(terminated), bool(truncated), info
+
+    def replay(self, seed: int, actions: np.ndarray) -> np.ndarray:
+        """Restore the state reached by `actions` after `reset(seed=seed)` and return its frame.
+
+        Only the last frame is drawn, so restoring a recorded state costs little more than its physics.
+        """
+        obs, _ = self.reset(seed=seed)
+        if len(actions) == 0:
+            return obs
+        with self._physics_only():
+            for action in actions[:-1]:
+                for _ in range(self.config.repeat):
+                    self.env.step(action)
+        self._steps = len(actions) - 1
+        return self.step(actions[-1])[0]
 
 
 def make_source_env(config: SourceConfig, render_mode: str | None = None) -> DrivingFrames:

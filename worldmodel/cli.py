@@ -95,6 +95,19 @@ def cmd_rollout(args: argparse.Namespace) -> None:
     print(json.dumps(write_rollout(config.run_dir, data, config.rollout, args.out), indent=2))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from bench.dynamics import DynamicsBenchConfig, bench_dynamics
+    from bench.faithfulness import ProbeConfig
+
+    config = DynamicsBenchConfig(
+        episodes=args.episodes,
+        temperature=args.temperature,
+        faithfulness=ProbeConfig(states=args.states, temperature=args.temperature),
+    )
+    figures = bench_dynamics(args.run, args.data, config, args.json, args.plot)
+    print(json.dumps(figures, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldmodel", description="Driving world model: collect, train, dream, evaluate."
@@ -126,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--data", default=None, help="dataset folder (default: runs/<name>/dataset)")
     rollout.add_argument("--out", default=None, help="output path without suffix (default: runs/<name>/rollout)")
     rollout.set_defaults(func=cmd_rollout)
+
+    bench = commands.add_parser("bench", help="measure a trained run against its references")
+    bench.add_argument("target", choices=["dynamics"])
+    bench.add_argument("--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`")
+    bench.add_argument("--data", default=None, help="dataset folder (default: RUN/dataset)")
+    bench.add_argument("--json", default=None, help="write the figures to this JSON file")
+    bench.add_argument("--plot", default=None, help="write the PSNR-by-horizon plot to this PNG file")
+    bench.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
+    bench.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
+    bench.add_argument("--temperature", type=float, default=0.0, help="dream sampling temperature (0: greedy)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Measurements of the world model against its references: fidelity, action faithfulness, speed."""

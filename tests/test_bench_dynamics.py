@@ -1,0 +1,51 @@
+import json
+
+import numpy as np
+import pytest
+
+from bench.dynamics import DynamicsBenchConfig, bench_dynamics, frame_psnr
+from worldmodel.cli import main
+
+
+def test_frame_psnr_per_frame():
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[1] = 255
+    psnr = frame_psnr(a, b)
+    assert psnr[0] == pytest.approx(100.0)  # identical frames hit the 1e-10 MSE floor
+    assert psnr[1] == pytest.approx(0.0)
+
+
+def test_bench_dynamics_writes_the_figures(box_run, box_data, tmp_path):
+    out, plot = tmp_path / "bench.json", tmp_path / "psnr.png"
+    figures = bench_dynamics(box_run, box_data, DynamicsBenchConfig(horizons=(1, 4, 16)), out, plot)
+    written = json.loads(out.read_text())
+    assert plot.stat().st_size > 0
+    for key in (
+        "token_accuracy",
+        "token_cross_entropy",
+        "reward_mae",
+        "termination_precision",
+        "termination_recall",
+        "psnr_by_horizon",
+        "action_faithfulness",
+    ):
+        assert key in written
+    assert 0 <= written["token_accuracy"] <= 1
+    psnr = written["psnr_by_horizon"]
+    assert set(psnr) == {"model", "copy_last", "tokenizer"}
+    # the synthetic episodes have 12 steps and the dream 2 context frames: horizon 16 does not fit
+    assert psnr["model"]["1"] is not None and psnr["model"]["16"] is None
+    assert written["rollouts_by_horizon"]["16"] == 0 and written["rollouts_by_horizon"]["1"] > 0
+    # the tokenizer row re-encodes the real frame: it is the same figure whatever the dream did
+    assert figures["psnr_by_horizon"]["tokenizer"]["1"] > 0
+    assert "skipped" in written["action_faithfulness"]  # synthetic data: no simulator to restore states in
+    # the held-out episode (the 4th of 4) ends terminated, and the windows cover every one of its steps
+    assert written["terminations"] == 1 and written["windows"] == 4
+
+
+def test_bench_command_reports_a_run_without_held_out_episodes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "dynamics", "--run", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "not a run folder" in capsys.readouterr().err
