@@ -169,6 +169,8 @@ def plot_psnr(figures: dict[str, Any], path: Path) -> None:
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=name.replace("_", "-"))
     ax.set_xscale("log", base=2)
+    horizons = sorted({int(h) for by_h in figures["psnr_by_horizon"].values() for h in by_h})
+    ax.set_xticks(horizons, [str(h) for h in horizons])
     ax.set_xlabel("horizon (steps, real actions)")
     ax.set_ylabel("PSNR vs real frame (dB)")
     ax.set_title("open-loop dream on held-out episodes")

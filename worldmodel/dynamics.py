@@ -4,7 +4,8 @@ plus the reward and whether the episode terminates.
 The sequence is one block of K + 1 positions per frame: the frame's K tokens, then the action taken after it.
 Attention is block-causal: a position sees every position of its own frame's block and of earlier blocks,
 so the outputs at frame t's token positions (which see action t) predict the tokens of frame t + 1, and the
-output at the action position predicts the reward and termination of that step. Time enters through rotary
+output at the action position predicts termination (and the reward, with `reward_from="action"`; by default
+a small head reads the reward from the token grids of frame t and t + 1). Time enters through rotary
 embeddings over the frame index, so a sliding key/value cache stays valid as old frames drop out.
 """
 
