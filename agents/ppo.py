@@ -37,7 +37,8 @@ class PPOConfig:
     """Imagined steps before a dream is truncated and restarted from real context."""
     burn_in: int = 4
     start_fraction: float = 0.25
-    """Fraction of dreams whose context is an episode's first frames (real episodes all start there)."""
+    """Fraction of dreams that begin at an episode's first frame with no context, the policy in control from the
+    first step (real episodes all start there, standing still)."""
     temperature: float = 0.0
     gamma: float = 0.97
     gae_lambda: float = 0.95

@@ -24,6 +24,7 @@ from einops import rearrange
 
 from bench.faithfulness import ProbeConfig, ProbeUnavailable, action_faithfulness
 from worldmodel.dataset import Dataset, DatasetError, write_json_atomic
+from worldmodel.tokenizer import frames_to_float, image_psnr
 from worldmodel.tokens import TokenizedDataset
 from worldmodel.world_model import WorldModel
 
@@ -40,8 +41,7 @@ class DynamicsBenchConfig:
 
 def frame_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-frame PSNR in dB of (N, H, W, C) uint8 frames."""
-    mse = ((a.astype(np.float32) - b.astype(np.float32)) / 255) ** 2
-    return -10 * np.log10(np.maximum(mse.reshape(len(mse), -1).mean(1), 1e-10))
+    return image_psnr(frames_to_float(torch.from_numpy(a)), frames_to_float(torch.from_numpy(b))).numpy()
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:

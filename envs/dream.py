@@ -102,11 +102,11 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         # a `start_fraction` of the dreams begin at an episode's first frame with the policy in control from its
         # first step, as in the real simulator; the others get `burn_in` real frames from anywhere
         at_start = self.np_random.random(len(rows)) < self.start_fraction
+        device = self.model.device
         for group, frames, start_fraction in ((rows[at_start], 1, 1.0), (rows[~at_start], self.burn_in, 0.0)):
             if len(group) == 0:
                 continue
             window = self.model.contexts.sample(frames - 1, len(group), self.np_random, start_fraction)
-            device = self.model.device
             rows_t = torch.as_tensor(group, device=device)
             tokens = torch.as_tensor(window["tokens"], device=device)  # (b, frames, h, w)
             actions = self.model.action_tensor(window["actions"])  # (b, frames - 1, ...)

@@ -293,7 +293,11 @@ class DynamicsModel(nn.Module):
         new_keys, new_values = [], []
         for layer, (block, layer_past) in enumerate(zip(self.blocks, past, strict=True)):
             if self.action_inject is not None:
-                x = x + self.action_inject[layer](acts).repeat_interleave(config.block_size, dim=1)
+                injected = (
+                    rearrange(x, "b (t k) d -> b t k d", k=config.block_size)
+                    + self.action_inject[layer](acts)[:, :, None]
+                )
+                x = rearrange(injected, "b t k d -> b (t k) d")
             x, k, v = block(x, positions, mask, layer_past)
             new_keys.append(k)
             new_values.append(v)

@@ -127,10 +127,15 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
     return score.mean()
 
 
+def image_psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) peak signal-to-noise ratio in dB of each pair of images in [0, 1]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB of images in [0, 1], averaged over the batch (per-image MSE)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (-10 * torch.log10(mse)).mean()
+    return image_psnr(x, y).mean()
 
 
 def frames_to_float(frames: torch.Tensor) -> torch.Tensor:
