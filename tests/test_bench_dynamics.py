@@ -37,11 +37,13 @@ def test_bench_dynamics_writes_the_figures(box_run, box_data, tmp_path):
     # the synthetic episodes have 12 steps and the dream 2 context frames: horizon 16 does not fit
     assert psnr["model"]["1"] is not None and psnr["model"]["16"] is None
     assert written["rollouts_by_horizon"]["16"] == 0 and written["rollouts_by_horizon"]["1"] > 0
-    # the baselines never look at the dream: a sampled dream changes the model's row, not theirs
+    # the baselines never look at the dream: a sampled dream changes the model's row, not theirs. Token
+    # agreement over the few tokens of these frames is too coarse to tell two dreams apart (CI once saw
+    # 0.125 both times), so the model's PSNR, a continuous figure of the decoded frames, is compared.
     sampled = bench_dynamics(box_run, box_data, DynamicsBenchConfig(horizons=(1, 4, 16), temperature=5.0))
     for baseline in ("copy_last", "tokenizer"):
         assert sampled["psnr_by_horizon"][baseline] == figures["psnr_by_horizon"][baseline]
-    assert sampled["token_agreement_by_horizon"]["model"] != figures["token_agreement_by_horizon"]["model"]
+    assert sampled["psnr_by_horizon"]["model"]["1"] != figures["psnr_by_horizon"]["model"]["1"]
     assert "skipped" in written["action_faithfulness"]  # synthetic data: no simulator to restore states in
     # the held-out episode (the 4th of 4) ends terminated, and the windows cover every one of its steps
     assert written["terminations"] == 1 and written["windows"] == 4
