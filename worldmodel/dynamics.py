@@ -45,6 +45,8 @@ class DynamicsConfig:
     small convolutional head over the token grids of the frame and the next one, so that the reward can follow
     only from what the transition shows. The second takes away a shortcut of confounded data: if the expert
     steers one way more often while on the road, the action itself looks rewarding."""
+    reward_width: int = 48
+    """Channels of the transition reward head's token embedding and convolutions."""
     reward_weight: float = 1.0
     termination_weight: float = 0.1
 
@@ -77,8 +79,9 @@ class DynamicsConfig:
 class TransitionReward(nn.Module):
     """The reward of a step from the token grids of its frame and of the next frame."""
 
-    def __init__(self, config: DynamicsConfig, width: int = 48):
+    def __init__(self, config: DynamicsConfig):
         super().__init__()
+        width = config.reward_width
         self.side = config.grid_size
         self.embedding = nn.Embedding(config.vocab_size, width)
         reduced = (self.side + 1) // 2

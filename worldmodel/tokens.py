@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -59,6 +60,27 @@ class TokenizedDataset:
             episode_ids=self.episode_ids[keep],
             tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
+
+    def smoothed_rewards(self, steps: int) -> TokenizedDataset:
+        """A copy whose rewards are each episode's centred moving average over `steps` steps (odd; 1: unchanged).
+
+        A training target, not a measurement: where the reward arrives in near-random bursts (CarRacing pays for
+        each new tile at the step the car happens to cross it), the average moves reward by at most `steps // 2`
+        steps and takes away noise that a reward head would otherwise memorise. At an episode's ends it averages
+        over the steps that exist, so a constant reward stays exactly that constant.
+        """
+        if steps < 1 or steps % 2 == 0:
+            raise ValueError(f"reward smoothing takes an odd number of steps >= 1, got {steps}")
+        if steps == 1:
+            return self
+        half = steps // 2
+        rewards = self.rewards.astype(np.float64)
+        for s0, s1 in zip(self.step_offsets[:-1], self.step_offsets[1:], strict=True):
+            cumulative = np.concatenate([[0.0], np.cumsum(rewards[s0:s1])])
+            index = np.arange(s1 - s0)
+            lo, hi = np.maximum(index - half, 0), np.minimum(index + half + 1, s1 - s0)
+            rewards[s0:s1] = (cumulative[hi] - cumulative[lo]) / (hi - lo)
+        return dataclasses.replace(self, rewards=rewards.astype(np.float32))
 
     def sample(
         self, window: int, batch_size: int, rng: np.random.Generator, start_fraction: float = 0.0

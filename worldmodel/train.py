@@ -35,6 +35,9 @@ class DynamicsStage:
     model: DynamicsConfig = field(default_factory=DynamicsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     val_batches: int = 8
+    reward_smoothing: int = 1
+    """Train the reward on each episode's centred moving average over this many steps (odd; 1: the raw reward);
+    validation always scores the raw reward. See `TokenizedDataset.smoothed_rewards`."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,7 +169,7 @@ def train_dynamics(
     tokenizer_config = from_dict(TokenizerConfig, tokenizer_meta["config"])
     tokenized = tokens_for_run(dataset_dir, run_dir, device)
     train_ids, val_ids = dataset.split(val_fraction)
-    train_set, val_set = tokenized.select(train_ids), tokenized.select(val_ids)
+    train_set, val_set = tokenized.select(train_ids).smoothed_rewards(stage.reward_smoothing), tokenized.select(val_ids)
     space = dataset.action_space
     discrete = space.shape == ()
     config = dataclasses.replace(

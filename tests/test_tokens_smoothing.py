@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from worldmodel.tokens import TokenizedDataset
+
+
+def _tokenized(rewards_per_episode: list[list[float]]) -> TokenizedDataset:
+    lengths = [len(r) for r in rewards_per_episode]
+    steps = int(sum(lengths))
+    return TokenizedDataset(
+        tokens=np.zeros((steps + len(lengths), 2, 2), np.int16),
+        actions=np.zeros((steps, 3), np.float32),
+        rewards=np.concatenate([np.asarray(r, np.float32) for r in rewards_per_episode]),
+        terminated=np.zeros(steps, bool),
+        frame_offsets=np.cumsum([0] + [n + 1 for n in lengths]),
+        step_offsets=np.cumsum([0] + lengths),
+        episode_ids=np.arange(len(lengths)),
+        tokenizer_fingerprint="test",
+    )
+
+
+def test_smoothing_averages_within_each_episode_only():
+    data = _tokenized([[0, 0, 3, 0, 0, 0], [-1, -1], [9]])
+    smoothed = data.smoothed_rewards(3)
+    # a burst is spread over its neighbours; the ends average over the steps that exist
+    np.testing.assert_allclose(smoothed.rewards[:6], [0, 1, 1, 1, 0, 0], atol=1e-6)
+    # a constant episode stays constant, and nothing leaks across the episode boundaries
+    np.testing.assert_allclose(smoothed.rewards[6:8], [-1, -1])
+    np.testing.assert_allclose(smoothed.rewards[8:], [9])
+    np.testing.assert_array_equal(data.rewards[:6], [0, 0, 3, 0, 0, 0])  # the original is left alone
+
+
+def test_smoothing_keeps_the_mean_of_a_long_episode_and_lowers_its_variance():
+    rng = np.random.default_rng(0)
+    bursts = np.where(rng.random(2000) < 0.2, 3.0, -0.4)
+    data = _tokenized([bursts.tolist()])
+    smoothed = data.smoothed_rewards(5).rewards
+    assert abs(smoothed.mean() - bursts.mean()) < 0.01
+    assert smoothed.var() < 0.4 * bursts.var()
+
+
+def test_smoothing_of_one_step_is_the_identity_and_even_windows_are_refused():
+    data = _tokenized([[1, 2, 3]])
+    assert data.smoothed_rewards(1) is data
+    with pytest.raises(ValueError, match="odd number"):
+        data.smoothed_rewards(4)
