@@ -3,8 +3,10 @@ forward pass; `DreamEnv` is the single-environment view of it.
 
 Each dream starts from real context frames sampled from the run's dataset (its first frames and actions are
 fed to the model, the last frame is the first observation). `step` predicts the next frame's tokens, the
-reward and termination; dreams are truncated at `horizon` steps. Actions outside a Box's bounds are clipped
-(as the real simulators do); actions of the wrong shape or dtype, or NaN/inf, raise ValueError.
+reward and termination; dreams are truncated at `horizon` steps. `reset(options={"frames": ..., "actions": ...})`
+starts from the caller's own real frames instead (see `DreamVectorEnv._reset_from_context`). Actions outside a
+Box's bounds are clipped (as the real simulators do); actions of the wrong shape or dtype, or NaN/inf, and
+context frames of the wrong size raise ValueError.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from worldmodel.world_model import WorldModel
+from worldmodel.world_model import WorldModel, sample_tokens
 
 ObsMode = Literal["tokens", "pixels"]
 
@@ -60,6 +62,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
         start_fraction: float = 0.0,
+        top_k: int | None = None,
     ):
         model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
         if model.contexts is None:
@@ -73,7 +76,9 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.obs_mode = obs_mode
         self.horizon = max_episode_steps or horizon
         self.burn_in = burn_in
+        sample_tokens(torch.zeros(1, 2), temperature, top_k)  # refuses a bad temperature or top_k now, not mid-step
         self.temperature = temperature
+        self.top_k = top_k
         self.start_fraction = start_fraction
         self.render_mode = render_mode
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -115,6 +120,47 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self._steps[rows] = 0
         self._needs_reset[rows] = False
 
+    def _reset_from_context(self, options: dict[str, Any]) -> None:
+        """Start every dream from the caller's real frames: `options["frames"]` is (C, H, W, ch) uint8 (the same
+        context for every env) or (num_envs, C, H, W, ch), and `options["actions"]` the C - 1 actions taken
+        between them ((C - 1, ...) or (num_envs, C - 1, ...)); C may be 1 to the model's context length."""
+        tokenizer, limit = self.model.tokenizer.config, self.model.dynamics.config.context_frames
+        frame = (tokenizer.image_size, tokenizer.image_size, tokenizer.channels)
+        frames = np.asarray(options["frames"])
+        if frames.ndim == 4:
+            frames = np.broadcast_to(frames, (self.num_envs, *frames.shape))
+        expected = f"context frames of shape (C, {', '.join(map(str, frame))}) or ({self.num_envs}, C, ...) uint8"
+        if (
+            frames.dtype != np.uint8
+            or frames.ndim != 5
+            or frames.shape[0] != self.num_envs
+            or frames.shape[2:] != frame
+            or not 1 <= frames.shape[1] <= limit
+        ):
+            raise ValueError(f"expected {expected} with 1 <= C <= {limit}, got {frames.dtype} {frames.shape}")
+        steps = frames.shape[1] - 1
+        space = self.single_action_space
+        actions = np.asarray(options.get("actions", np.zeros((0, *space.shape), space.dtype)))
+        if actions.ndim == len(space.shape) + 1:
+            actions = np.broadcast_to(actions, (self.num_envs, *actions.shape))
+        if actions.shape[:2] != (self.num_envs, steps):
+            raise ValueError(
+                f"expected the {steps} action(s) taken between the {steps + 1} context frames, shaped"
+                f" ({steps}, {', '.join(map(str, space.shape))}) or ({self.num_envs}, {steps}, ...),"
+                f" got shape {actions.shape}"
+            )
+        flat = check_actions(actions.reshape(-1, *space.shape), space, self.num_envs * steps)
+        device = self.model.device
+        with torch.no_grad():
+            tokens = self.model.tokenizer.encode(torch.tensor(frames.reshape(-1, *frame), device=device)).tokens
+        tokens = tokens.view(self.num_envs, steps + 1, *tokens.shape[1:])
+        rows = torch.arange(self.num_envs, device=device)
+        acts = self.model.action_tensor(flat.reshape(self.num_envs, steps, *space.shape))
+        self.model.burn_in(self._cache, tokens, acts, rows)
+        self._tokens = tokens[:, -1].clone()
+        self._steps[:] = 0
+        self._needs_reset[:] = False
+
     def _observe(self) -> np.ndarray:
         if self.obs_mode == "tokens":
             return self._tokens.cpu().numpy().copy()  # a tensor on the CPU shares memory with .numpy()
@@ -126,7 +172,10 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         if seed is not None:
             self._np_random, _ = gym.utils.seeding.np_random(seed)
             self._generator.manual_seed(int(seed))
-        self._reset_rows(np.arange(self.num_envs))
+        if options and "frames" in options:
+            self._reset_from_context(options)
+        else:
+            self._reset_rows(np.arange(self.num_envs))
         return self._observe(), {}
 
     def step(self, actions: Any):
@@ -139,7 +188,13 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             rows = None if len(active) == self.num_envs else torch.as_tensor(active, device=self.model.device)
             current = self._tokens if rows is None else self._tokens[rows]
             prediction = self.model.imagine(
-                self._cache, current, self.model.action_tensor(actions[active]), rows, self.temperature, self._generator
+                self._cache,
+                current,
+                self.model.action_tensor(actions[active]),
+                rows,
+                self.temperature,
+                self._generator,
+                self.top_k,
             )
             if rows is None:
                 self._tokens = prediction.tokens
@@ -190,19 +245,21 @@ class DreamEnv(gym.Env):
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
         start_fraction: float = 0.0,
+        top_k: int | None = None,
     ):
         self._vector = DreamVectorEnv(
             checkpoint,
-            1,
-            obs_mode,
-            horizon,
-            burn_in,
-            temperature,
-            device,
-            AutoresetMode.DISABLED,
-            render_mode,
-            max_episode_steps,
-            start_fraction,
+            num_envs=1,
+            obs_mode=obs_mode,
+            horizon=horizon,
+            burn_in=burn_in,
+            temperature=temperature,
+            device=device,
+            autoreset_mode=AutoresetMode.DISABLED,
+            render_mode=render_mode,
+            max_episode_steps=max_episode_steps,
+            start_fraction=start_fraction,
+            top_k=top_k,
         )
         self.observation_space = self._vector.single_observation_space
         self.action_space = self._vector.single_action_space
@@ -214,7 +271,10 @@ class DreamEnv(gym.Env):
         vector._np_random = self.np_random
         if seed is not None:
             vector._generator.manual_seed(int(seed))
-        vector._reset_rows(np.arange(1))
+        if options and "frames" in options:
+            vector._reset_from_context(options)
+        else:
+            vector._reset_rows(np.arange(1))
         return vector._observe()[0], {}
 
     def step(self, action: Any):

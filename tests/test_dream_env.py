@@ -394,3 +394,83 @@ def test_dreams_from_episode_starts_begin_at_the_first_frame_with_no_context(nev
     mid = DreamVectorEnv(world, num_envs=6, burn_in=3, horizon=4, start_fraction=0.0)
     mid.reset(seed=3)
     assert mid._cache.valid.sum(1).tolist() == [2] * 6  # burn_in - 1 real steps of context per dream
+
+
+# --- contexts given at reset, pickling, unbounded dreams -------------------------------------------------------
+
+
+def real_context(world, steps: int, episode: int = 0):
+    """`steps + 1` frames decoded from a context episode's tokens, and the actions taken between them."""
+    tokens = torch.as_tensor(world.contexts.tokens[: steps + 1].astype(np.int64))
+    frames = world.tokenizer.tokens_to_frames(tokens).numpy()
+    return frames, world.contexts.actions[:steps]
+
+
+def test_reset_from_given_frames_dreams_from_them(never_ends):
+    frames, actions = real_context(never_ends, 2)
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN, horizon=10)
+    obs, _ = env.reset(seed=0, options={"frames": frames, "actions": actions})
+    with torch.no_grad():
+        tokens = never_ends.tokenizer.encode(torch.as_tensor(frames)).tokens
+    np.testing.assert_array_equal(obs, np.stack([tokens[-1].numpy()] * 2))
+    action = np.full((2, 3), 0.4, np.float32)
+    stepped = env.step(action)[0]
+    # the same step by hand: feed the encoded context, then imagine one step
+    cache = never_ends.dynamics.new_cache(2)
+    rows = torch.arange(2)
+    context_actions = torch.as_tensor(actions)[None].expand(2, -1, -1)
+    never_ends.burn_in(cache, tokens[None].expand(2, -1, -1, -1), context_actions, rows)
+    expected = never_ends.imagine(cache, tokens[-1][None].expand(2, -1, -1), torch.as_tensor(action))
+    np.testing.assert_array_equal(stepped, expected.tokens.numpy())
+    single = DreamEnv(never_ends, burn_in=BURN_IN, horizon=10)
+    assert np.array_equal(single.reset(options={"frames": frames, "actions": actions})[0], obs[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f, a: (np.repeat(np.repeat(f, 2, 1), 2, 2), a), "context frames of shape"),  # twice the size
+        (lambda f, a: (f.astype(np.float32), a), "uint8"),
+        (lambda f, a: (np.concatenate([f, f]), np.concatenate([a, a, a[:1]])), "C <= 3"),  # longer than the context
+        (lambda f, a: (f, a[:1]), "the 2 action"),
+        (lambda f, a: (f, np.full_like(a, np.nan)), "NaN"),
+    ],
+)
+def test_a_bad_context_at_reset_says_what_was_expected(never_ends, change, message):
+    frames, actions = change(*real_context(never_ends, 2))
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN)
+    with pytest.raises(ValueError, match=message):
+        env.reset(options={"frames": frames, "actions": actions})
+
+
+def test_a_pickled_dream_goes_on_where_it_was(never_ends):
+    import pickle
+
+    env = DreamVectorEnv(never_ends, 3, burn_in=BURN_IN, horizon=6, temperature=1.0, top_k=4)
+    env.reset(seed=11)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        env.step(rng.uniform(-1, 1, (3, 3)).astype(np.float32))
+    copy_ = pickle.loads(pickle.dumps(env))
+    actions = rng.uniform(-1, 1, (5, 3, 3)).astype(np.float32)  # crosses the horizon: autoresets too
+    for action in actions:
+        a, b = env.step(action), copy_.step(action)
+        for x, y in zip(a[:4], b[:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_a_ten_thousand_step_dream_stays_finite_in_bounded_memory(never_ends):
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN, horizon=10**9, temperature=1.0)
+    env.reset(seed=0)
+    cache = env._cache
+    storage = [cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape]
+    actions = np.random.default_rng(0).uniform(-1, 1, (10_000, 2, 3)).astype(np.float32)
+    rewards = np.empty((10_000, 2), np.float32)
+    for t, action in enumerate(actions):
+        obs, rewards[t], terminated, truncated, _ = env.step(action)
+    assert not terminated.any() and not truncated.any()
+    assert np.isfinite(rewards).all() and rewards.std() > 0  # sampled dreams that kept changing, never NaN
+    assert int(env._cache.position.min()) == 10_000 + BURN_IN - 1
+    # the ring was written in place all along: the same buffers, the same size as at the first step
+    assert env._cache is cache and [cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape] == storage

@@ -204,3 +204,17 @@ def test_transition_reward_reads_the_frames_not_the_action():
     loss.backward()
     assert model.transition_reward.embedding.weight.grad.abs().sum() > 0
     assert logs["reward_mse"] > 0
+
+
+@pytest.mark.parametrize("start", [10_000, 1_000_000])
+@torch.no_grad()
+def test_far_positions_predict_as_near_ones(start):
+    """Attention sees only relative positions, so a dream a million frames in predicts as one just begun."""
+    model = make_model(context=3)
+    tokens, actions = make_inputs(model, 2, 5)
+    near = cached_rollout(model, tokens, actions)
+    cache = model.new_cache(2)
+    cache.position += start
+    far = cached_rollout(model, tokens, actions, cache)
+    for a, b in zip(near, far, strict=True):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0)

@@ -161,8 +161,10 @@ class KVCache:
 def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rotate (B, H, L, Dh) queries or keys by their (B, L) frame positions."""
     half = x.shape[-1] // 2
-    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
-    angles = positions[:, None, :, None].float() * freqs  # (B, 1, L, Dh/2)
+    # float64 angles: an unbounded dream's positions keep growing, and in float32 the angle of frame 100,000
+    # is off by ~0.004 rad, enough to change which frame a query prefers; the tensor is small either way
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float64) / half))
+    angles = positions[:, None, :, None].double() * freqs  # (B, 1, L, Dh/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

@@ -24,6 +24,28 @@ class StepPrediction:
     terminated: torch.Tensor  # (b,) bool
 
 
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(..., V) logits -> (...) tokens: the most likely one at temperature 0, otherwise a draw from the softmax
+    at `temperature`, restricted to the `top_k` most likely tokens when given."""
+    if temperature < 0 or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive number of tokens or None, got {top_k}")
+    logits = logits.float()
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+
+
 class WorldModel:
     """Load with `WorldModel.load(run_dir)`; `imagine` advances a batch of dreams by one step."""
 
@@ -85,15 +107,13 @@ class WorldModel:
         rows: torch.Tensor | None = None,
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
+        top_k: int | None = None,
     ) -> StepPrediction:
-        """One imagined step for `rows`: tokens (b, h, w) of the current frames and actions (b, ...) taken."""
+        """One imagined step for `rows`: tokens (b, h, w) of the current frames and actions (b, ...) taken.
+
+        The next frame's tokens are sampled by `sample_tokens` (greedy at temperature 0)."""
         out = self.dynamics(tokens.flatten(1)[:, None], actions[:, None], cache, rows)
-        logits = out.logits[:, 0].float()  # (b, K, V)
-        if temperature <= 0:
-            next_tokens = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_tokens = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
+        next_tokens = sample_tokens(out.logits[:, 0], temperature, top_k, generator)
         reward = self.dynamics.step_reward(out, tokens.flatten(1)[:, None], next_tokens[:, None])[:, 0]
         return StepPrediction(next_tokens.view(tokens.shape), reward.float(), out.termination_logit[:, 0] > 0)
 

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from worldmodel.world_model import sample_tokens
+
+
+def _logits() -> torch.Tensor:
+    # 512 positions over 6 tokens, ranked 0 > 1 > 2 > ... everywhere, close enough that sampling spreads out
+    return torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0, 0.5]).expand(512, 6).clone()
+
+
+def test_greedy_takes_the_most_likely_token():
+    logits = torch.randn(4, 9, 7)
+    assert torch.equal(sample_tokens(logits), logits.argmax(-1))
+    assert torch.equal(sample_tokens(logits, temperature=2.0, top_k=1), logits.argmax(-1))
+
+
+def test_temperature_sampling_spreads_and_top_k_restricts_it():
+    g = torch.Generator().manual_seed(0)
+    free = sample_tokens(_logits(), temperature=1.0, generator=g)
+    assert set(free.unique().tolist()) == set(range(6))  # every token drawn at least once in 512 draws
+    top = sample_tokens(_logits(), temperature=1.0, top_k=2, generator=g)
+    assert set(top.unique().tolist()) == {0, 1}
+    assert sample_tokens(_logits(), temperature=1.0, top_k=99, generator=g).max() <= 5
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    first = sample_tokens(_logits(), 1.5, 3, torch.Generator().manual_seed(7))
+    second = sample_tokens(_logits(), 1.5, 3, torch.Generator().manual_seed(7))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "message"), [(-1.0, None, "temperature"), (1.0, 0, "top_k")])
+def test_bad_sampling_options_are_refused(temperature, top_k, message):
+    with pytest.raises(ValueError, match=message):
+        sample_tokens(_logits(), temperature, top_k)
