@@ -28,7 +28,8 @@ class EvalConfig:
     max_steps: int | None = None
     """Cap on recorded steps per episode (None: the simulator's full episode); only for quick tests."""
     deterministic: bool = True
-    """Act with the mean (Gaussian) or most likely (categorical) action; False samples as in training."""
+    """Act with the most likely action (categorical) or the mean of the clipped Gaussian the policy was trained
+    as (see `clipped_normal_mean`); False samples as in training."""
 
 
 class TokenPolicy:
@@ -46,7 +47,8 @@ class TokenPolicy:
     @torch.no_grad()
     def __call__(self, frame: np.ndarray, space: gym.Space) -> np.ndarray | int:
         tokens = self.tokenizer.encode(torch.from_numpy(np.array(frame))[None]).tokens
-        action, *_ = self.policy.act(tokens, deterministic=self.deterministic)
+        bounds = None if isinstance(space, gym.spaces.Discrete) else (torch.tensor(space.low), torch.tensor(space.high))
+        action, *_ = self.policy.act(tokens, deterministic=self.deterministic, bounds=bounds)
         if isinstance(space, gym.spaces.Discrete):
             return int(action[0])
         return np.clip(action[0].numpy(), space.low, space.high).astype(np.float32)

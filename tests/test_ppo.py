@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal
 
-from agents.policy import ActorCritic, PolicyConfig
+from agents.policy import ActorCritic, PolicyConfig, clipped_normal_mean
 from agents.ppo import POLICY, PPOConfig, train_ppo
 from worldmodel.checkpoint import load_module
 from worldmodel.logger import RunLogger
@@ -115,3 +115,32 @@ def test_actor_critic_gradients(discrete):
     assert policy.embedding.weight.grad.abs().sum() > 0
     if not discrete:
         assert policy.log_std.grad.abs().sum() > 0
+
+
+def test_clipped_normal_mean_is_the_mean_of_the_executed_action():
+    mean = torch.tensor([-0.2, 0.0, 0.5, 3.0, -0.05])
+    std = torch.tensor([0.5, 0.1, 1.0, 0.3, 0.6])
+    low, high = torch.tensor([-1.0, -1.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = mean + std * torch.randn(400_000, 5, generator=g)
+    monte_carlo = torch.minimum(torch.maximum(draws, low), high).mean(0)
+    torch.testing.assert_close(clipped_normal_mean(mean, std, low, high), monte_carlo, atol=3e-3, rtol=0)
+    # a throttle whose mean sits just below 0: clip(mean) stands still, the trained policy drives
+    assert clipped_normal_mean(mean, std, low, high)[4] > 0.2
+    # a narrow Gaussian well inside the bounds acts at its mean
+    assert clipped_normal_mean(torch.tensor(0.3), torch.tensor(1e-4), torch.tensor(-1.0), torch.tensor(1.0)) == (
+        pytest.approx(0.3, abs=1e-6)
+    )
+
+
+def test_deterministic_action_within_bounds_uses_the_clipped_mean():
+    torch.manual_seed(0)
+    policy = ActorCritic(PolicyConfig(grid_size=4, levels=(4, 3), action_dim=3))
+    tokens = torch.randint(0, 12, (5, 4, 4))
+    low, high = torch.tensor([-1.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0])
+    plain = policy.act(tokens, deterministic=True)[0]
+    bounded = policy.act(tokens, deterministic=True, bounds=(low, high))[0]
+    dist = policy.distribution(policy.features(tokens))
+    torch.testing.assert_close(plain, dist.mean)
+    torch.testing.assert_close(bounded, clipped_normal_mean(dist.mean, dist.stddev, low, high))
+    assert (bounded[:, 1:] > 0).all()  # the initial policy (mean ~0, std 0.6) presses gas and brake a little
