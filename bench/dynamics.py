@@ -4,15 +4,16 @@
   reward mean absolute error, termination precision and recall.
 - Open loop: from real context frames, the dream is fed the episode's real actions and imagines on its own;
   its decoded frames are compared with the real frames at each horizon (PSNR, and agreement of its tokens with
-  the real frames' tokens), beside copying the last context frame, and beside the tokenizer's own
-  reconstruction of the real frame (the best the dream could do through this tokenizer).
+  the real frames' tokens), beside copying the last context frame (`copy_last`), beside copying that frame's
+  tokenizer reconstruction (`copy_last_decoded`: the same baseline seen through the tokenizer, as the dream's
+  frames are), and beside the tokenizer's own reconstruction of the real frame (the best the dream could do
+  through this tokenizer).
 - Action faithfulness (`bench/faithfulness.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ class DynamicsBenchConfig:
     episodes: int = 16
     """Held-out episodes to roll out open loop (all of them if fewer)."""
     temperature: float = 0.0
+    top_k: int | None = None
+    """Sample the dream's tokens among the `top_k` most likely (with temperature > 0); see `sample_tokens`."""
     batch_size: int = 64
     faithfulness: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -109,7 +112,8 @@ def open_loop(
     def by_horizon(*names: str) -> dict[str, dict[int, list[float]]]:
         return {name: {h: [] for h in config.horizons} for name in names}
 
-    scores, agreement = by_horizon("model", "copy_last", "tokenizer"), by_horizon("model", "copy_last")
+    scores = by_horizon("model", "copy_last", "copy_last_decoded", "tokenizer")
+    agreement = by_horizon("model", "copy_last")
     generator = torch.Generator(world.device).manual_seed(0)
     for first in range(0, len(rows), config.batch_size):
         chunk = rows[first : first + config.batch_size]
@@ -129,7 +133,9 @@ def open_loop(
         for h in range(1, steps + 1):
             step_index = np.minimum(last + h - 1, lengths - 1)  # rows whose episode ended repeat its last action
             actions = world.action_tensor(held_out.actions[step0 + step_index])
-            current = world.imagine(cache, current, actions, temperature=config.temperature, generator=generator).tokens
+            current = world.imagine(
+                cache, current, actions, temperature=config.temperature, generator=generator, top_k=config.top_k
+            ).tokens
             if h not in scores["model"]:
                 continue
             alive = [i for i in range(n) if last[i] + h <= lengths[i]]
@@ -145,6 +151,8 @@ def open_loop(
             scores["tokenizer"][h] += frame_psnr(recon, real).tolist()
             agreement["model"][h] += (current[alive].cpu() == real_tokens).flatten(1).float().mean(1).tolist()
             start_tokens = torch.as_tensor(held_out.tokens[frame0[alive] + last[alive]].astype(np.int64))
+            start_recon = world.tokenizer.tokens_to_frames(start_tokens.to(world.device)).cpu().numpy()
+            scores["copy_last_decoded"][h] += frame_psnr(start_recon, real).tolist()
             agreement["copy_last"][h] += (start_tokens == real_tokens).flatten(1).float().mean(1).tolist()
 
     def mean(values: list[float]) -> float | None:
@@ -215,18 +223,7 @@ def bench_dynamics(
     except ProbeUnavailable as err:
         figures["action_faithfulness"] = {"skipped": str(err)}
     if json_path:
-        write_json_atomic(json_path, _finite(figures))
+        write_json_atomic(json_path, figures)
     if plot_path:
         plot_psnr(figures, Path(plot_path))
     return figures
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -58,6 +58,8 @@ class ProbeConfig:
     """Steps each probe action is held."""
     temperature: float = 0.0
     """Sampling temperature of the dream's next-frame tokens (0: the most likely token)."""
+    top_k: int | None = None
+    """With a temperature above 0, sample among the `top_k` most likely tokens only."""
     seed: int = 0
 
 
@@ -138,7 +140,9 @@ def _dream_rollouts(
     current = context_tokens[:, -1]
     generator = torch.Generator(world.device).manual_seed(config.seed)
     for _ in range(config.horizon):
-        step = world.imagine(cache, current, probe_actions, temperature=config.temperature, generator=generator)
+        step = world.imagine(
+            cache, current, probe_actions, temperature=config.temperature, generator=generator, top_k=config.top_k
+        )
         current = step.tokens
     frames = world.tokenizer.tokens_to_frames(current).cpu().numpy()
     return frames.reshape(len(starts), n_probes, *frames.shape[1:])

@@ -33,7 +33,7 @@ def test_bench_dynamics_writes_the_figures(box_run, box_data, tmp_path):
         assert key in written
     assert 0 <= written["token_accuracy"] <= 1
     psnr = written["psnr_by_horizon"]
-    assert set(psnr) == {"model", "copy_last", "tokenizer"}
+    assert set(psnr) == {"model", "copy_last", "copy_last_decoded", "tokenizer"}
     # the synthetic episodes have 12 steps and the dream 2 context frames: horizon 16 does not fit
     assert psnr["model"]["1"] is not None and psnr["model"]["16"] is None
     assert written["rollouts_by_horizon"]["16"] == 0 and written["rollouts_by_horizon"]["1"] > 0
@@ -41,7 +41,7 @@ def test_bench_dynamics_writes_the_figures(box_run, box_data, tmp_path):
     # agreement over the few tokens of these frames is too coarse to tell two dreams apart (CI once saw
     # 0.125 both times), so the model's PSNR, a continuous figure of the decoded frames, is compared.
     sampled = bench_dynamics(box_run, box_data, DynamicsBenchConfig(horizons=(1, 4, 16), temperature=5.0))
-    for baseline in ("copy_last", "tokenizer"):
+    for baseline in ("copy_last", "copy_last_decoded", "tokenizer"):
         assert sampled["psnr_by_horizon"][baseline] == figures["psnr_by_horizon"][baseline]
     assert sampled["psnr_by_horizon"]["model"]["1"] != figures["psnr_by_horizon"]["model"]["1"]
     assert "skipped" in written["action_faithfulness"]  # synthetic data: no simulator to restore states in

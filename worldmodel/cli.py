@@ -95,14 +95,40 @@ def cmd_rollout(args: argparse.Namespace) -> None:
     print(json.dumps(write_rollout(config.run_dir, data, config.rollout, args.out), indent=2))
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench_imagination(args: argparse.Namespace) -> None:
+    from bench.imagination import ImaginationBenchConfig, bench_imagination, format_table
+
+    config = ImaginationBenchConfig(
+        batch_sizes=args.batch_sizes,
+        seconds=args.seconds,
+        real_envs=args.real_envs,
+        preset_shapes=tuple(name for name in args.preset_shapes.split(",") if name),
+        device=args.device,
+    )
+    print(format_table(bench_imagination(args.run, config, args.json)))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.target == "imagination":
+        return cmd_bench_imagination(args)
     from bench.dynamics import DynamicsBenchConfig, bench_dynamics
     from bench.faithfulness import ProbeConfig
 
     config = DynamicsBenchConfig(
         episodes=args.episodes,
         temperature=args.temperature,
-        faithfulness=ProbeConfig(states=args.states, temperature=args.temperature),
+        top_k=args.top_k,
+        faithfulness=ProbeConfig(states=args.states, temperature=args.temperature, top_k=args.top_k),
     )
     figures = bench_dynamics(args.run, args.data, config, args.json, args.plot)
     print(json.dumps(figures, indent=2))
@@ -141,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.set_defaults(func=cmd_rollout)
 
     bench = commands.add_parser("bench", help="measure a trained run against its references")
-    bench.add_argument("target", choices=["dynamics"])
+    bench.add_argument("target", choices=["dynamics", "imagination"])
     bench.add_argument("--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`")
     bench.add_argument("--data", default=None, help="dataset folder (default: RUN/dataset)")
     bench.add_argument("--json", default=None, help="write the figures to this JSON file")
@@ -149,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
     bench.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
     bench.add_argument("--temperature", type=float, default=0.0, help="dream sampling temperature (0: greedy)")
+    bench.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (temperature > 0)")
+    bench.add_argument(
+        "--batch-sizes", type=_positive_ints, default=(1, 16, 256), help="imagination: dream batch sizes to time"
+    )
+    bench.add_argument("--seconds", type=float, default=3.0, help="imagination: timed seconds per measurement")
+    bench.add_argument(
+        "--real-envs", type=int, default=None, help="imagination: real simulators (default: one per CPU; 0: skip)"
+    )
+    bench.add_argument(
+        "--preset-shapes", default="", help="imagination: also time untrained dynamics of these presets, e.g. tiny,base"
+    )
+    bench.add_argument("--device", default="auto", help="imagination: cpu, cuda or auto")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -17,6 +17,7 @@ so sampling training windows never loads the whole dataset.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,14 +42,26 @@ class EpisodeError(DatasetError):
     """One episode's files are missing, truncated or inconsistent; the message names the file."""
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (null): JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
+    """Write JSON to a temporary file in the same folder, then rename it over `path`. NaN and infinities are
+    written as null (see `json_safe`), so the file is standard JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(json_safe(data), f, indent=2, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
