@@ -59,6 +59,8 @@ class ImaginationBenchConfig:
     """Presets whose dynamics shape is also timed, untrained, on the run's tokenizer."""
     matmul_size: int = 2048
     device: str = "auto"
+    dtype: str = "float32"
+    """The dream's precision: float32 (the plain path) or bfloat16 (see `WorldModel.with_dtype`)."""
     seed: int = 0
 
 
@@ -219,7 +221,7 @@ def untrained_world(world: WorldModel, preset: str, seed: int = 0) -> WorldModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            dynamics = DynamicsModel(config).to(world.device).eval()
+            dynamics = DynamicsModel(config).to(world.device, next(world.dynamics.parameters()).dtype).eval()
         except ValueError as err:
             raise ConfigError(
                 f"preset {preset!r}: its dynamics shape does not fit this run's tokenizer: {err}"
@@ -228,7 +230,7 @@ def untrained_world(world: WorldModel, preset: str, seed: int = 0) -> WorldModel
         # random weights end nearly every dream at every step; trained CarRacing dreams hardly ever terminate,
         # so these end at the horizon too, and the timing is not a timing of restarts
         dynamics.termination_head[-1].bias.fill_(-20.0)
-    return WorldModel(world.tokenizer, dynamics, world.action_space, world.contexts, world.meta)
+    return WorldModel(world.tokenizer, dynamics, world.action_space, world.contexts, world.meta, world.decode_dtype)
 
 
 def dream_figures(
@@ -284,7 +286,7 @@ def bench_imagination(
         raise ConfigError(f"batch sizes must be positive integers, got {list(config.batch_sizes)}")
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
-    world = WorldModel.load(run_dir, device)
+    world = WorldModel.load(run_dir, device).with_dtype(config.dtype)
     settings = DreamSettings.for_run(run_dir)
     presets = {name: untrained_world(world, name, config.seed) for name in config.preset_shapes}
     real_envs = (os.cpu_count() or 1) if config.real_envs is None else config.real_envs

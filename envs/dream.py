@@ -63,8 +63,10 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         max_episode_steps: int | None = None,
         start_fraction: float = 0.0,
         top_k: int | None = None,
+        dtype: str = "float32",
     ):
         model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
+        model = model.with_dtype(dtype)
         if model.contexts is None:
             raise ValueError("the dream env needs real context episodes (the run's tokens.npz)")
         if obs_mode not in ("tokens", "pixels"):
@@ -164,7 +166,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
     def _observe(self) -> np.ndarray:
         if self.obs_mode == "tokens":
             return self._tokens.cpu().numpy().copy()  # a tensor on the CPU shares memory with .numpy()
-        return self.model.tokenizer.tokens_to_frames(self._tokens).cpu().numpy()
+        return self.model.frames(self._tokens).cpu().numpy()
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         if isinstance(seed, list):
@@ -226,7 +228,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
             return None
-        return self.model.tokenizer.tokens_to_frames(self._tokens[:1]).cpu().numpy()[0]
+        return self.model.frames(self._tokens[:1]).cpu().numpy()[0]
 
 
 class DreamEnv(gym.Env):
@@ -246,6 +248,7 @@ class DreamEnv(gym.Env):
         max_episode_steps: int | None = None,
         start_fraction: float = 0.0,
         top_k: int | None = None,
+        dtype: str = "float32",
     ):
         self._vector = DreamVectorEnv(
             checkpoint,
@@ -260,6 +263,7 @@ class DreamEnv(gym.Env):
             max_episode_steps=max_episode_steps,
             start_fraction=start_fraction,
             top_k=top_k,
+            dtype=dtype,
         )
         self.observation_space = self._vector.single_observation_space
         self.action_space = self._vector.single_action_space

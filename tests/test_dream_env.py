@@ -474,3 +474,37 @@ def test_a_ten_thousand_step_dream_stays_finite_in_bounded_memory(never_ends):
     assert int(env._cache.position.min()) == 10_000 + BURN_IN - 1
     # the ring was written in place all along: the same buffers, the same size as at the first step
     assert env._cache is cache and [cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape] == storage
+
+
+# --- the bf16 fast path against the float32 plain path ---------------------------------------------------------
+
+
+def test_bfloat16_dream_agrees_with_the_float32_dream(never_ends):
+    fast = never_ends.with_dtype("bfloat16")
+    assert never_ends.with_dtype("float32") is never_ends
+    assert next(never_ends.dynamics.parameters()).dtype == torch.float32  # the plain model is left alone
+    frames = real_context(never_ends, 2)[0]
+    grids = never_ends.tokenizer.encode(torch.as_tensor(frames)).tokens
+    cache32, cache16 = never_ends.dynamics.new_cache(3), fast.dynamics.new_cache(3)
+    assert cache16.keys.dtype == torch.bfloat16
+    action = torch.tensor([[0.3, 0.5, 0.0]])
+    with torch.no_grad():
+        plain = never_ends.dynamics(grids.flatten(1)[:, None], action.expand(3, -1)[:, None], cache32)
+        quick = fast.dynamics(grids.flatten(1)[:, None], action.expand(3, -1)[:, None].bfloat16(), cache16)
+    # bf16 keeps about 3 significant digits: the logits agree to a few hundredths
+    torch.testing.assert_close(quick.logits.float(), plain.logits, atol=0.1, rtol=0.02)
+    decoded32, decoded16 = never_ends.frames(grids), fast.frames(grids)
+    assert decoded16.dtype == torch.uint8 and (decoded16.int() - decoded32.int()).abs().max() <= 8
+    env = DreamVectorEnv(never_ends, 2, obs_mode="pixels", burn_in=BURN_IN, dtype="bfloat16")
+    obs, _ = env.reset(seed=0)
+    assert obs.dtype == np.uint8 and np.isfinite(env.step(np.zeros((2, 3), np.float32))[1]).all()
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        never_ends.with_dtype("float16")
+
+
+def test_decoding_in_chunks_gives_the_frames_of_one_pass(never_ends, monkeypatch):
+    grids = torch.as_tensor(never_ends.contexts.tokens[:10].astype(np.int64))
+    whole = never_ends.tokenizer.tokens_to_frames(grids)
+    monkeypatch.setattr(never_ends, "decode_chunk", 3)  # 4 chunks, the last one short
+    chunked = never_ends.frames(grids)
+    assert chunked.shape == whole.shape and (chunked.int() - whole.int()).abs().max() <= 1

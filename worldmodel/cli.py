@@ -114,6 +114,7 @@ def cmd_bench_imagination(args: argparse.Namespace) -> None:
         real_envs=args.real_envs,
         preset_shapes=tuple(name for name in args.preset_shapes.split(",") if name),
         device=args.device,
+        dtype=args.dtype,
     )
     print(format_table(bench_imagination(args.run, config, args.json)))
 
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset-shapes", default="", help="imagination: also time untrained dynamics of these presets, e.g. tiny,base"
     )
     bench.add_argument("--device", default="auto", help="imagination: cpu, cuda or auto")
+    bench.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="imagination: the dream's precision"
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 

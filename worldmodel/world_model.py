@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,9 @@ class WorldModel:
         action_space: gym.Space,
         contexts: TokenizedDataset | None,
         meta: dict,
+        decode_dtype: torch.dtype = torch.float32,
     ):
+        self.decode_dtype = decode_dtype
         self.tokenizer = tokenizer
         self.dynamics = dynamics
         self.action_space = action_space
@@ -85,6 +88,33 @@ class WorldModel:
                 raise CheckpointError(f"{run_dir / 'tokens.npz'} holds no training episodes to start dreams from")
             contexts = contexts.select(train_ids)
         return cls(tokenizer, dynamics, space_from_dict(meta["action_space"]), contexts, meta)
+
+    def with_dtype(self, dtype: torch.dtype | str) -> WorldModel:
+        """This model computing in `dtype`: float32 (the plain path) returns itself; bfloat16 returns a copy whose
+        dynamics weights and cache are bf16 and whose decoder runs under bf16 autocast in channels-last layout
+        (the fast path on CPUs with AVX-512 BF16 and on GPUs). Sampling and rewards stay float32."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if dtype == torch.float32:
+            return self
+        if dtype != torch.bfloat16:
+            raise ValueError(f"a world model computes in float32 or bfloat16, got {dtype}")
+        tokenizer = copy.deepcopy(self.tokenizer).to(memory_format=torch.channels_last)
+        dynamics = copy.deepcopy(self.dynamics).to(dtype)
+        return WorldModel(tokenizer, dynamics, self.action_space, self.contexts, self.meta, decode_dtype=dtype)
+
+    decode_chunk: int = 32
+    """Frames decoded per pass on the CPU. The decoder's full-resolution activations of 256 frames do not fit in
+    the caches: on a 2-core CPU, chunks of 32 decoded 2.9x (fp32) and 2.0x (bf16) as many frames per second."""
+
+    @torch.no_grad()
+    def frames(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) tokens -> (B, H, W, C) uint8 frames, decoded in this model's precision."""
+        device_type = self.device.type
+        chunk = self.decode_chunk if device_type == "cpu" else len(tokens)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.decode_dtype == torch.bfloat16):
+            if len(tokens) <= chunk:
+                return self.tokenizer.tokens_to_frames(tokens)
+            return torch.cat([self.tokenizer.tokens_to_frames(part) for part in tokens.split(chunk)])
 
     @property
     def device(self) -> torch.device:
