@@ -37,12 +37,15 @@ def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor
     policy does on average. The two differ most where it matters: a policy that learned to press the throttle
     often but with a mean just below 0 drives when sampled, and stands still forever at clip(mean) = 0.
     """
-    low, high = torch.as_tensor(low, dtype=mean.dtype), torch.as_tensor(high, dtype=mean.dtype)
-    unit = torch.distributions.Normal(torch.zeros((), dtype=mean.dtype), torch.ones((), dtype=mean.dtype))
+    like = {"dtype": mean.dtype, "device": mean.device}
+    low, high = torch.as_tensor(low, **like), torch.as_tensor(high, **like)
+    unit = torch.distributions.Normal(torch.zeros((), **like), torch.ones((), **like))
     a, b = (low - mean) / std, (high - mean) / std
     below, above = unit.cdf(a), 1 - unit.cdf(b)
     density = unit.log_prob(a).exp() - unit.log_prob(b).exp()
-    return low * below + high * above + mean * (1 - below - above) + std * density
+    # an unbounded side contributes nothing (its probability mass is 0; avoid inf * 0)
+    ends = torch.where(torch.isfinite(low), low * below, 0) + torch.where(torch.isfinite(high), high * above, 0)
+    return ends + mean * (1 - below - above) + std * density
 
 
 class ActorCritic(nn.Module):

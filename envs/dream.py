@@ -20,7 +20,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from worldmodel.world_model import WorldModel, sample_tokens
+from worldmodel.world_model import WorldModel, check_sampling
 
 ObsMode = Literal["tokens", "pixels"]
 
@@ -78,7 +78,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.obs_mode = obs_mode
         self.horizon = max_episode_steps or horizon
         self.burn_in = burn_in
-        sample_tokens(torch.zeros(1, 2), temperature, top_k)  # refuses a bad temperature or top_k now, not mid-step
+        check_sampling(temperature, top_k)  # refuses bad options now, not mid-step
         self.temperature = temperature
         self.top_k = top_k
         self.start_fraction = start_fraction
@@ -142,14 +142,15 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             raise ValueError(f"expected {expected} with 1 <= C <= {limit}, got {frames.dtype} {frames.shape}")
         steps = frames.shape[1] - 1
         space = self.single_action_space
-        actions = np.asarray(options.get("actions", np.zeros((0, *space.shape), space.dtype)))
+        given = np.asarray(options.get("actions", np.zeros((0, *space.shape), space.dtype)))
+        actions = given
         if actions.ndim == len(space.shape) + 1:
             actions = np.broadcast_to(actions, (self.num_envs, *actions.shape))
-        if actions.shape[:2] != (self.num_envs, steps):
+        if actions.shape != (self.num_envs, steps, *space.shape):
+            one = tuple(space.shape)
             raise ValueError(
                 f"expected the {steps} action(s) taken between the {steps + 1} context frames, shaped"
-                f" ({steps}, {', '.join(map(str, space.shape))}) or ({self.num_envs}, {steps}, ...),"
-                f" got shape {actions.shape}"
+                f" {(steps, *one)} or {(self.num_envs, steps, *one)}, got shape {given.shape}"
             )
         flat = check_actions(actions.reshape(-1, *space.shape), space, self.num_envs * steps)
         device = self.model.device

@@ -433,6 +433,7 @@ def test_reset_from_given_frames_dreams_from_them(never_ends):
         (lambda f, a: (f.astype(np.float32), a), "uint8"),
         (lambda f, a: (np.concatenate([f, f]), np.concatenate([a, a, a[:1]])), "C <= 3"),  # longer than the context
         (lambda f, a: (f, a[:1]), "the 2 action"),
+        (lambda f, a: (f, a[:, :2]), r"shaped \(2, 3\)"),  # actions of the wrong width
         (lambda f, a: (f, np.full_like(a, np.nan)), "NaN"),
     ],
 )
@@ -495,9 +496,13 @@ def test_bfloat16_dream_agrees_with_the_float32_dream(never_ends):
     torch.testing.assert_close(quick.logits.float(), plain.logits, atol=0.1, rtol=0.02)
     decoded32, decoded16 = never_ends.frames(grids), fast.frames(grids)
     assert decoded16.dtype == torch.uint8 and (decoded16.int() - decoded32.int()).abs().max() <= 8
-    env = DreamVectorEnv(never_ends, 2, obs_mode="pixels", burn_in=BURN_IN, dtype="bfloat16")
-    obs, _ = env.reset(seed=0)
-    assert obs.dtype == np.uint8 and np.isfinite(env.step(np.zeros((2, 3), np.float32))[1]).all()
+    env = DreamVectorEnv(never_ends, 2, obs_mode="pixels", burn_in=BURN_IN, dtype="bf16", horizon=2)
+    obs, _ = env.reset(seed=0, options={"frames": frames, "actions": real_context(never_ends, 2)[1]})
+    for _ in range(3):  # crosses the horizon: an autoreset from the run's contexts in bf16 too
+        obs, reward, *_ = env.step(np.zeros((2, 3), np.float32))
+        assert obs.dtype == np.uint8 and reward.dtype == np.float32 and np.isfinite(reward).all()
+    assert fast.dynamics.transition_reward.embedding.weight.dtype == torch.float32
+    assert next(fast.with_dtype("float32").dynamics.parameters()).dtype == torch.float32  # and back
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         never_ends.with_dtype("float16")
 

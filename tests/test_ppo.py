@@ -127,6 +127,9 @@ def test_clipped_normal_mean_is_the_mean_of_the_executed_action():
     torch.testing.assert_close(clipped_normal_mean(mean, std, low, high), monte_carlo, atol=3e-3, rtol=0)
     # a throttle whose mean sits just below 0: clip(mean) stands still, the trained policy drives
     assert clipped_normal_mean(mean, std, low, high)[4] > 0.2
+    # an unbounded side adds nothing: with no bounds at all it is the plain mean
+    inf = torch.tensor(float("inf"))
+    torch.testing.assert_close(clipped_normal_mean(mean, std, -inf, inf), mean)
     # a narrow Gaussian well inside the bounds acts at its mean
     assert clipped_normal_mean(torch.tensor(0.3), torch.tensor(1e-4), torch.tensor(-1.0), torch.tensor(1.0)) == (
         pytest.approx(0.3, abs=1e-6)

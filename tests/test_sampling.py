@@ -21,7 +21,13 @@ def test_temperature_sampling_spreads_and_top_k_restricts_it():
     assert set(free.unique().tolist()) == set(range(6))  # every token drawn at least once in 512 draws
     top = sample_tokens(_logits(), temperature=1.0, top_k=2, generator=g)
     assert set(top.unique().tolist()) == {0, 1}
-    assert sample_tokens(_logits(), temperature=1.0, top_k=99, generator=g).max() <= 5
+    assert set(sample_tokens(_logits(), temperature=1.0, top_k=99, generator=g).unique().tolist()) == set(range(6))
+
+
+def test_top_k_draws_among_exactly_k_tokens_when_logits_tie():
+    tied = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, -5.0]).expand(2048, 6).clone()
+    drawn = sample_tokens(tied, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert 0 in drawn and len(drawn.unique()) == 2  # the best and one of the four tied: never three tokens
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():

@@ -4,14 +4,14 @@ import pytest
 from worldmodel.tokens import TokenizedDataset
 
 
-def _tokenized(rewards_per_episode: list[list[float]]) -> TokenizedDataset:
+def _tokenized(rewards_per_episode: list[list[float]], terminal: bool = False) -> TokenizedDataset:
     lengths = [len(r) for r in rewards_per_episode]
     steps = int(sum(lengths))
     return TokenizedDataset(
         tokens=np.zeros((steps + len(lengths), 2, 2), np.int16),
         actions=np.zeros((steps, 3), np.float32),
         rewards=np.concatenate([np.asarray(r, np.float32) for r in rewards_per_episode]),
-        terminated=np.zeros(steps, bool),
+        terminated=np.isin(np.arange(steps), np.cumsum(lengths) - 1) & terminal,
         frame_offsets=np.cumsum([0] + [n + 1 for n in lengths]),
         step_offsets=np.cumsum([0] + lengths),
         episode_ids=np.arange(len(lengths)),
@@ -44,3 +44,12 @@ def test_smoothing_of_one_step_is_the_identity_and_even_windows_are_refused():
     assert data.smoothed_rewards(1) is data
     with pytest.raises(ValueError, match="odd number"):
         data.smoothed_rewards(4)
+
+
+def test_a_terminating_step_keeps_its_penalty_whole():
+    data = _tokenized([[0, 0, 0, 0, -100], [3, 0, 0, 0, 0]], terminal=True)
+    smoothed = data.smoothed_rewards(5).rewards
+    assert smoothed[4] == -100  # CarRacing's penalty for leaving the playfield: not spread, not shrunk
+    np.testing.assert_allclose(smoothed[:4], 0)  # and not leaked into the steps before it
+    # the next episode (also ending terminated) smooths its first 4 steps only: the 3 is spread over 3, 4, 4 steps
+    np.testing.assert_allclose(smoothed[5:9], [1, 0.75, 0.75, 0])

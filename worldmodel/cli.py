@@ -105,6 +105,13 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    values = _positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def cmd_bench_imagination(args: argparse.Namespace) -> None:
     from bench.imagination import ImaginationBenchConfig, bench_imagination, format_table
 
@@ -176,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
     bench.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
     bench.add_argument("--temperature", type=float, default=0.0, help="dream sampling temperature (0: greedy)")
-    bench.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (temperature > 0)")
+    bench.add_argument(
+        "--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens (temperature > 0)"
+    )
     bench.add_argument(
         "--batch-sizes", type=_positive_ints, default=(1, 16, 256), help="imagination: dream batch sizes to time"
     )

@@ -67,7 +67,9 @@ class TokenizedDataset:
         A training target, not a measurement: where the reward arrives in near-random bursts (CarRacing pays for
         each new tile at the step the car happens to cross it), the average moves reward by at most `steps // 2`
         steps and takes away noise that a reward head would otherwise memorise. At an episode's ends it averages
-        over the steps that exist, so a constant reward stays exactly that constant.
+        over the steps that exist, so a constant reward stays exactly that constant. A terminating step keeps its
+        own reward and is left out of its neighbours' averages: an end's penalty (CarRacing's -100 for leaving
+        the playfield) stays whole, where the step it happens.
         """
         if steps < 1 or steps % 2 == 0:
             raise ValueError(f"reward smoothing takes an odd number of steps >= 1, got {steps}")
@@ -76,6 +78,7 @@ class TokenizedDataset:
         half = steps // 2
         rewards = self.rewards.astype(np.float64)
         for s0, s1 in zip(self.step_offsets[:-1], self.step_offsets[1:], strict=True):
+            s1 = s1 - 1 if s1 > s0 and self.terminated[s1 - 1] else s1  # the terminating step stays raw
             cumulative = np.concatenate([[0.0], np.cumsum(rewards[s0:s1])])
             index = np.arange(s1 - s0)
             lo, hi = np.maximum(index - half, 0), np.minimum(index + half + 1, s1 - s0)

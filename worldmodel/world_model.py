@@ -25,6 +25,14 @@ class StepPrediction:
     terminated: torch.Tensor  # (b,) bool
 
 
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    """Refuse sampling options `sample_tokens` cannot use, saying what it takes."""
+    if temperature < 0 or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive number of tokens or None, got {top_k}")
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -32,17 +40,15 @@ def sample_tokens(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(..., V) logits -> (...) tokens: the most likely one at temperature 0, otherwise a draw from the softmax
-    at `temperature`, restricted to the `top_k` most likely tokens when given."""
-    if temperature < 0 or not np.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive number of tokens or None, got {top_k}")
+    at `temperature`, restricted to the `top_k` most likely tokens when given (exactly k, ties broken by
+    `topk`)."""
+    check_sampling(temperature, top_k)
     logits = logits.float()
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        best = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, best.indices, best.values)
     probs = torch.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
@@ -90,17 +96,23 @@ class WorldModel:
         return cls(tokenizer, dynamics, space_from_dict(meta["action_space"]), contexts, meta)
 
     def with_dtype(self, dtype: torch.dtype | str) -> WorldModel:
-        """This model computing in `dtype`: float32 (the plain path) returns itself; bfloat16 returns a copy whose
-        dynamics weights and cache are bf16 and whose decoder runs under bf16 autocast in channels-last layout
-        (the fast path on CPUs with AVX-512 BF16 and on GPUs). Sampling and rewards stay float32."""
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if dtype == torch.float32:
+        """This model computing in `dtype` (itself when it already does): float32 is the plain path; bfloat16 (or
+        "bf16") a copy whose dynamics weights and cache are bf16 and whose decoder runs under bf16 autocast in
+        channels-last layout (the fast path on CPUs with AVX-512 BF16 and on GPUs). The transition reward head
+        and sampling stay float32."""
+        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        wanted = names.get(dtype) if isinstance(dtype, str) else dtype
+        if wanted not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"a world model computes in float32 or bfloat16 ({sorted(names)}), got {dtype!r}")
+        if wanted == next(self.dynamics.parameters()).dtype and wanted == self.decode_dtype:
             return self
-        if dtype != torch.bfloat16:
-            raise ValueError(f"a world model computes in float32 or bfloat16, got {dtype}")
-        tokenizer = copy.deepcopy(self.tokenizer).to(memory_format=torch.channels_last)
-        dynamics = copy.deepcopy(self.dynamics).to(dtype)
-        return WorldModel(tokenizer, dynamics, self.action_space, self.contexts, self.meta, decode_dtype=dtype)
+        tokenizer = copy.deepcopy(self.tokenizer)
+        if wanted == torch.bfloat16:
+            tokenizer = tokenizer.to(memory_format=torch.channels_last)
+        dynamics = copy.deepcopy(self.dynamics).to(wanted)
+        if dynamics.transition_reward is not None:
+            dynamics.transition_reward.float()  # it reads token ids, not the transformer's activations
+        return WorldModel(tokenizer, dynamics, self.action_space, self.contexts, self.meta, decode_dtype=wanted)
 
     decode_chunk: int = 32
     """Frames decoded per pass on the CPU. The decoder's full-resolution activations of 256 frames do not fit in
