@@ -114,13 +114,24 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             if len(group) == 0:
                 continue
             window = self.model.contexts.sample(frames - 1, len(group), self.np_random, start_fraction)
-            rows_t = torch.as_tensor(group, device=device)
             tokens = torch.as_tensor(window["tokens"], device=device)  # (b, frames, h, w)
-            actions = self.model.action_tensor(window["actions"])  # (b, frames - 1, ...)
-            self.model.burn_in(self._cache, tokens, actions, rows_t)
-            self._tokens[rows_t] = tokens[:, -1]
+            self._start_rows(group, tokens, self.model.action_tensor(window["actions"]))
+
+    def _start_rows(self, rows: np.ndarray, tokens: torch.Tensor, actions: torch.Tensor) -> None:
+        """Feed `rows` their real context, tokens (b, C, h, w) and actions (b, C - 1, ...); the last frame is their
+        current one."""
+        rows_t = torch.as_tensor(rows, device=self.model.device)
+        self.model.burn_in(self._cache, tokens, actions, rows_t)
+        self._tokens[rows_t] = tokens[:, -1]
         self._steps[rows] = 0
         self._needs_reset[rows] = False
+
+    def _reset_all(self, options: dict[str, Any] | None) -> None:
+        """Every env from the caller's frames (`options["frames"]`) or from the run's context episodes."""
+        if options and "frames" in options:
+            self._reset_from_context(options)
+        else:
+            self._reset_rows(np.arange(self.num_envs))
 
     def _reset_from_context(self, options: dict[str, Any]) -> None:
         """Start every dream from the caller's real frames: `options["frames"]` is (C, H, W, ch) uint8 (the same
@@ -157,12 +168,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         with torch.no_grad():
             tokens = self.model.tokenizer.encode(torch.tensor(frames.reshape(-1, *frame), device=device)).tokens
         tokens = tokens.view(self.num_envs, steps + 1, *tokens.shape[1:])
-        rows = torch.arange(self.num_envs, device=device)
         acts = self.model.action_tensor(flat.reshape(self.num_envs, steps, *space.shape))
-        self.model.burn_in(self._cache, tokens, acts, rows)
-        self._tokens = tokens[:, -1].clone()
-        self._steps[:] = 0
-        self._needs_reset[:] = False
+        self._start_rows(np.arange(self.num_envs), tokens, acts)
 
     def _observe(self) -> np.ndarray:
         if self.obs_mode == "tokens":
@@ -175,10 +182,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         if seed is not None:
             self._np_random, _ = gym.utils.seeding.np_random(seed)
             self._generator.manual_seed(int(seed))
-        if options and "frames" in options:
-            self._reset_from_context(options)
-        else:
-            self._reset_rows(np.arange(self.num_envs))
+        self._reset_all(options)
         return self._observe(), {}
 
     def step(self, actions: Any):
@@ -276,10 +280,7 @@ class DreamEnv(gym.Env):
         vector._np_random = self.np_random
         if seed is not None:
             vector._generator.manual_seed(int(seed))
-        if options and "frames" in options:
-            vector._reset_from_context(options)
-        else:
-            vector._reset_rows(np.arange(1))
+        vector._reset_all(options)
         return vector._observe()[0], {}
 
     def step(self, action: Any):
