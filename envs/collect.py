@@ -74,13 +74,30 @@ class _Driver:
             self.hold_left -= 1
             action = self.expert.act(self.env)  # also keeps the expert's internal state in step with the simulator
             if isinstance(self.space, gym.spaces.Box):
-                return np.where(self.held_dims, self.held, action).astype(np.float32)
+                return self._one_pedal(np.where(self.held_dims, self.held, action))
             return self.held
         action = self.expert.act(self.env)
         if isinstance(self.space, gym.spaces.Discrete):
             return self.space.sample() if self.rng.random() < self.config.action_noise else int(action)
         noisy = action + self.rng.normal(0, self.config.action_noise, size=action.shape)
-        return np.clip(noisy, self.space.low, self.space.high).astype(np.float32)
+        return self._one_pedal(np.clip(noisy, self.space.low, self.space.high))
+
+    def _one_pedal(self, action: np.ndarray) -> np.ndarray:
+        """Gas and brake pressed together become their difference on one pedal.
+
+        Noise on the expert's zero brake would otherwise press it half the time, and a uniformly random action
+        presses both pedals at once nearly always: in such data the car is almost never seen rolling with no
+        pedal pressed, and a model trained on it is free to imagine a car that drives off without gas. The
+        difference of two uniform pedals is often near zero, so perturbations now show idling and coasting too.
+        Fully random episodes keep raw uniform actions, so both pedals together are still in the data."""
+        pedals = self.config.source.pedals
+        if pedals is None:
+            return action.astype(np.float32)
+        gas, brake = pedals
+        net = action[gas] - action[brake]
+        action = action.copy()
+        action[gas], action[brake] = max(net, 0.0), max(-net, 0.0)
+        return action.astype(np.float32)
 
 
 _worker_envs: dict[SourceConfig, gym.Env] = {}

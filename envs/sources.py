@@ -33,6 +33,11 @@ class SourceConfig:
     """Recorded steps per episode before it is truncated (None: the simulator's own limit)."""
 
     @property
+    def pedals(self) -> tuple[int, int] | None:
+        """Indices of the (gas, brake) parts of a continuous action, or None for a source without pedals."""
+        return (1, 2) if self.name == "carracing" else None
+
+    @property
     def repeat(self) -> int:
         if self.action_repeat is not None:
             return self.action_repeat

@@ -151,3 +151,34 @@ def test_start_perturbations_open_expert_episodes_with_a_held_action():
         assert driver.kind == "expert" and 3 <= driver.hold_left <= 5
         assert driver.held_dims is not None and driver.held_dims.any()
         assert collect_module._Driver(never, Stub(), seed).hold_left == 0
+
+
+def test_exploration_presses_one_pedal_at_a_time_and_coasts():
+    class Stub:  # an expert that drives at full gas; the driver reads the action space and asks the expert
+        action_space = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
+
+    class FullGas:
+        def reset(self):
+            pass
+
+        def act(self, env):
+            return np.array([0.0, 1.0, 0.0], np.float32)
+
+    config = CollectConfig(random_fraction=0.0, action_noise=0.15, perturb_prob=0.3, perturb_steps=(3, 12))
+    actions = []
+    for seed in range(20):
+        driver = collect_module._Driver(config, Stub(), seed)
+        driver.expert = FullGas()
+        actions += [driver.act() for _ in range(50)]
+    actions = np.array(actions)
+    gas, brake = actions[:, 1], actions[:, 2]
+    assert not ((gas > 0) & (brake > 0)).any()
+    assert (brake > 0).mean() < 0.3  # noise alone on a zero brake pressed it about half the time
+    assert ((gas < 0.1) & (brake < 0.1)).mean() > 0.01  # perturbations idle and coast
+    assert actions.dtype == np.float32 and (actions >= Stub.action_space.low).all()
+
+    # highway-env has no pedals; CarRacing's random episodes keep both pedals, so the data still shows them
+    assert SourceConfig("highway").pedals is None
+    random_driver = collect_module._Driver(dataclasses.replace(config, random_fraction=1.0), Stub(), 0)
+    both = np.array([random_driver.act() for _ in range(200)])
+    assert ((both[:, 1] > 0) & (both[:, 2] > 0)).mean() > 0.5
