@@ -1,18 +1,37 @@
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from worldmodel.tokenizer import Tokenizer, TokenizerConfig, psnr, ssim
+from worldmodel.checkpoint import load_module, save_checkpoint
+from worldmodel.config import ConfigError, from_dict, load_preset
+from worldmodel.tokenizer import BACKBONES, Tokenizer, TokenizerConfig, frames_to_float, psnr, ssim
+
+# transformer blocks small enough that every backbone runs in milliseconds
+TINY_ATTENTION = {"attention_width": 16, "attention_layers": 1, "attention_heads": 2}
 
 
+def tiny_config(backbone: str = "conv", **kwargs) -> TokenizerConfig:
+    return TokenizerConfig(backbone=backbone, **{**TINY_ATTENTION, **kwargs})
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
 @pytest.mark.parametrize(
     ("size", "channels", "widths"),
-    [(32, 3, (8, 16, 16)), (32, 1, (8, 8, 16, 16)), (64, 3, (8, 16, 16, 16)), (64, 1, (8, 16))],
+    [
+        (32, 3, (8, 16, 16)),
+        (32, 1, (8, 8, 16, 16)),
+        (64, 3, (8, 16, 16, 16)),
+        (64, 1, (8, 16)),
+        (128, 3, (8, 8, 16, 16)),
+    ],
 )
-def test_encode_decode_shapes(size, channels, widths):
+def test_encode_decode_shapes(backbone, size, channels, widths):
     torch.manual_seed(0)
-    config = TokenizerConfig(image_size=size, channels=channels, widths=widths, levels=(4, 3))
+    config = tiny_config(backbone, image_size=size, channels=channels, widths=widths, levels=(4, 3))
     tokenizer = Tokenizer(config).eval()
     grid = size // 2 ** (len(widths) - 1)
     assert config.grid_size == grid and config.tokens_per_frame == grid * grid
@@ -73,9 +92,11 @@ def test_wrong_input_raises(frames):
         tokenizer(frames)
 
 
-def test_a_few_steps_reduce_the_loss():
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_a_few_steps_reduce_the_loss(backbone):
     torch.manual_seed(0)
-    tokenizer = Tokenizer(TokenizerConfig(image_size=16, channels=3, widths=(8, 16), levels=(4, 3)))
+    config = tiny_config(backbone, image_size=16, channels=3, widths=(8, 16), levels=(4, 3), attention_width=32)
+    tokenizer = Tokenizer(config)
     frames = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
     frames[:, 4:10, 4:10] = 255
     optimizer = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
@@ -123,3 +144,166 @@ def test_bottom_rows_weight_the_gauge_strip():
     extra = 4 * error[..., -4:, :].sum() / error.numel()
     plain_loss, _ = plain(frames)
     assert loss.item() == pytest.approx(plain_loss.item() + extra.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("size", "widths", "levels"), [(64, (16, 32, 64, 96), (8, 6, 5)), (32, (8, 16), (4, 3)), (128, (8, 8, 16), (5,))]
+)
+def test_every_backbone_gives_the_same_token_grid(size, widths, levels):
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+    configs = {name: tiny_config(name, image_size=size, widths=widths, levels=levels) for name in BACKBONES}
+    assert len({c.tokens_per_frame for c in configs.values()}) == 1
+    assert len({c.bytes_per_frame for c in configs.values()}) == 1
+    grid = configs["conv"].grid_size
+    for config in configs.values():
+        assert config.patch_size * grid == size
+        tokenizer = Tokenizer(config).eval()
+        with torch.no_grad():
+            out = tokenizer.encode(frames)
+        assert out.tokens.shape == (2, grid, grid) and out.z.shape == (2, len(levels), grid, grid)
+        assert out.tokens.max() < config.codebook_size
+        assert tokenizer.tokens_to_frames(out.tokens).shape == frames.shape
+
+
+def test_vit_projects_patches_linearly_with_no_convolution():
+    tokenizer = Tokenizer(tiny_config("vit", image_size=32, widths=(8, 16, 16), levels=(4, 3)))
+    assert not any(isinstance(m, nn.Conv2d) for m in tokenizer.modules())
+    assert tokenizer.encoder.transformer.embed.in_features == 3 * 4 * 4  # one 4x4 RGB patch per token
+    assert tokenizer.decoder.transformer.head.out_features == 3 * 4 * 4
+    # the hybrid shares the conv backbone's stages and the vit's transformer
+    hybrid = Tokenizer(tiny_config("hybrid", image_size=32, widths=(8, 16, 16), levels=(4, 3)))
+    conv = Tokenizer(tiny_config("conv", image_size=32, widths=(8, 16, 16), levels=(4, 3)))
+    stem = [k for k in hybrid.encoder.state_dict() if k.startswith("stem.")]
+    assert {k.removeprefix("stem.") for k in stem} <= {k.removeprefix("net.") for k in conv.encoder.state_dict()}
+    assert type(hybrid.encoder.transformer) is type(tokenizer.encoder.transformer)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "adversarial_weight"), [("vit", 0.0), ("hybrid", 0.0), ("conv", 0.0), ("vit", 0.1)]
+)
+def test_checkpoint_restores_the_backbone(tmp_path, backbone, adversarial_weight):
+    torch.manual_seed(0)
+    config = tiny_config(
+        backbone, image_size=32, widths=(8, 16, 16), levels=(4, 3), adversarial_weight=adversarial_weight
+    )
+    tokenizer = Tokenizer(config)
+    frames = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    tokenizer(frames)  # one training forward: advances the adversarial schedule when there is one
+    tokenizer.eval()
+    save_checkpoint(tmp_path / "tokenizer", tokenizer, "tokenizer", {"step": 1})
+    restored, meta, _ = load_module(tmp_path / "tokenizer", "tokenizer", Tokenizer, TokenizerConfig)
+    restored.eval()
+    assert meta["config"]["backbone"] == backbone and restored.config == config
+    assert type(restored.encoder) is type(tokenizer.encoder) and type(restored.decoder) is type(tokenizer.decoder)
+    with torch.no_grad():
+        tokens = tokenizer.encode(frames).tokens
+        assert torch.equal(restored.encode(frames).tokens, tokens)
+        assert torch.equal(restored.tokens_to_frames(tokens), tokenizer.tokens_to_frames(tokens))
+    if adversarial_weight:
+        assert int(restored.adversarial_step) == 1
+        for name, weight in tokenizer.discriminator.state_dict().items():
+            assert torch.equal(restored.discriminator.state_dict()[name], weight)
+
+
+def test_unknown_backbone_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'mlp'.*\['conv', 'hybrid', 'vit'\]"):
+        Tokenizer(TokenizerConfig(backbone="mlp"))
+    with pytest.raises(ConfigError, match="backbone.*'conv', 'vit', 'hybrid'"):
+        from_dict(TokenizerConfig, {"backbone": "mlp"})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"backbone": "vit", "attention_width": 30, "attention_heads": 3},  # not a multiple of 4
+        {"backbone": "hybrid", "attention_width": 32, "attention_heads": 3},  # not a multiple of the heads
+        {"backbone": "vit", "attention_layers": 0},
+        {"adversarial_weight": -1.0},
+        {"adversarial_weight": 0.1, "discriminator_widths": (12, 24)},
+    ],
+)
+def test_bad_settings_raise(bad):
+    with pytest.raises(ValueError):
+        Tokenizer(TokenizerConfig(image_size=32, widths=(8, 16), levels=(4, 3), **bad))
+
+
+def test_preset_overrides_reach_the_new_fields():
+    overrides = [
+        "tokenizer.model.backbone=hybrid",
+        "tokenizer.model.attention_width=32",
+        "tokenizer.model.attention_layers=1",
+        "tokenizer.model.attention_heads=2",
+        "tokenizer.model.adversarial_weight=1",  # an int for a float field
+        "tokenizer.model.adversarial_start=200",
+        "tokenizer.model.discriminator_widths=[16, 32]",
+    ]
+    raw = load_preset("tiny", overrides)["tokenizer"]["model"]
+    config = from_dict(TokenizerConfig, raw)
+    assert config.backbone == "hybrid" and (config.attention_width, config.attention_layers) == (32, 1)
+    assert config.adversarial_weight == 1.0 and isinstance(config.adversarial_weight, float)
+    assert config.adversarial_start == 200 and config.discriminator_widths == (16, 32)
+    plain = from_dict(TokenizerConfig, load_preset("tiny")["tokenizer"]["model"])
+    assert plain.backbone == "conv" and plain.adversarial_weight == 0.0
+    assert config.tokens_per_frame == plain.tokens_per_frame == 64
+    assert from_dict(TokenizerConfig, dataclasses.asdict(config)) == config
+
+
+def test_adversarial_term_is_off_by_default():
+    tokenizer = Tokenizer(TokenizerConfig(image_size=16, widths=(8, 16), levels=(4, 3)))
+    assert tokenizer.discriminator is None
+    assert not any(k.startswith(("discriminator", "adversarial")) for k in tokenizer.state_dict())
+    _, logs = tokenizer(torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8))
+    assert "discriminator" not in logs
+
+
+def test_adversarial_gradients_reach_each_player_only():
+    config = TokenizerConfig(
+        image_size=16,
+        widths=(8, 16),
+        levels=(4, 3),
+        adversarial_weight=0.5,
+        adversarial_start=1,
+        discriminator_widths=(8, 16),
+    )
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(config)
+    torch.manual_seed(0)
+    plain = Tokenizer(dataclasses.replace(config, adversarial_weight=0.0))  # the same encoder and decoder
+    frames = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+
+    def generator_grads(model: Tokenizer) -> list[torch.Tensor]:
+        return [p.grad.clone() for p in [*model.encoder.parameters(), *model.decoder.parameters()]]
+
+    # step 0, before adversarial_start: the encoder and decoder get exactly the plain gradients
+    loss, logs = tokenizer.forward_batch({"frames": frames})
+    assert torch.isfinite(loss) and {"adversarial", "discriminator", "discriminator_accuracy"} <= set(logs)
+    loss.backward()
+    plain(frames)[0].backward()
+    for ours, theirs in zip(generator_grads(tokenizer), generator_grads(plain), strict=True):
+        torch.testing.assert_close(ours, theirs)
+    grads = [p.grad for p in tokenizer.discriminator.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert int(tokenizer.adversarial_step) == 1
+
+    # step 1: the generator term reaches the decoder, but the discriminator still gets only its hinge gradient
+    tokenizer.zero_grad()
+    loss, _ = tokenizer(frames)
+    loss.backward()
+    assert torch.isfinite(loss)
+    ours = generator_grads(tokenizer)
+    assert not all(torch.allclose(a, b) for a, b in zip(ours, generator_grads(plain), strict=True))
+    discriminator_grads = [p.grad.clone() for p in tokenizer.discriminator.parameters()]
+    tokenizer.zero_grad()
+    with torch.no_grad():
+        recon = tokenizer.decode_codes(tokenizer.encode(frames).z_quantized)
+    real, fake = tokenizer.discriminator(torch.cat([frames_to_float(frames), recon])).chunk(2)
+    (F.relu(1 - real).mean() + F.relu(1 + fake).mean()).backward()
+    for combined, alone in zip(discriminator_grads, tokenizer.discriminator.parameters(), strict=True):
+        torch.testing.assert_close(combined, alone.grad)
+
+    # evaluation forwards do not advance the schedule
+    tokenizer.eval()
+    with torch.no_grad():
+        tokenizer(frames)
+    assert int(tokenizer.adversarial_step) == 2

@@ -1,4 +1,11 @@
-"""Frame tokenizer: an encoder to a small latent grid, an FSQ bottleneck, and a decoder back to pixels."""
+"""Frame tokenizer: an encoder to a small latent grid, an FSQ bottleneck, and a decoder back to pixels.
+
+Three backbones share that interface and differ only in how they map pixels to the grid and back: `conv`
+(strided convolutions with residual blocks), `vit` (one linear projection per patch, then transformer blocks)
+and `hybrid` (the convolutional stages down to the grid, then transformer blocks over it). Each gives a
+(B, d, h, w) latent grid of the same size for the same config, so the tokens are the same in kind whichever
+backbone made them.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +17,20 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.func import functional_call
 
 from worldmodel.fsq import FSQ
 
 
 @dataclass
 class TokenizerConfig:
-    backbone: Literal["conv"] = "conv"
+    backbone: Literal["conv", "vit", "hybrid"] = "conv"
+    """How pixels map to the latent grid and back: `conv`, `vit` or `hybrid` (see the module docstring)."""
     image_size: int = 64
     channels: int = 3
     widths: tuple[int, ...] = (32, 64, 96, 96)
-    """Channel width per resolution stage; each stage after the first halves the resolution."""
+    """Channel width per resolution stage of the convolutions (`conv`, `hybrid`); each stage after the first halves
+    the resolution, so the number of stages fixes the grid for every backbone (`vit` uses only that number)."""
     levels: tuple[int, ...] = (8, 6, 5)
     """FSQ levels per latent channel; the codebook has prod(levels) codes."""
     ssim_weight: float = 0.1
@@ -30,10 +40,29 @@ class TokenizerConfig:
     bottom_weight: float = 1.0
     latent_penalty: float = 0.01
     """Weight of a penalty on |z| > 2 before the FSQ bound, which keeps tanh out of saturation."""
+    attention_width: int = 128
+    """Token width of the transformer blocks of the `vit` and `hybrid` backbones (a multiple of 4 and of the heads)."""
+    attention_layers: int = 4
+    """Transformer blocks in the encoder and again in the decoder (`vit`, `hybrid`)."""
+    attention_heads: int = 4
+    """Attention heads per transformer block (`vit`, `hybrid`)."""
+    adversarial_weight: float = 0.0
+    """Weight of a PatchGAN hinge loss that pushes the decoder towards frames a discriminator takes for real ones,
+    for sharper frames at low rates. 0 turns it off and builds no discriminator."""
+    adversarial_start: int = 1000
+    """Training steps before the adversarial term reaches the encoder and decoder (the discriminator learns from
+    the first step, so it is ready when the term starts)."""
+    discriminator_widths: tuple[int, ...] = (32, 64, 128)
+    """Channels of the discriminator's stride-2 convolutions (multiples of 8), one per halving of the resolution."""
 
     @property
     def grid_size(self) -> int:
         return self.image_size // 2 ** (len(self.widths) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels along each side of the square patch that one token covers, for every backbone."""
+        return 2 ** (len(self.widths) - 1)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -48,8 +77,23 @@ class TokenizerConfig:
         return self.tokens_per_frame * math.log2(self.codebook_size) / 8
 
     def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown tokenizer backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}")
         if self.image_size % 2 ** (len(self.widths) - 1):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**{len(self.widths) - 1}")
+        if self.backbone != "conv":
+            width, heads = self.attention_width, self.attention_heads
+            if heads < 1 or self.attention_layers < 1 or width % heads or width % 4:
+                raise ValueError(
+                    f"attention_width {width} must be a multiple of 4 (2-D sine-cosine positions) and of"
+                    f" attention_heads {heads}, and attention_heads and attention_layers at least 1"
+                )
+        if self.adversarial_weight < 0 or self.adversarial_start < 0:
+            raise ValueError("adversarial_weight and adversarial_start must be >= 0")
+        if self.adversarial_weight > 0 and (
+            not self.discriminator_widths or any(w % 8 for w in self.discriminator_widths)
+        ):
+            raise ValueError(f"discriminator_widths {self.discriminator_widths} must be multiples of 8")
 
 
 @dataclass
@@ -75,16 +119,35 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
+def conv_down_layers(config: TokenizerConfig) -> list[nn.Module]:
+    """A stem convolution and one residual stage per width, each after the first halving the resolution:
+    (B, C, H, W) -> (B, widths[-1], h, w)."""
+    widths = config.widths
+    layers: list[nn.Module] = [nn.Conv2d(config.channels, widths[0], 3, padding=1), ResBlock(widths[0])]
+    for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Conv2d(w_in, w_out, 4, stride=2, padding=1), ResBlock(w_out)]
+    return layers
+
+
+def conv_up_layers(config: TokenizerConfig) -> list[nn.Module]:
+    """The mirror of `conv_down_layers` with nearest upsampling, ending in a convolution to the image's channels:
+    (B, widths[-1], h, w) -> (B, C, H, W)."""
+    widths = config.widths[::-1]
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w_in, w_out, 3, padding=1), ResBlock(w_out)]
+    layers += [nn.GroupNorm(8, widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], config.channels, 3, padding=1)]
+    return layers
+
+
 class ConvEncoder(nn.Module):
     """(B, C, H, W) in [0, 1] -> (B, d, h, w) latents, with strided convolutions and residual blocks."""
 
     def __init__(self, config: TokenizerConfig, latent_dim: int):
         super().__init__()
-        widths = config.widths
-        layers: list[nn.Module] = [nn.Conv2d(config.channels, widths[0], 3, padding=1), ResBlock(widths[0])]
-        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Conv2d(w_in, w_out, 4, stride=2, padding=1), ResBlock(w_out)]
-        layers += [nn.GroupNorm(8, widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], latent_dim, 1)]
+        width = config.widths[-1]
+        layers = conv_down_layers(config)
+        layers += [nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, latent_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,22 +159,145 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, config: TokenizerConfig, latent_dim: int):
         super().__init__()
-        widths = config.widths[::-1]
-        layers: list[nn.Module] = [nn.Conv2d(latent_dim, widths[0], 3, padding=1), ResBlock(widths[0])]
-        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
-            layers += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(w_in, w_out, 3, padding=1),
-                ResBlock(w_out),
-            ]
-        layers += [nn.GroupNorm(8, widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], config.channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
+        width = config.widths[-1]
+        stem = [nn.Conv2d(latent_dim, width, 3, padding=1), ResBlock(width)]
+        self.net = nn.Sequential(*stem, *conv_up_layers(config))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return self.net(codes)
 
 
-BACKBONES = {"conv": (ConvEncoder, ConvDecoder)}
+def sincos_positions(height: int, width: int, dim: int) -> torch.Tensor:
+    """(height * width, dim) fixed 2-D position embeddings, row-major: sines and cosines of the row, then of the
+    column, each over dim / 4 geometrically spaced frequencies."""
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    rows = rows.flatten()[:, None].float() * frequencies  # (K, D/4)
+    cols = cols.flatten()[:, None].float() * frequencies
+    return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block on (B, K, D) tokens: full self-attention, then an MLP, each added to its input."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.attention_norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width),
+            nn.Linear(width, mlp_ratio * width),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * width, width),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(self.attention_norm(x))  # (B, K, 3 * D)
+        query, key, value = rearrange(qkv, "b k (three heads e) -> three b heads k e", three=3, heads=self.heads)
+        mixed = F.scaled_dot_product_attention(query, key, value)
+        x = x + self.out(rearrange(mixed, "b heads k e -> b k (heads e)"))
+        return x + self.mlp(x)
+
+
+class GridTransformer(nn.Module):
+    """(B, D_in, h, w) map -> (B, D_out, h, w): every cell a token, a linear map in, 2-D sine-cosine positions,
+    pre-norm attention blocks over all cells, a final norm and a linear map out. The shared part of `vit` and
+    `hybrid`, in their encoders and decoders."""
+
+    def __init__(self, config: TokenizerConfig, in_dim: int, out_dim: int):
+        super().__init__()
+        width, grid = config.attention_width, config.grid_size
+        self.embed = nn.Linear(in_dim, width)
+        self.register_buffer("positions", sincos_positions(grid, grid, width), persistent=False)
+        blocks = (AttentionBlock(width, config.attention_heads) for _ in range(config.attention_layers))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(rearrange(x, "b d h w -> b (h w) d")) + self.positions  # (B, K, D)
+        out = self.head(self.norm(self.blocks(tokens)))
+        return rearrange(out, "b (h w) d -> b d h w", h=x.shape[-2])
+
+
+class ViTEncoder(nn.Module):
+    """(B, C, H, W) in [0, 1] -> (B, d, h, w) latents: each patch_size x patch_size patch flattened and projected
+    linearly to one token (no other convolution), then transformer blocks over the patches."""
+
+    def __init__(self, config: TokenizerConfig, latent_dim: int):
+        super().__init__()
+        self.patch = config.patch_size
+        self.transformer = GridTransformer(config, config.channels * self.patch**2, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer(F.pixel_unshuffle(x, self.patch))  # (B, C * P * P, h, w) patches in
+
+
+class ViTDecoder(nn.Module):
+    """(B, d, h, w) codes -> (B, C, H, W) images: transformer blocks over the code tokens, then a linear map of
+    each token to the pixels of its patch."""
+
+    def __init__(self, config: TokenizerConfig, latent_dim: int):
+        super().__init__()
+        self.patch = config.patch_size
+        self.transformer = GridTransformer(config, latent_dim, config.channels * self.patch**2)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.transformer(codes), self.patch)
+
+
+class HybridEncoder(nn.Module):
+    """(B, C, H, W) in [0, 1] -> (B, d, h, w) latents: ConvEncoder's strided residual stages down to the grid,
+    then transformer blocks over its cells."""
+
+    def __init__(self, config: TokenizerConfig, latent_dim: int):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_down_layers(config))
+        self.transformer = GridTransformer(config, config.widths[-1], latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer(self.stem(x))
+
+
+class HybridDecoder(nn.Module):
+    """(B, d, h, w) codes -> (B, C, H, W) images: transformer blocks over the code tokens, then ConvDecoder's
+    upsampling stages."""
+
+    def __init__(self, config: TokenizerConfig, latent_dim: int):
+        super().__init__()
+        self.transformer = GridTransformer(config, latent_dim, config.widths[-1])
+        self.upsample = nn.Sequential(*conv_up_layers(config))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.transformer(codes))
+
+
+BACKBONES = {
+    "conv": (ConvEncoder, ConvDecoder),
+    "vit": (ViTEncoder, ViTDecoder),
+    "hybrid": (HybridEncoder, HybridDecoder),
+}
+
+
+class PatchDiscriminator(nn.Module):
+    """(B, C, H, W) images in [0, 1] -> (B, 1, h', w') logits, one per overlapping patch, of the patch being from a
+    real frame rather than a reconstruction (PatchGAN): stride-2 convolutions, then a 3x3 convolution to one
+    channel. GroupNorm, not BatchNorm, so that real and fake images in one batch do not share statistics."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        widths = config.discriminator_widths
+        layers: list[nn.Module] = [nn.Conv2d(config.channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Conv2d(w_in, w_out, 4, stride=2, padding=1), nn.GroupNorm(8, w_out), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(widths[-1], 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images * 2 - 1)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
@@ -154,6 +340,10 @@ class Tokenizer(nn.Module):
         encoder_cls, decoder_cls = BACKBONES[config.backbone]
         self.encoder = encoder_cls(config, self.quantizer.dim)
         self.decoder = decoder_cls(config, self.quantizer.dim)
+        self.discriminator = PatchDiscriminator(config) if config.adversarial_weight > 0 else None
+        if self.discriminator is not None:
+            # training forwards so far, saved with the weights so that a resumed run keeps its schedule
+            self.register_buffer("adversarial_step", torch.zeros((), dtype=torch.long))
 
     def _check_frames(self, frames: torch.Tensor) -> None:
         c = self.config
@@ -199,6 +389,10 @@ class Tokenizer(nn.Module):
         structural = 1 - ssim(recon.clamp(0, 1), target)
         overflow = F.relu(out.z.abs() - 2).pow(2).mean()
         loss = weighted + self.config.ssim_weight * structural + self.config.latent_penalty * overflow
+        adversarial_logs = {}
+        if self.discriminator is not None:
+            generator, discriminator, adversarial_logs = self.adversarial_losses(recon, target)
+            loss = loss + self.config.adversarial_weight * generator + discriminator
         with torch.no_grad():
             used = torch.unique(out.tokens).numel()
             logs = {
@@ -208,8 +402,45 @@ class Tokenizer(nn.Module):
                 "psnr": psnr(recon.clamp(0, 1), target).item(),
                 "z_absmax": out.z.abs().max().item(),
                 "codes_used": float(used),
+                **adversarial_logs,
             }
         return loss, logs
+
+    def adversarial_losses(
+        self, recon: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(generator term, discriminator hinge loss, logs) for (B, C, H, W) reconstructions and targets.
+
+        Both go into the one loss that the generic trainer minimises with one optimizer over all parameters, and
+        each reaches only its own player's parameters, so one backward pass gives each player the gradient of its
+        own objective (simultaneous gradient descent):
+        - the discriminator's hinge loss, relu(1 - D(real)) + relu(1 + D(fake)), sees the reconstructions detached,
+          so it moves the discriminator and not the decoder;
+        - the generator term, -D(fake), runs the discriminator with detached copies of its weights
+          (`functional_call`), so its gradient flows through the reconstructions into the decoder and encoder and
+          not into the discriminator, which would otherwise learn to call fakes real.
+        The two players share the trainer's learning rate, schedule, weight decay and gradient clipping (whose
+        norm counts both). The generator term is zero for the first `adversarial_start` training forwards, while
+        the discriminator already learns, so that every parameter has a gradient at every step (as
+        DistributedDataParallel expects unless told to look for unused parameters).
+        """
+        logits = self.discriminator(torch.cat([target, recon.detach()]))
+        real, fake = logits.chunk(2)
+        discriminator = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        step = int(self.adversarial_step)
+        if self.training and torch.is_grad_enabled():
+            self.adversarial_step += 1
+        if step >= self.config.adversarial_start:
+            frozen = {name: weight.detach() for name, weight in self.discriminator.named_parameters()}
+            generator = -functional_call(self.discriminator, frozen, (recon,)).mean()
+        else:
+            generator = torch.zeros((), device=recon.device)
+        logs = {
+            "adversarial": -fake.mean().item(),
+            "discriminator": discriminator.item(),
+            "discriminator_accuracy": ((real > 0).float().mean() + (fake < 0).float().mean()).item() / 2,
+        }
+        return generator, discriminator, logs
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self(batch["frames"])
