@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from worldmodel import distributed
 from worldmodel.checkpoint import CheckpointError, fingerprint, load_module, read_checkpoint
 from worldmodel.config import from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
@@ -41,9 +42,10 @@ class DynamicsStage:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`cpu`, `cuda` or `auto` (CUDA when present); under torchrun, CUDA is this process's GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.local_device(torch.device(device))
 
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tokenizer, dict]:
@@ -90,7 +92,11 @@ def train_tokenizer(
     val_fraction: float = 0.1,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """Train the tokenizer on the dataset's training episodes; returns validation metrics and the rate."""
+    """Train the tokenizer on the dataset's training episodes; returns validation metrics and the rate.
+
+    Runs data-parallel when launched with torchrun (see `worldmodel.distributed`), e.g.
+    `torchrun --standalone --nproc_per_node 2 -m worldmodel.cli train tokenizer --preset tiny`.
+    """
     dev = resolve_device(device)
     dataset = Dataset.open(dataset_dir)
     height, width, channels = dataset.frame_shape
@@ -98,7 +104,7 @@ def train_tokenizer(
         raise DatasetError(f"the tokenizer needs square frames, {dataset_dir} has {height}x{width}")
     config = dataclasses.replace(stage.model, image_size=height, channels=channels)
     train_ids, val_ids = dataset.split(val_fraction)
-    sampler = FrameSampler(dataset, dataset.usable(train_ids), seed=stage.train.seed)
+    sampler = FrameSampler(dataset, dataset.usable(train_ids), seed=stage.train.seed + distributed.rank())
     val_all = FrameSampler(dataset, dataset.usable(val_ids)).all_frames()
     val_frames = val_all[np.linspace(0, len(val_all) - 1, min(stage.val_frames, len(val_all))).astype(int)]
     tokenizer = Tokenizer(config).to(dev)
@@ -181,7 +187,7 @@ def train_dynamics(
     )
     window = config.context_frames
     model = DynamicsModel(config).to(dev)
-    rng = np.random.default_rng(stage.train.seed)
+    rng = np.random.default_rng(stage.train.seed + distributed.rank())
     val_rng = np.random.default_rng(12345)
     val_batches = [
         _to_tensors(val_set.sample(window, stage.train.batch_size, val_rng), dev) for _ in range(stage.val_batches)
