@@ -153,3 +153,16 @@ def test_scientific_notation_override_is_a_float():
     apply_override(raw, "lr=1e-3")
     assert raw["lr"] == pytest.approx(1e-3)
     assert load_pipeline_config("tiny", ["tokenizer.train.lr=1e-3"]).tokenizer.train.lr == pytest.approx(1e-3)
+
+
+def test_cli_overrides_may_follow_flags_and_strays_are_refused(capsys):
+    from worldmodel.cli import parse_args
+
+    args = parse_args(["train", "tokenizer", "--preset", "tiny", "tokenizer.train.steps=5", "--name", "x", "a.b=1"])
+    assert args.component == "tokenizer" and args.preset == "tiny" and args.name == "x"
+    assert args.overrides == ["tokenizer.train.steps=5", "a.b=1"]
+    with pytest.raises(SystemExit):
+        parse_args(["train", "tokenizer", "--preset", "tiny", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # commands without overrides take none
+        parse_args(["eval", "tokenizer", "--checkpoint", "c", "--frames", "f.npy", "a.b=1"])

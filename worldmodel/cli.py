@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+SOURCES = ("carracing", "highway")
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.train.steps=200 ppo.num_envs=32"
 
 
@@ -15,7 +16,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="preset name in configs/ or a path to a YAML file")
     parser.add_argument(
         "--source",
-        choices=["carracing", "highway"],
+        choices=SOURCES,
         default=None,
         help="data source (default: the preset's, CarRacing-v3)",
     )
@@ -35,9 +36,11 @@ def _config(args: argparse.Namespace):
 
 
 def _logger(config):
+    from worldmodel import distributed
     from worldmodel.logger import RunLogger
 
-    return RunLogger(config.run_dir, config.run.wandb)
+    # under torchrun only rank 0 logs (the trainer logs nothing on the others; no wandb run for each rank either)
+    return RunLogger(config.run_dir, config.run.wandb if distributed.is_main() else "disabled")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -56,6 +59,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from worldmodel import distributed
     from worldmodel.train import train_dynamics, train_tokenizer
 
     config = _config(args)
@@ -74,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         figures = train_ppo(config.run_dir, config.ppo, logger, config.run.device)
     logger.close()
-    print(json.dumps(figures, indent=2))
+    if distributed.is_main():
+        print(json.dumps(figures, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -126,9 +131,7 @@ def cmd_bench_imagination(args: argparse.Namespace) -> None:
     print(format_table(bench_imagination(args.run, config, args.json)))
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    if args.target == "imagination":
-        return cmd_bench_imagination(args)
+def cmd_bench_dynamics(args: argparse.Namespace) -> None:
     from bench.dynamics import DynamicsBenchConfig, bench_dynamics
     from bench.faithfulness import ProbeConfig
 
@@ -140,6 +143,92 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     figures = bench_dynamics(args.run, args.data, config, args.json, args.plot)
     print(json.dumps(figures, indent=2))
+
+
+def _rate(text: str) -> dict:
+    """A rate setting: a YAML mapping of tokenizer model fields, e.g. '{levels: [8, 6, 5]}'."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError(
+            f"expected a YAML mapping of tokenizer fields, e.g. '{{levels: [8, 6, 5]}}', got {text!r}"
+        )
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _qualities(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0 or max(values) > 100:
+        raise argparse.ArgumentTypeError(f"expected comma-separated qualities in [0, 100], got {text!r}")
+    return values
+
+
+def _codec_qualities(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    from bench.codecs import QUALITIES
+
+    return {"webp": args.webp_qualities or QUALITIES["webp"], "jpeg": args.jpeg_qualities or QUALITIES["jpeg"]}
+
+
+def cmd_bench_tokenizer(args: argparse.Namespace) -> None:
+    from agents.pipeline import load_pipeline_config
+    from bench.tokenizer import DEFAULT_RATES, TokenizerBenchConfig, bench_tokenizer, format_markdown
+    from worldmodel.dataset import Dataset
+
+    # the preset's tokenizer section, with its overlay for the dataset's source (as `worldmodel train` uses it)
+    source = Dataset.open(args.data).manifest.source
+    pipeline = load_pipeline_config(args.preset, args.overrides, source if source in SOURCES else None)
+    config = TokenizerBenchConfig(
+        backbones=args.backbones,
+        rates=tuple(args.rate) if args.rate else DEFAULT_RATES,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        val_fraction=pipeline.run.val_fraction,
+        eval_frames=args.eval_frames,
+        timing_batches=args.batch_sizes,
+        seconds=args.seconds,
+        resolutions=args.resolutions,
+        qualities=_codec_qualities(args),
+        device=args.device,
+        seed=pipeline.tokenizer.train.seed,
+    )
+    out = Path(args.out)
+    results = bench_tokenizer(args.data, out, pipeline.tokenizer, config)
+    print(format_markdown(results))
+    print(f"wrote {out / 'tokenizer_bench.md'}, {out / 'tokenizer_bench.json'} and {out / 'rate_distortion.png'}")
+
+
+def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
+    from bench.tokenizer import EvalConfig, eval_tokenizer, format_eval
+
+    config = EvalConfig(
+        max_frames=args.max_frames, batch_size=args.batch_size, device=args.device, qualities=_codec_qualities(args)
+    )
+    print(format_eval(eval_tokenizer(args.checkpoint, args.frames, args.json, config)))
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def _codec_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--webp-qualities", type=_qualities, default=None, help="WebP qualities to measure (default: 0 to 100)"
+    )
+    parser.add_argument(
+        "--jpeg-qualities", type=_qualities, default=None, help="JPEG qualities to measure (default: 1 to 100)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,38 +263,122 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--out", default=None, help="output path without suffix (default: runs/<name>/rollout)")
     rollout.set_defaults(func=cmd_rollout)
 
-    bench = commands.add_parser("bench", help="measure a trained run against its references")
-    bench.add_argument("target", choices=["dynamics", "imagination"])
-    bench.add_argument("--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`")
-    bench.add_argument("--data", default=None, help="dataset folder (default: RUN/dataset)")
-    bench.add_argument("--json", default=None, help="write the figures to this JSON file")
-    bench.add_argument("--plot", default=None, help="write the PSNR-by-horizon plot to this PNG file")
-    bench.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
-    bench.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
-    bench.add_argument("--temperature", type=float, default=0.0, help="dream sampling temperature (0: greedy)")
-    bench.add_argument(
+    bench = commands.add_parser("bench", help="measure trained models against their references")
+    targets = bench.add_subparsers(dest="target", required=True)
+
+    dynamics = targets.add_parser("dynamics", help="open-loop fidelity and action faithfulness of a run's dream")
+    dynamics.add_argument("--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`")
+    dynamics.add_argument("--data", default=None, help="dataset folder (default: RUN/dataset)")
+    dynamics.add_argument("--json", default=None, help="write the figures to this JSON file")
+    dynamics.add_argument("--plot", default=None, help="write the PSNR-by-horizon plot to this PNG file")
+    dynamics.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
+    dynamics.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
+    dynamics.add_argument("--temperature", type=float, default=0.0, help="dream sampling temperature (0: greedy)")
+    dynamics.add_argument(
         "--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens (temperature > 0)"
     )
-    bench.add_argument(
-        "--batch-sizes", type=_positive_ints, default=(1, 16, 256), help="imagination: dream batch sizes to time"
+    dynamics.set_defaults(func=cmd_bench_dynamics)
+
+    imagination = targets.add_parser("imagination", help="dream steps per second beside the real simulator")
+    imagination.add_argument(
+        "--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`"
     )
-    bench.add_argument("--seconds", type=float, default=3.0, help="imagination: timed seconds per measurement")
-    bench.add_argument(
-        "--real-envs", type=int, default=None, help="imagination: real simulators (default: one per CPU; 0: skip)"
+    imagination.add_argument("--json", default=None, help="write the figures to this JSON file")
+    imagination.add_argument(
+        "--batch-sizes", type=_positive_ints, default=(1, 16, 256), help="dream batch sizes to time"
     )
-    bench.add_argument(
-        "--preset-shapes", default="", help="imagination: also time untrained dynamics of these presets, e.g. tiny,base"
+    imagination.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    imagination.add_argument(
+        "--real-envs", type=int, default=None, help="real simulators (default: one per CPU; 0: skip)"
     )
-    bench.add_argument("--device", default="auto", help="imagination: cpu, cuda or auto")
-    bench.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="imagination: the dream's precision"
+    imagination.add_argument(
+        "--preset-shapes", default="", help="also time untrained dynamics of these presets, e.g. tiny,base"
     )
-    bench.set_defaults(func=cmd_bench)
+    imagination.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    imagination.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="the dream's precision"
+    )
+    imagination.set_defaults(func=cmd_bench_imagination)
+
+    tokenizer = targets.add_parser(
+        "tokenizer", help="rate, distortion and speed of tokenizer backbones beside WebP and JPEG"
+    )
+    tokenizer.add_argument("--data", required=True, help="dataset folder written by `worldmodel collect`")
+    tokenizer.add_argument(
+        "--out", required=True, help="output folder: tables, JSON, plot, and the trained tokenizers (reused)"
+    )
+    tokenizer.add_argument(
+        "--preset", default="tiny", help="preset whose tokenizer model and training settings the rates modify"
+    )
+    tokenizer.add_argument(
+        "--backbones", type=_names, default=("conv", "vit", "hybrid"), help="comma-separated tokenizer backbones"
+    )
+    tokenizer.add_argument(
+        "--rate",
+        type=_rate,
+        action="append",
+        default=None,
+        help="a rate setting as YAML tokenizer model fields, repeatable, e.g. --rate '{levels: [8, 6, 5]}' "
+        "(default: levels [4, 4, 4], [8, 6, 5] and [8, 5, 5, 5])",
+    )
+    tokenizer.add_argument("--steps", type=_positive_int, default=1000, help="training steps of every tokenizer")
+    tokenizer.add_argument("--batch-size", type=_positive_int, default=32, help="training batch of every tokenizer")
+    tokenizer.add_argument("--eval-frames", type=_positive_int, default=512, help="held-out frames measured on")
+    tokenizer.add_argument(
+        "--batch-sizes", type=_positive_ints, default=(1, 64), help="batch sizes of the encode and decode timing"
+    )
+    tokenizer.add_argument("--seconds", type=float, default=2.0, help="timed seconds per speed measurement")
+    tokenizer.add_argument(
+        "--resolutions",
+        type=_positive_ints,
+        default=(64, 128, 256, 512),
+        help="square resolutions of the encode-time table (untrained models)",
+    )
+    tokenizer.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    _codec_flags(tokenizer)
+    tokenizer.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    tokenizer.set_defaults(func=cmd_bench_tokenizer)
+
+    evaluation = commands.add_parser("eval", help="measure one component on your own data")
+    components = evaluation.add_subparsers(dest="component", required=True)
+    eval_tokenizer = components.add_parser(
+        "tokenizer", help="a tokenizer's rate and distortion on a .npy of frames, beside WebP and JPEG"
+    )
+    eval_tokenizer.add_argument(
+        "--checkpoint", required=True, help="tokenizer checkpoint (RUN/tokenizer) or a run folder"
+    )
+    eval_tokenizer.add_argument(
+        "--frames", required=True, help=".npy file of (N, H, W, C) uint8 frames, resized to the tokenizer's size"
+    )
+    eval_tokenizer.add_argument("--json", default=None, help="write the figures to this JSON file")
+    eval_tokenizer.add_argument(
+        "--max-frames",
+        type=_positive_int,
+        default=None,
+        help="measure on this many evenly spaced frames (default: all)",
+    )
+    eval_tokenizer.add_argument("--batch-size", type=_positive_int, default=128, help="tokenizer batch size")
+    eval_tokenizer.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    _codec_flags(eval_tokenizer)
+    eval_tokenizer.set_defaults(func=cmd_eval_tokenizer)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse reads positionals as one block, so `train tokenizer --preset tiny a.b=1` would leave the override
+    after a flag unrecognised: such `section.key=value` leftovers are overrides too."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    strays = [item for item in extra if not (hasattr(args, "overrides") and "=" in item and not item.startswith("-"))]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from worldmodel.checkpoint import CheckpointError
     from worldmodel.config import ConfigError
     from worldmodel.dataset import DatasetError
