@@ -110,7 +110,7 @@ def write_rollout(
     _write_atomic(gif, frames, config.fps)
 
     def to_float(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x[config.burn_in :]).float().div(255).permute(0, 3, 1, 2)
+        return torch.as_tensor(np.array(x[config.burn_in :], dtype=np.float32)).div(255).permute(0, 3, 1, 2)
 
     return {
         "video": str(mp4),
