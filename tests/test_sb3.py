@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from envs.dream import DreamEnv
@@ -15,12 +16,13 @@ from envs.dream import DreamEnv
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["box_run", "discrete_run"])
-def test_stable_baselines3_ppo_trains_on_the_dream(run, request):
+def test_stable_baselines3_ppo_trains_on_the_dream(run, request, tmp_path):
     obs_mode = "pixels"
     checkpoint = request.getfixturevalue(run)
     sb3_check_env(DreamEnv(checkpoint, obs_mode=obs_mode, burn_in=2, horizon=16))
     envs = DummyVecEnv([lambda: DreamEnv(checkpoint, obs_mode=obs_mode, burn_in=2, horizon=16)] * 2)
     model = PPO("MlpPolicy", envs, n_steps=256, batch_size=128, n_epochs=2, seed=0, device="cpu", verbose=0)
+    model.set_logger(configure(str(tmp_path), []))  # SB3's default logger makes a folder in /tmp on every run
     before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(total_timesteps=2048)
     assert model.num_timesteps >= 2048
