@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from bench.codecs import QUALITIES, CodecPoint, compare, measure_codec
+from bench.imagination import timed_rate
 from worldmodel.checkpoint import read_checkpoint
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler, write_json_atomic
@@ -328,13 +329,7 @@ def frames_per_s(step: Callable[[], Any], frames: int, seconds: float, device: t
 
     with torch.inference_mode():
         call()
-        calls, start = 0, time.perf_counter()
-        while True:
-            call()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return frames * calls / elapsed
+        return frames * timed_rate(call, seconds)
 
 
 def speed(
