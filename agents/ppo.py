@@ -40,6 +40,8 @@ class PPOConfig:
     """Fraction of dreams that begin at an episode's first frame with no context, the policy in control from the
     first step (real episodes all start there, standing still)."""
     temperature: float = 0.0
+    refine_steps: int = 0
+    """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
     gamma: float = 0.97
     gae_lambda: float = 0.95
     lr: float = 3e-4
@@ -68,6 +70,7 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
         config.temperature,
         autoreset_mode="SameStep",
         start_fraction=config.start_fraction,
+        refine_steps=config.refine_steps,
     )
     policy = ActorCritic.for_spaces(
         envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden

@@ -38,6 +38,8 @@ class DynamicsBenchConfig:
     temperature: float = 0.0
     top_k: int | None = None
     """Sample the dream's tokens among the `top_k` most likely (with temperature > 0); see `sample_tokens`."""
+    refine_steps: int = 0
+    """MaskGIT-style refinement rounds of each imagined frame (`refine_tokens`; needs a refiner)."""
     batch_size: int = 64
     faithfulness: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -134,7 +136,13 @@ def open_loop(
             step_index = np.minimum(last + h - 1, lengths - 1)  # rows whose episode ended repeat its last action
             actions = world.action_tensor(held_out.actions[step0 + step_index])
             current = world.imagine(
-                cache, current, actions, temperature=config.temperature, generator=generator, top_k=config.top_k
+                cache,
+                current,
+                actions,
+                temperature=config.temperature,
+                generator=generator,
+                top_k=config.top_k,
+                refine_steps=config.refine_steps,
             ).tokens
             if h not in scores["model"]:
                 continue

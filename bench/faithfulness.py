@@ -60,6 +60,8 @@ class ProbeConfig:
     """Sampling temperature of the dream's next-frame tokens (0: the most likely token)."""
     top_k: int | None = None
     """With a temperature above 0, sample among the `top_k` most likely tokens only."""
+    refine_steps: int = 0
+    """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
     seed: int = 0
 
 
@@ -141,7 +143,13 @@ def _dream_rollouts(
     generator = torch.Generator(world.device).manual_seed(config.seed)
     for _ in range(config.horizon):
         step = world.imagine(
-            cache, current, probe_actions, temperature=config.temperature, generator=generator, top_k=config.top_k
+            cache,
+            current,
+            probe_actions,
+            temperature=config.temperature,
+            generator=generator,
+            top_k=config.top_k,
+            refine_steps=config.refine_steps,
         )
         current = step.tokens
     frames = world.tokenizer.tokens_to_frames(current).cpu().numpy()

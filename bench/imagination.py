@@ -61,6 +61,12 @@ class ImaginationBenchConfig:
     device: str = "auto"
     dtype: str = "float32"
     """The dream's precision: float32 (the plain path) or bfloat16 (see `WorldModel.with_dtype`)."""
+    temperature: float | None = None
+    """The dream's sampling temperature (None: the run's `ppo.temperature`, greedy by default)."""
+    top_k: int | None = None
+    """Sample among the `top_k` likeliest tokens (with a temperature above 0; None: all of them)."""
+    refine_steps: int | None = None
+    """MaskGIT-style refinement rounds per imagined frame (None: the run's `ppo.refine_steps`, 0 by default)."""
     seed: int = 0
 
 
@@ -73,6 +79,8 @@ class DreamSettings:
     start_fraction: float
     temperature: float
     source: str
+    top_k: int | None = None
+    refine_steps: int = 0
     autoreset_mode: str = "SameStep"
 
     @classmethod
@@ -87,6 +95,7 @@ class DreamSettings:
             burn_in=int(ppo.get("burn_in", default.burn_in)),
             start_fraction=float(ppo.get("start_fraction", default.start_fraction)),
             temperature=float(ppo.get("temperature", default.temperature)),
+            refine_steps=int(ppo.get("refine_steps", default.refine_steps)),
             source=str(path) if ppo else "PPOConfig defaults (no ppo section in the run's config.yaml)",
         )
 
@@ -152,6 +161,8 @@ def dream_steps_per_s(
         horizon=settings.horizon,
         burn_in=min(settings.burn_in, world.dynamics.config.context_frames),
         temperature=settings.temperature,
+        top_k=settings.top_k,
+        refine_steps=settings.refine_steps,
         autoreset_mode=settings.autoreset_mode,
         start_fraction=settings.start_fraction,
     )
@@ -193,7 +204,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 @torch.no_grad()
-def step_flops(world: WorldModel) -> dict[str, int]:
+def step_flops(world: WorldModel, refine_steps: int = 0) -> dict[str, int]:
     """FLOPs of one imagined step of one environment with a full context: the dynamics model's cached step
     (`dynamics`), the whole `imagine` with its reward head (`latent`), plus decoding the frame (`pixels`)."""
     grid, device = world.grid_size, world.device
@@ -203,7 +214,7 @@ def step_flops(world: WorldModel) -> dict[str, int]:
     dynamics = count_flops(
         lambda: world.dynamics(tokens.flatten(1)[:, None], action[:, None], world.dynamics.new_cache(1))
     )
-    latent = count_flops(lambda: world.imagine(world.dynamics.new_cache(1), tokens, action))
+    latent = count_flops(lambda: world.imagine(world.dynamics.new_cache(1), tokens, action, refine_steps=refine_steps))
     decoder = count_flops(lambda: world.tokenizer.tokens_to_frames(tokens))
     return {"latent": latent, "pixels": latent + decoder, "dynamics": dynamics, "decoder": decoder}
 
@@ -217,6 +228,7 @@ def untrained_world(world: WorldModel, preset: str, seed: int = 0) -> WorldModel
         tokens_per_frame=trained.tokens_per_frame,
         action_dim=trained.action_dim,
         discrete_actions=trained.discrete_actions,
+        refine_layers=trained.refine_layers,  # the dream refines as the run's does
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -251,7 +263,7 @@ def dream_figures(
                 partial(dream_steps_per_s, world, obs_mode, batch, config.seconds, settings, config.seed),
                 "steps/s",
             )
-    flops = step_flops(world)
+    flops = step_flops(world, settings.refine_steps)
     largest = str(max(config.batch_sizes))
     peak = peak_gflops.get({torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, ""))
     gflops = {mode: flops[mode] * rates[mode][largest] / 1e9 for mode in OBS_MODES}
@@ -288,6 +300,8 @@ def bench_imagination(
     device = resolve_device(config.device)
     world = WorldModel.load(run_dir, device).with_dtype(config.dtype)
     settings = DreamSettings.for_run(run_dir)
+    asked = {"temperature": config.temperature, "top_k": config.top_k, "refine_steps": config.refine_steps}
+    settings = dataclasses.replace(settings, **{name: value for name, value in asked.items() if value is not None})
     presets = {name: untrained_world(world, name, config.seed) for name in config.preset_shapes}
     real_envs = (os.cpu_count() or 1) if config.real_envs is None else config.real_envs
     dream_measurements = 2 * len(config.batch_sizes) * (1 + len(presets))
@@ -355,6 +369,12 @@ def format_table(figures: dict[str, Any]) -> str:
             f"simulator steps/s; {_number(figures['real_recorded_steps_per_s'])} recorded steps/s "
             f"({figures['real_action_repeat']} simulator steps, last frame drawn at 64x64)"
         )
+    dream = figures["dream_settings"]
+    sampling = "greedy" if dream["temperature"] == 0 else f"temperature {dream['temperature']}, top-k {dream['top_k']}"
+    lines.append(
+        f"dream stepped as PPO steps it: horizon {dream['horizon']}, burn-in {dream['burn_in']}, start fraction "
+        f"{dream['start_fraction']}, {sampling}, {dream['refine_steps']} refinement rounds"
+    )
     peak = figures["matmul_peak_gflops"]
     lines.append(
         f"matmul peak ({figures['config']['matmul_size']}^2): "

@@ -64,6 +64,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         start_fraction: float = 0.0,
         top_k: int | None = None,
         dtype: str = "float32",
+        refine_steps: int = 0,
     ):
         model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
         model = model.with_dtype(dtype)
@@ -78,9 +79,15 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.obs_mode = obs_mode
         self.horizon = max_episode_steps or horizon
         self.burn_in = burn_in
-        check_sampling(temperature, top_k)  # refuses bad options now, not mid-step
+        check_sampling(temperature, top_k, refine_steps)  # refuses bad options now, not mid-step
+        if refine_steps and model.dynamics.refiner is None:
+            raise ValueError(
+                f"refine_steps={refine_steps} needs a dynamics model trained with a refiner "
+                "(dynamics.model.refine_layers > 0); this one has none, so use refine_steps=0"
+            )
         self.temperature = temperature
         self.top_k = top_k
+        self.refine_steps = refine_steps
         self.start_fraction = start_fraction
         self.render_mode = render_mode
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -202,6 +209,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
                 self.temperature,
                 self._generator,
                 self.top_k,
+                self.refine_steps,
             )
             if rows is None:
                 self._tokens = prediction.tokens
@@ -254,6 +262,7 @@ class DreamEnv(gym.Env):
         start_fraction: float = 0.0,
         top_k: int | None = None,
         dtype: str = "float32",
+        refine_steps: int = 0,
     ):
         self._vector = DreamVectorEnv(
             checkpoint,
@@ -269,6 +278,7 @@ class DreamEnv(gym.Env):
             start_fraction=start_fraction,
             top_k=top_k,
             dtype=dtype,
+            refine_steps=refine_steps,
         )
         self.observation_space = self._vector.single_observation_space
         self.action_space = self._vector.single_action_space

@@ -66,10 +66,11 @@ def test_bench_imagination_writes_the_figures(box_run, tmp_path):
 def test_bench_imagination_command_prints_a_table(box_run, tmp_path, capsys):
     out = tmp_path / "imagination.json"
     args = ["--run", str(box_run), "--json", str(out), "--batch-sizes", "2", "--seconds", "0.01", "--real-envs", "0"]
-    main(["bench", "imagination", *args])
+    main(["bench", "imagination", *args, "--temperature", "1.0", "--top-k", "3"])
     printed = capsys.readouterr().out
-    assert "latent" in printed and "pixels" in printed
+    assert "latent" in printed and "pixels" in printed and "temperature 1.0, top-k 3" in printed
     written = json.loads(out.read_text())
+    assert written["dream_settings"]["temperature"] == 1.0 and written["dream_settings"]["top_k"] == 3
     assert written["real_steps_per_s"] is None and written["speedup_latent_b2"] is None  # real simulator skipped
     assert written["dream_steps_per_s"]["latent"]["2"] > 0
 

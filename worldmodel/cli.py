@@ -110,6 +110,16 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     values = _positive_ints(text)
     if len(values) != 1:
@@ -127,6 +137,9 @@ def cmd_bench_imagination(args: argparse.Namespace) -> None:
         preset_shapes=tuple(name for name in args.preset_shapes.split(",") if name),
         device=args.device,
         dtype=args.dtype,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        refine_steps=args.refine_steps,
     )
     print(format_table(bench_imagination(args.run, config, args.json)))
 
@@ -139,7 +152,10 @@ def cmd_bench_dynamics(args: argparse.Namespace) -> None:
         episodes=args.episodes,
         temperature=args.temperature,
         top_k=args.top_k,
-        faithfulness=ProbeConfig(states=args.states, temperature=args.temperature, top_k=args.top_k),
+        refine_steps=args.refine_steps,
+        faithfulness=ProbeConfig(
+            states=args.states, temperature=args.temperature, top_k=args.top_k, refine_steps=args.refine_steps
+        ),
     )
     figures = bench_dynamics(args.run, args.data, config, args.json, args.plot)
     print(json.dumps(figures, indent=2))
@@ -277,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     dynamics.add_argument(
         "--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens (temperature > 0)"
     )
+    dynamics.add_argument(
+        "--refine-steps",
+        type=_non_negative_int,
+        default=0,
+        help="MaskGIT-style refinement rounds per imagined frame (needs dynamics.model.refine_layers > 0)",
+    )
     dynamics.set_defaults(func=cmd_bench_dynamics)
 
     imagination = targets.add_parser("imagination", help="dream steps per second beside the real simulator")
@@ -297,6 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     imagination.add_argument("--device", default="auto", help="cpu, cuda or auto")
     imagination.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="the dream's precision"
+    )
+    imagination.add_argument(
+        "--temperature", type=float, default=None, help="dream sampling temperature (default: the run's ppo section)"
+    )
+    imagination.add_argument(
+        "--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens (temperature > 0)"
+    )
+    imagination.add_argument(
+        "--refine-steps",
+        type=_non_negative_int,
+        default=None,
+        help="MaskGIT-style refinement rounds per imagined frame (default: the run's ppo.refine_steps)",
     )
     imagination.set_defaults(func=cmd_bench_imagination)
 

@@ -7,6 +7,12 @@ so the outputs at frame t's token positions (which see action t) predict the tok
 output at the action position predicts termination (and the reward, with `reward_from="action"`; by default
 a small head reads the reward from the token grids of frame t and t + 1). Time enters through rotary
 embeddings over the frame index, so a sliding key/value cache stays valid as old frames drop out.
+
+Predicting every token at once draws each token on its own: at a temperature above 0 neighbouring tokens need
+not agree. An optional refiner (`refine_layers > 0`) re-predicts a frame's tokens given some of them, MaskGIT
+style: a few layers of attention within the predicted frame, over the transformer's outputs for it plus the
+embeddings of the tokens already decided (a mask embedding for the others). It trains on the same windows, with
+a random fraction of the target frame's tokens revealed; `worldmodel.world_model.refine_tokens` samples with it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class DynamicsConfig:
     """Channels of the transition reward head's token embedding and convolutions."""
     reward_weight: float = 1.0
     termination_weight: float = 0.1
+    refine_layers: int = 0
+    """Layers of the MaskGIT-style refiner over one predicted frame (0: none; sampling is one shot)."""
+    refine_weight: float = 1.0
 
     @property
     def grid_size(self) -> int:
@@ -74,6 +83,20 @@ class DynamicsConfig:
                 f"tokens_per_frame {self.tokens_per_frame} must be a square grid whose side is "
                 f"divisible by patch {self.patch}"
             )
+        if self.refine_layers < 0:
+            raise ValueError(f"refine_layers must be >= 0, got {self.refine_layers}")
+
+
+def to_positions(x: torch.Tensor, config: DynamicsConfig) -> torch.Tensor:
+    """(..., K, D) per-token features -> (..., K / patch^2, patch^2 * D): each patch's tokens side by side."""
+    p, side = config.patch, config.grid_size // config.patch
+    return rearrange(x, "... (h p1 w p2) d -> ... (h w) (p1 p2 d)", p1=p, p2=p, h=side)
+
+
+def to_tokens(x: torch.Tensor, config: DynamicsConfig) -> torch.Tensor:
+    """(..., K / patch^2, patch^2 * V) per-position outputs -> (..., K, V) per token; the inverse of `to_positions`."""
+    p, side = config.patch, config.grid_size // config.patch
+    return rearrange(x, "... (h w) (p1 p2 v) -> ... (h p1 w p2) v", p1=p, p2=p, h=side)
 
 
 class TransitionReward(nn.Module):
@@ -107,6 +130,7 @@ class DynamicsOutput:
     logits: torch.Tensor  # (B, T, K, V) next-frame token logits
     reward: torch.Tensor | None  # (B, T); None when the reward is read from the transition (`step_reward`)
     termination_logit: torch.Tensor  # (B, T)
+    hidden: torch.Tensor  # (B, T, K / patch^2, D) the outputs the token logits were read from (for the refiner)
 
 
 class KVCache:
@@ -208,6 +232,31 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), k, v
 
 
+class Refiner(nn.Module):
+    """Next-frame token logits given some of the frame's tokens: attention within the frame over the dynamics
+    model's outputs for it plus the embeddings of the known tokens (a mask embedding for the unknown ones)."""
+
+    def __init__(self, config: DynamicsConfig):
+        super().__init__()
+        self.config = config
+        d, merged = config.d_model, config.patch**2
+        self.mask_id = config.vocab_size
+        self.token_embedding = nn.Embedding(config.vocab_size + 1, d)
+        self.merge = nn.Linear(merged * d, d) if merged > 1 else nn.Identity()
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.refine_layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, merged * config.vocab_size)
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """hidden (N, K / patch^2, D), tokens (N, K) and known (N, K) bool -> (N, K, V) logits."""
+        ids = torch.where(known, tokens, self.mask_id)
+        x = hidden + self.merge(to_positions(self.token_embedding(ids), self.config).to(hidden.dtype))
+        positions = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # the hidden states carry place
+        for block in self.blocks:
+            x, _, _ = block(x, positions, None, None)
+        return to_tokens(self.head(self.norm(x)), self.config)
+
+
 class DynamicsModel(nn.Module):
     """Block-causal transformer over (frame tokens, action) blocks; see the module docstring."""
 
@@ -234,14 +283,12 @@ class DynamicsModel(nn.Module):
         self.reward_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1)) if by_action else None
         self.transition_reward = None if by_action else TransitionReward(config)
         self.termination_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.refiner = Refiner(config) if config.refine_layers else None
 
     def embed(self, tokens: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, K) tokens and (B, T, A) or (B, T) actions -> the sequence (B, T * (K / patch^2 + 1), D) and the
         action embeddings (B, T, D)."""
-        p, side = self.config.patch, self.config.grid_size // self.config.patch
-        frames = self.token_embedding(tokens)  # (B, T, K, D)
-        frames = rearrange(frames, "b t (h p1 w p2) d -> b t (h w) (p1 p2 d)", p1=p, p2=p, h=side)
-        frames = self.merge(frames)  # (B, T, K / p^2, D)
+        frames = self.merge(to_positions(self.token_embedding(tokens), self.config))  # (B, T, K / p^2, D)
         if self.config.discrete_actions:
             acts = self.action_embedding(actions.long())
         else:
@@ -309,15 +356,36 @@ class DynamicsModel(nn.Module):
         if cache is not None:
             cache.write(new_keys, new_values, rows)
         x = rearrange(self.norm(x), "b (t k) d -> b t k d", k=config.block_size)
-        p, side = config.patch, config.grid_size // config.patch
-        logits = rearrange(
-            self.token_head(x[:, :, :-1]), "b t (h w) (p1 p2 v) -> b t (h p1 w p2) v", p1=p, p2=p, h=side
-        )
         return DynamicsOutput(
-            logits=logits,
+            logits=to_tokens(self.token_head(x[:, :, :-1]), config),
             reward=self.reward_head(x[:, :, -1]).squeeze(-1) if self.reward_head is not None else None,
             termination_logit=self.termination_head(x[:, :, -1]).squeeze(-1),
+            hidden=x[:, :, :-1],
         )
+
+    def refine(self, hidden: torch.Tensor, tokens: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """(..., K, V) logits of the next frame's tokens given the `known` ones ((..., K) bool) of `tokens`
+        ((..., K)); `hidden` is `DynamicsOutput.hidden` of the same frames."""
+        if self.refiner is None:
+            raise ValueError("this dynamics model has no refiner (it was trained with refine_layers=0)")
+        count = tokens.shape[-1]
+        logits = self.refiner(
+            hidden.reshape(-1, *hidden.shape[-2:]), tokens.reshape(-1, count), known.reshape(-1, count)
+        )
+        return logits.view(*tokens.shape, -1)
+
+    def refine_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Cross-entropy of the refiner on the hidden tokens of `target` ((..., K)), each frame revealing a random
+        fraction of its tokens: the hidden fraction is cos(pi u / 2) for uniform u, MaskGIT's schedule, and at
+        least one token is hidden. Returns the loss and the accuracy on the hidden tokens."""
+        scores = torch.rand(target.shape, device=target.device)
+        hidden_fraction = torch.cos(torch.rand(*target.shape[:-1], 1, device=target.device) * math.pi / 2)
+        masked = (scores < hidden_fraction) | (scores == scores.amin(-1, keepdim=True))
+        logits = self.refine(hidden, target, ~masked)
+        loss = F.cross_entropy(logits[masked].float(), target[masked])
+        with torch.no_grad():
+            accuracy = (logits[masked].argmax(-1) == target[masked]).float().mean().item()
+        return loss, accuracy
 
     def step_reward(self, out: DynamicsOutput, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) rewards of steps from `tokens` to `next_tokens` ((B, T, K) each; `out` is the forward pass that
@@ -342,6 +410,11 @@ class DynamicsModel(nn.Module):
         reward_loss = F.mse_loss(self.step_reward(out, tokens[:, :-1], target).float(), rewards.float())
         termination_loss = F.binary_cross_entropy_with_logits(out.termination_logit.float(), terminated.float())
         loss = token_loss + self.config.reward_weight * reward_loss + self.config.termination_weight * termination_loss
+        figures = {}
+        if self.refiner is not None:
+            refine_loss, figures["refine_accuracy"] = self.refine_loss(out.hidden, target)
+            figures["refine_ce"] = refine_loss.item()
+            loss = loss + self.config.refine_weight * refine_loss
         with torch.no_grad():
             accuracy = (out.logits.argmax(-1) == target).float().mean().item()
             copy_accuracy = (tokens[:, :-1] == target).float().mean().item()
@@ -352,6 +425,7 @@ class DynamicsModel(nn.Module):
             "termination_bce": termination_loss.item(),
             "token_accuracy": accuracy,
             "copy_last_accuracy": copy_accuracy,
+            **figures,
         }
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +27,14 @@ class StepPrediction:
     terminated: torch.Tensor  # (b,) bool
 
 
-def check_sampling(temperature: float, top_k: int | None) -> None:
-    """Refuse sampling options `sample_tokens` cannot use, saying what it takes."""
+def check_sampling(temperature: float, top_k: int | None, refine_steps: int = 0) -> None:
+    """Refuse sampling options `sample_tokens` and `refine_tokens` cannot use, saying what they take."""
     if temperature < 0 or not np.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive number of tokens or None, got {top_k}")
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int | np.integer) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
 
 
 def sample_tokens(
@@ -51,6 +55,44 @@ def sample_tokens(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, best.indices, best.values)
     probs = torch.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+
+
+def hidden_after(step: int, steps: int, tokens: int) -> int:
+    """Tokens left to re-predict after keeping the confident ones in refinement round `step` of `steps`:
+    MaskGIT's cosine schedule over the one-shot prediction and the `steps` rounds after it."""
+    return math.floor(tokens * math.cos(math.pi / 2 * step / (steps + 1)))
+
+
+def refine_tokens(
+    logits: torch.Tensor,
+    repredict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(b, K, V) one-shot logits -> (b, K) tokens after `steps` rounds of MaskGIT-style refinement.
+
+    Draw every token from `logits`; then, each round, keep the most confident tokens (the likeliest under the
+    logits they were drawn from; kept tokens stay kept) and draw the others again from `repredict(tokens,
+    known)`, which gives (b, K, V) logits given the `known` (b, K) ones. The number re-drawn shrinks by
+    `hidden_after`; with `steps=0` this is `sample_tokens(logits)`."""
+    tokens = sample_tokens(logits, temperature, top_k, generator)
+    if steps == 0:
+        return tokens
+    count = tokens.shape[-1]
+    confidence = logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    known = torch.zeros_like(tokens, dtype=torch.bool)
+    for step in range(1, steps + 1):
+        keep = count - hidden_after(step, steps, count)
+        ranked = confidence.masked_fill(known, float("inf")).sort(dim=-1, descending=True, stable=True).indices
+        known = torch.zeros_like(known).scatter_(-1, ranked[:, :keep], True)
+        logits = repredict(tokens, known)
+        drawn = sample_tokens(logits, temperature, top_k, generator)
+        tokens = torch.where(known, tokens, drawn)
+        drawn_confidence = logits.float().log_softmax(-1).gather(-1, drawn[..., None])[..., 0]
+        confidence = torch.where(known, confidence, drawn_confidence)
+    return tokens
 
 
 class WorldModel:
@@ -150,12 +192,22 @@ class WorldModel:
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
         top_k: int | None = None,
+        refine_steps: int = 0,
     ) -> StepPrediction:
         """One imagined step for `rows`: tokens (b, h, w) of the current frames and actions (b, ...) taken.
 
-        The next frame's tokens are sampled by `sample_tokens` (greedy at temperature 0)."""
+        The next frame's tokens are sampled by `sample_tokens` (greedy at temperature 0), then refined for
+        `refine_steps` rounds by the dynamics model's refiner (`refine_tokens`)."""
         out = self.dynamics(tokens.flatten(1)[:, None], actions[:, None], cache, rows)
-        next_tokens = sample_tokens(out.logits[:, 0], temperature, top_k, generator)
+        hidden = out.hidden[:, 0]
+        next_tokens = refine_tokens(
+            out.logits[:, 0],
+            lambda draft, known: self.dynamics.refine(hidden, draft, known),
+            refine_steps,
+            temperature,
+            top_k,
+            generator,
+        )
         reward = self.dynamics.step_reward(out, tokens.flatten(1)[:, None], next_tokens[:, None])[:, 0]
         return StepPrediction(next_tokens.view(tokens.shape), reward.float(), out.termination_logit[:, 0] > 0)
 
