@@ -78,14 +78,19 @@ def write_synthetic_dataset(
 
 
 def build_run(
-    base: Path, space: gym.Space, channels: int = 3, size: int = 16, dynamics_steps: int = 3
+    base: Path,
+    space: gym.Space,
+    channels: int = 3,
+    size: int = 16,
+    dynamics_steps: int = 3,
+    tokenizer: TokenizerConfig = TINY_TOKENIZER,
 ) -> tuple[Path, Path]:
     """Synthetic dataset plus a run folder trained the way worldmodel/train.py does it (a few steps)."""
     data_dir, run_dir = base / "dataset", base / "run"
     write_synthetic_dataset(data_dir, space, episodes=4, steps=12, size=size, channels=channels)
     logger = RunLogger(run_dir)
     tok_train = TrainConfig(steps=3, batch_size=8, warmup_steps=1, log_every=1, eval_every=100, checkpoint_every=100)
-    train_tokenizer(data_dir, run_dir, TokenizerStage(TINY_TOKENIZER, tok_train, val_frames=16), logger, 0.25)
+    train_tokenizer(data_dir, run_dir, TokenizerStage(tokenizer, tok_train, val_frames=16), logger, 0.25)
     dyn_train = TrainConfig(
         steps=dynamics_steps, batch_size=4, warmup_steps=1, log_every=1, eval_every=100, checkpoint_every=100
     )

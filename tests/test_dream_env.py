@@ -426,6 +426,38 @@ def test_reset_from_given_frames_dreams_from_them(never_ends):
     assert np.array_equal(single.reset(options={"frames": frames, "actions": actions})[0], obs[0])
 
 
+def test_reset_takes_one_context_per_env_each_dreamed_as_if_alone(never_ends):
+    """A (num_envs, C, H, W, ch) context gives each env its own frames and actions: every env's first observation
+    and first step match a one-env dream reset from its context alone."""
+    frames, actions = real_context(never_ends, 2)
+    per_env = np.stack([frames, frames[::-1]])  # (2, 3, H, W, ch)
+    per_env_actions = np.stack([actions, actions[::-1] * 0.5])
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN, horizon=10)
+    obs, _ = env.reset(seed=0, options={"frames": per_env, "actions": per_env_actions})
+    assert not np.array_equal(obs[0], obs[1])
+    step = np.array([[0.5, 0.3, 0.0], [-0.5, 0.0, 0.2]], np.float32)
+    stepped = env.step(step)[0]
+    for i in range(2):
+        alone = DreamVectorEnv(never_ends, 1, burn_in=BURN_IN, horizon=10)
+        first, _ = alone.reset(seed=0, options={"frames": per_env[i], "actions": per_env_actions[i]})
+        np.testing.assert_array_equal(first[0], obs[i])
+        np.testing.assert_array_equal(alone.step(step[i : i + 1])[0][0], stepped[i])
+
+
+def test_reset_from_a_single_frame_needs_no_actions(never_ends):
+    frames, _ = real_context(never_ends, 2)
+    env = DreamVectorEnv(never_ends, 3, burn_in=BURN_IN, horizon=10)
+    obs, _ = env.reset(seed=0, options={"frames": frames[:1]})  # C = 1: no actions taken yet
+    with torch.no_grad():
+        expected = never_ends.tokenizer.encode(torch.as_tensor(frames[:1])).tokens[0].numpy()
+    for row in obs:
+        np.testing.assert_array_equal(row, expected)
+    assert not env._cache.valid.any()  # nothing before the frame: the cache holds no context yet
+    obs, reward, terminated, truncated, _ = env.step(np.zeros((3, 3), np.float32))
+    assert env.observation_space.contains(obs) and np.isfinite(reward).all()
+    assert env._cache.valid.sum(1).tolist() == [1, 1, 1]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

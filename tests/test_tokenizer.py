@@ -206,6 +206,30 @@ def test_checkpoint_restores_the_backbone(tmp_path, backbone, adversarial_weight
             assert torch.equal(restored.discriminator.state_dict()[name], weight)
 
 
+@pytest.mark.parametrize("backbone", ["conv", "vit", "hybrid"])
+def test_a_run_of_each_backbone_dreams_in_the_env(tmp_path, backbone):
+    """Tokenizer checkpoint, dynamics trained on its tokens, and the dream env reading both from the run
+    folder: every backbone plugs in unchanged."""
+    import dataclasses
+
+    import gymnasium as gym
+    import numpy as np
+    from conftest import BOX_SPACE, TINY_TOKENIZER, build_run
+
+    from envs.dream import DreamVectorEnv
+    from worldmodel.checkpoint import read_checkpoint
+
+    config = dataclasses.replace(TINY_TOKENIZER, backbone=backbone, attention_width=16, attention_heads=2)
+    _, run_dir = build_run(tmp_path, BOX_SPACE, tokenizer=config)
+    assert read_checkpoint(run_dir / "tokenizer", "tokenizer")[0]["config"]["backbone"] == backbone
+    env = DreamVectorEnv(run_dir, 2, obs_mode="pixels", burn_in=2, horizon=3)
+    obs, _ = env.reset(seed=0)
+    for _ in range(4):
+        obs, reward, *_ = env.step(env.action_space.sample())
+    assert obs.shape == (2, 16, 16, 3) and obs.dtype == np.uint8 and np.isfinite(reward).all()
+    assert isinstance(env.single_observation_space, gym.spaces.Box)
+
+
 def test_unknown_backbone_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"'mlp'.*\['conv', 'hybrid', 'vit'\]"):
         Tokenizer(TokenizerConfig(backbone="mlp"))
