@@ -40,3 +40,20 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
 def test_bad_sampling_options_are_refused(temperature, top_k, message):
     with pytest.raises(ValueError, match=message):
         sample_tokens(_logits(), temperature, top_k)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_draws_follow_the_tempered_softmax(top_k):
+    """Frequencies of 200,000 draws match the softmax at the temperature, renormalised over the top k."""
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0, 0.5])
+    draws = sample_tokens(logits.expand(200_000, 6), 2.0, top_k, torch.Generator().manual_seed(0))
+    kept = logits if top_k is None else torch.where(torch.arange(6) < top_k, logits, float("-inf"))
+    expected = torch.softmax(kept / 2.0, -1)
+    frequencies = torch.bincount(draws, minlength=6).float() / len(draws)
+    torch.testing.assert_close(frequencies, expected, atol=0.005, rtol=0)
+
+
+def test_tokens_of_zero_probability_are_never_drawn():
+    logits = torch.tensor([0.0, -float("inf"), 0.0, -float("inf")]).expand(10_000, 4)
+    draws = sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    assert set(draws.unique().tolist()) == {0, 2}

@@ -50,11 +50,15 @@ def sample_tokens(
     logits = logits.float()
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
+    indices = None
     if top_k is not None and top_k < logits.shape[-1]:
-        best = logits.topk(top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, best.indices, best.values)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+        logits, indices = logits.topk(top_k, dim=-1)  # draw among the k, then map back to token ids
+    # inverse-CDF draw, one uniform per token against the cumulative softmax: on (256, 64, 240) logits on the
+    # 2-core CPU it took 12 ms where torch.multinomial took 93 (and 140 with top-k over a -inf-filled copy)
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+    uniform = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=cdf.dtype)
+    drawn = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (drawn if indices is None else indices.gather(-1, drawn))[..., 0]
 
 
 def hidden_after(step: int, steps: int, tokens: int) -> int:
