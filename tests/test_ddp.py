@@ -152,9 +152,9 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
         finally:
             launch.send_signal(signal.SIGTERM)
             launch.wait(timeout=120)
-    assert launch.returncode != 0
+    assert launch.returncode != 0, (tmp_path / "killed.log").read_text()[-4000:]
     saved_step = checkpoint_meta(tmp_path, "tokenizer_last")["step"]
-    assert 3 <= saved_step < 100_000
+    assert 3 <= saved_step < 100_000, saved_step
 
     result = subprocess.run(
         [*command, *tokenizer_args(tmp_path, steps=saved_step + 2, checkpoint_every=1)],
@@ -163,9 +163,12 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"resuming tokenizer training from step {saved_step} " in result.stdout + result.stderr
-    assert checkpoint_meta(tmp_path, "tokenizer")["step"] == saved_step + 2
+    # it failed once in about 15 runs of the suite, output lost; say everything if it does again
+    output = f"killed run:\n{(tmp_path / 'killed.log').read_text()[-3000:]}\nresumed run:\n{result.stdout[-2000:]}"
+    output += f"\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, output
+    assert f"resuming tokenizer training from step {saved_step} " in result.stdout + result.stderr, output
+    assert checkpoint_meta(tmp_path, "tokenizer")["step"] == saved_step + 2, output
 
 
 def _worker(argv: list[str]) -> None:
