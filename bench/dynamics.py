@@ -211,6 +211,7 @@ def bench_dynamics(
     run_dir = Path(run_dir)
     dataset_dir = Path(dataset_dir) if dataset_dir else run_dir / "dataset"
     world = WorldModel.load(run_dir, with_contexts=False)
+    world.check_sampling(config.temperature, config.top_k, config.refine_steps)
     world.dynamics.eval()
     world.tokenizer.eval()
     tokens = TokenizedDataset.load(run_dir / "tokens.npz")

@@ -302,6 +302,7 @@ def bench_imagination(
     settings = DreamSettings.for_run(run_dir)
     asked = {"temperature": config.temperature, "top_k": config.top_k, "refine_steps": config.refine_steps}
     settings = dataclasses.replace(settings, **{name: value for name, value in asked.items() if value is not None})
+    world.check_sampling(settings.temperature, settings.top_k, settings.refine_steps)
     presets = {name: untrained_world(world, name, config.seed) for name in config.preset_shapes}
     real_envs = (os.cpu_count() or 1) if config.real_envs is None else config.real_envs
     dream_measurements = 2 * len(config.batch_sizes) * (1 + len(presets))

@@ -20,7 +20,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from worldmodel.world_model import WorldModel, check_sampling
+from worldmodel.world_model import WorldModel
 
 ObsMode = Literal["tokens", "pixels"]
 
@@ -79,12 +79,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.obs_mode = obs_mode
         self.horizon = max_episode_steps or horizon
         self.burn_in = burn_in
-        check_sampling(temperature, top_k, refine_steps)  # refuses bad options now, not mid-step
-        if refine_steps and model.dynamics.refiner is None:
-            raise ValueError(
-                f"refine_steps={refine_steps} needs a dynamics model trained with a refiner "
-                "(dynamics.model.refine_layers > 0); this one has none, so use refine_steps=0"
-            )
+        model.check_sampling(temperature, top_k, refine_steps)  # refuses bad options now, not mid-step
         self.temperature = temperature
         self.top_k = top_k
         self.refine_steps = refine_steps

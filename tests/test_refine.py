@@ -163,3 +163,20 @@ def test_dream_env_refuses_refinement_without_a_refiner_or_bad_steps(box_world, 
 def test_each_refinement_round_costs_the_same_flops(refined_world):
     flops = [step_flops(refined_world, refine_steps)["latent"] for refine_steps in (0, 1, 2)]
     assert flops[1] > flops[0] and flops[2] - flops[1] == flops[1] - flops[0]
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "message"),
+    [
+        ("dynamics", ["--refine-steps", "2"], "refine_layers > 0"),
+        ("imagination", ["--refine-steps", "2", "--real-envs", "0"], "refine_layers > 0"),
+        ("dynamics", ["--temperature", "-1"], "temperature must be"),
+    ],
+)
+def test_benches_refuse_sampling_the_model_cannot_do(box_run, target, args, message, capsys):
+    from worldmodel.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", target, "--run", str(box_run), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

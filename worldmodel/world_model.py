@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from worldmodel.checkpoint import CheckpointError, fingerprint
+from worldmodel.config import ConfigError
 from worldmodel.dataset import space_from_dict
 from worldmodel.dynamics import DynamicsModel, KVCache
 from worldmodel.tokenizer import Tokenizer
@@ -173,6 +174,18 @@ class WorldModel:
             if len(tokens) <= chunk:
                 return self.tokenizer.tokens_to_frames(tokens)
             return torch.cat([self.tokenizer.tokens_to_frames(part) for part in tokens.split(chunk)])
+
+    def check_sampling(self, temperature: float, top_k: int | None, refine_steps: int) -> None:
+        """Refuse sampling options this model cannot use (`ConfigError`, a ValueError), saying what it takes."""
+        try:
+            check_sampling(temperature, top_k, refine_steps)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if refine_steps and self.dynamics.refiner is None:
+            raise ConfigError(
+                f"refine_steps={refine_steps} needs a dynamics model trained with a refiner "
+                "(dynamics.model.refine_layers > 0); this one has none, so use refine_steps=0"
+            )
 
     @property
     def device(self) -> torch.device:
