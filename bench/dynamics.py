@@ -27,7 +27,7 @@ from bench.faithfulness import ProbeConfig, ProbeUnavailable, action_faithfulnes
 from worldmodel.dataset import Dataset, DatasetError, write_json_atomic
 from worldmodel.tokenizer import frames_to_float, image_psnr
 from worldmodel.tokens import TokenizedDataset
-from worldmodel.world_model import WorldModel
+from worldmodel.world_model import Sampling, WorldModel
 
 
 @dataclass
@@ -35,11 +35,8 @@ class DynamicsBenchConfig:
     horizons: tuple[int, ...] = (1, 4, 16, 64)
     episodes: int = 16
     """Held-out episodes to roll out open loop (all of them if fewer)."""
-    temperature: float = 0.0
-    top_k: int | None = None
-    """Sample the dream's tokens among the `top_k` most likely (with temperature > 0); see `sample_tokens`."""
-    refine_steps: int = 0
-    """MaskGIT-style refinement rounds of each imagined frame (`refine_tokens`; needs a refiner)."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """How the open-loop dreams draw their tokens (greedy by default); the faithfulness probe has its own."""
     batch_size: int = 64
     faithfulness: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -135,15 +132,7 @@ def open_loop(
         for h in range(1, steps + 1):
             step_index = np.minimum(last + h - 1, lengths - 1)  # rows whose episode ended repeat its last action
             actions = world.action_tensor(held_out.actions[step0 + step_index])
-            current = world.imagine(
-                cache,
-                current,
-                actions,
-                temperature=config.temperature,
-                generator=generator,
-                top_k=config.top_k,
-                refine_steps=config.refine_steps,
-            ).tokens
+            current = world.imagine(cache, current, actions, sampling=config.sampling, generator=generator).tokens
             if h not in scores["model"]:
                 continue
             alive = [i for i in range(n) if last[i] + h <= lengths[i]]
@@ -211,7 +200,8 @@ def bench_dynamics(
     run_dir = Path(run_dir)
     dataset_dir = Path(dataset_dir) if dataset_dir else run_dir / "dataset"
     world = WorldModel.load(run_dir, with_contexts=False)
-    world.check_sampling(config.temperature, config.top_k, config.refine_steps)
+    world.check_sampling(config.sampling)
+    world.check_sampling(config.faithfulness.sampling)
     world.dynamics.eval()
     world.tokenizer.eval()
     tokens = TokenizedDataset.load(run_dir / "tokens.npz")

@@ -17,7 +17,7 @@ recorded one), and in the dream, given the same real context frames. Two figures
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from envs.sources import SourceConfig, make_source_env
 from worldmodel.config import from_dict
 from worldmodel.dataset import Dataset, DatasetError
-from worldmodel.world_model import WorldModel
+from worldmodel.world_model import Sampling, WorldModel
 
 # probe actions per source, in groups that are compared with each other
 PROBES: dict[str, dict[str, dict[str, Any]]] = {
@@ -56,12 +56,8 @@ class ProbeConfig:
     """Recorded start states, drawn from held-out episodes."""
     horizon: int = 8
     """Steps each probe action is held."""
-    temperature: float = 0.0
-    """Sampling temperature of the dream's next-frame tokens (0: the most likely token)."""
-    top_k: int | None = None
-    """With a temperature above 0, sample among the `top_k` most likely tokens only."""
-    refine_steps: int = 0
-    """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """How the dream draws its tokens (greedy by default)."""
     seed: int = 0
 
 
@@ -142,15 +138,7 @@ def _dream_rollouts(
     current = context_tokens[:, -1]
     generator = torch.Generator(world.device).manual_seed(config.seed)
     for _ in range(config.horizon):
-        step = world.imagine(
-            cache,
-            current,
-            probe_actions,
-            temperature=config.temperature,
-            generator=generator,
-            top_k=config.top_k,
-            refine_steps=config.refine_steps,
-        )
+        step = world.imagine(cache, current, probe_actions, sampling=config.sampling, generator=generator)
         current = step.tokens
     frames = world.tokenizer.tokens_to_frames(current).cpu().numpy()
     return frames.reshape(len(starts), n_probes, *frames.shape[1:])

@@ -43,7 +43,7 @@ from worldmodel.config import ConfigError
 from worldmodel.dataset import write_json_atomic
 from worldmodel.dynamics import DynamicsModel
 from worldmodel.train import resolve_device
-from worldmodel.world_model import WorldModel
+from worldmodel.world_model import Sampling, WorldModel
 
 OBS_MODES = {"latent": "tokens", "pixels": "pixels"}  # figure name -> DreamVectorEnv obs_mode
 
@@ -214,7 +214,8 @@ def step_flops(world: WorldModel, refine_steps: int = 0) -> dict[str, int]:
     dynamics = count_flops(
         lambda: world.dynamics(tokens.flatten(1)[:, None], action[:, None], world.dynamics.new_cache(1))
     )
-    latent = count_flops(lambda: world.imagine(world.dynamics.new_cache(1), tokens, action, refine_steps=refine_steps))
+    sampling = Sampling(refine_steps=refine_steps)
+    latent = count_flops(lambda: world.imagine(world.dynamics.new_cache(1), tokens, action, sampling=sampling))
     decoder = count_flops(lambda: world.tokenizer.tokens_to_frames(tokens))
     return {"latent": latent, "pixels": latent + decoder, "dynamics": dynamics, "decoder": decoder}
 
@@ -302,7 +303,7 @@ def bench_imagination(
     settings = DreamSettings.for_run(run_dir)
     asked = {"temperature": config.temperature, "top_k": config.top_k, "refine_steps": config.refine_steps}
     settings = dataclasses.replace(settings, **{name: value for name, value in asked.items() if value is not None})
-    world.check_sampling(settings.temperature, settings.top_k, settings.refine_steps)
+    world.check_sampling(Sampling(settings.temperature, settings.top_k, settings.refine_steps))
     presets = {name: untrained_world(world, name, config.seed) for name in config.preset_shapes}
     real_envs = (os.cpu_count() or 1) if config.real_envs is None else config.real_envs
     dream_measurements = 2 * len(config.batch_sizes) * (1 + len(presets))

@@ -20,7 +20,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from worldmodel.world_model import WorldModel
+from worldmodel.world_model import Sampling, WorldModel
 
 ObsMode = Literal["tokens", "pixels"]
 
@@ -79,10 +79,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.obs_mode = obs_mode
         self.horizon = max_episode_steps or horizon
         self.burn_in = burn_in
-        model.check_sampling(temperature, top_k, refine_steps)  # refuses bad options now, not mid-step
-        self.temperature = temperature
-        self.top_k = top_k
-        self.refine_steps = refine_steps
+        self.sampling = Sampling(temperature, top_k, refine_steps)
+        model.check_sampling(self.sampling)  # refuses bad options now, not mid-step
         self.start_fraction = start_fraction
         self.render_mode = render_mode
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -201,10 +199,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
                 current,
                 self.model.action_tensor(actions[active]),
                 rows,
-                self.temperature,
+                self.sampling,
                 self._generator,
-                self.top_k,
-                self.refine_steps,
             )
             if rows is None:
                 self._tokens = prediction.tokens

@@ -5,6 +5,7 @@ import pytest
 
 from bench.dynamics import DynamicsBenchConfig, bench_dynamics, frame_psnr
 from worldmodel.cli import main
+from worldmodel.world_model import Sampling
 
 
 def test_frame_psnr_per_frame():
@@ -40,7 +41,8 @@ def test_bench_dynamics_writes_the_figures(box_run, box_data, tmp_path):
     # the baselines never look at the dream: a sampled dream changes the model's row, not theirs. Token
     # agreement over the few tokens of these frames is too coarse to tell two dreams apart (CI once saw
     # 0.125 both times), so the model's PSNR, a continuous figure of the decoded frames, is compared.
-    sampled = bench_dynamics(box_run, box_data, DynamicsBenchConfig(horizons=(1, 4, 16), temperature=5.0))
+    hot = DynamicsBenchConfig(horizons=(1, 4, 16), sampling=Sampling(temperature=5.0))
+    sampled = bench_dynamics(box_run, box_data, hot)
     for baseline in ("copy_last", "copy_last_decoded", "tokenizer"):
         assert sampled["psnr_by_horizon"][baseline] == figures["psnr_by_horizon"][baseline]
     assert sampled["psnr_by_horizon"]["model"]["1"] != figures["psnr_by_horizon"]["model"]["1"]

@@ -147,15 +147,11 @@ def cmd_bench_imagination(args: argparse.Namespace) -> None:
 def cmd_bench_dynamics(args: argparse.Namespace) -> None:
     from bench.dynamics import DynamicsBenchConfig, bench_dynamics
     from bench.faithfulness import ProbeConfig
+    from worldmodel.world_model import Sampling
 
+    sampling = Sampling(args.temperature, args.top_k, args.refine_steps)
     config = DynamicsBenchConfig(
-        episodes=args.episodes,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        refine_steps=args.refine_steps,
-        faithfulness=ProbeConfig(
-            states=args.states, temperature=args.temperature, top_k=args.top_k, refine_steps=args.refine_steps
-        ),
+        episodes=args.episodes, sampling=sampling, faithfulness=ProbeConfig(states=args.states, sampling=sampling)
     )
     figures = bench_dynamics(args.run, args.data, config, args.json, args.plot)
     print(json.dumps(figures, indent=2))

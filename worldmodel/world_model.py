@@ -62,6 +62,17 @@ def sample_tokens(
     return (drawn if indices is None else indices.gather(-1, drawn))[..., 0]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a dream draws each next frame's tokens: `sample_tokens` at `temperature` among the `top_k` likeliest,
+    then `refine_steps` rounds of `refine_tokens` (needs a dynamics model with a refiner). Greedy by default;
+    `WorldModel.check_sampling` refuses what a model cannot do."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    refine_steps: int = 0
+
+
 def hidden_after(step: int, steps: int, tokens: int) -> int:
     """Tokens left to re-predict after keeping the confident ones in refinement round `step` of `steps`:
     MaskGIT's cosine schedule over the one-shot prediction and the `steps` rounds after it."""
@@ -175,15 +186,15 @@ class WorldModel:
                 return self.tokenizer.tokens_to_frames(tokens)
             return torch.cat([self.tokenizer.tokens_to_frames(part) for part in tokens.split(chunk)])
 
-    def check_sampling(self, temperature: float, top_k: int | None, refine_steps: int) -> None:
+    def check_sampling(self, sampling: Sampling) -> None:
         """Refuse sampling options this model cannot use (`ConfigError`, a ValueError), saying what it takes."""
         try:
-            check_sampling(temperature, top_k, refine_steps)
+            check_sampling(sampling.temperature, sampling.top_k, sampling.refine_steps)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if refine_steps and self.dynamics.refiner is None:
+        if sampling.refine_steps and self.dynamics.refiner is None:
             raise ConfigError(
-                f"refine_steps={refine_steps} needs a dynamics model trained with a refiner "
+                f"refine_steps={sampling.refine_steps} needs a dynamics model trained with a refiner "
                 "(dynamics.model.refine_layers > 0); this one has none, so use refine_steps=0"
             )
 
@@ -206,23 +217,20 @@ class WorldModel:
         tokens: torch.Tensor,
         actions: torch.Tensor,
         rows: torch.Tensor | None = None,
-        temperature: float = 0.0,
+        sampling: Sampling = Sampling(),
         generator: torch.Generator | None = None,
-        top_k: int | None = None,
-        refine_steps: int = 0,
     ) -> StepPrediction:
         """One imagined step for `rows`: tokens (b, h, w) of the current frames and actions (b, ...) taken.
 
-        The next frame's tokens are sampled by `sample_tokens` (greedy at temperature 0), then refined for
-        `refine_steps` rounds by the dynamics model's refiner (`refine_tokens`)."""
+        The next frame's tokens are drawn as `sampling` says (greedy by default)."""
         out = self.dynamics(tokens.flatten(1)[:, None], actions[:, None], cache, rows)
         hidden = out.hidden[:, 0]
         next_tokens = refine_tokens(
             out.logits[:, 0],
             lambda draft, known: self.dynamics.refine(hidden, draft, known),
-            refine_steps,
-            temperature,
-            top_k,
+            sampling.refine_steps,
+            sampling.temperature,
+            sampling.top_k,
             generator,
         )
         reward = self.dynamics.step_reward(out, tokens.flatten(1)[:, None], next_tokens[:, None])[:, 0]
