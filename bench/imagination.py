@@ -195,7 +195,8 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of the matmuls and convolutions `fn` runs (a multiply-add counts 2).
 
-    FlopCounterMode knows the CUDA attention kernels but not the one SDPA takes on the CPU: it is added here.
+    FlopCounterMode knows the CUDA attention kernels but not the one SDPA takes on the CPU (the refiner's
+    attention takes it; the cached step attends with batched matmuls on the CPU): it is added here.
     """
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:

@@ -24,8 +24,8 @@ def cached_step_flops(config: DynamicsConfig) -> int:
 
 def test_step_flops_count_the_attention(box_world):
     flops = step_flops(box_world)
-    # FlopCounterMode has no formula for the CPU attention kernel; without the one the bench adds, the
-    # attention term would be missing and this would not match
+    # the cached step's attention is two batched matmuls on the CPU; without them counted, the attention
+    # term would be missing and this would not match
     assert flops["dynamics"] == cached_step_flops(box_world.dynamics.config)
     assert flops["latent"] > flops["dynamics"]  # the transition reward head's convolutions
     assert flops["decoder"] > 0 and flops["pixels"] == flops["latent"] + flops["decoder"]

@@ -134,64 +134,96 @@ class DynamicsOutput:
 
 
 class KVCache:
-    """Keys and values of the last `context_frames - 1` frame blocks of each environment, as a ring.
+    """Keys and values of the last `context_frames` frame blocks of each environment, as a ring of slots.
 
-    Each batch row keeps its own frame counter and validity mask, so rows can be reset independently.
+    A cached step writes its own block into the ring first and then attends to the ring as it stands, so no
+    step copies the cache: the ring holds the new frame and the `context_frames - 1` before it, and the oldest
+    frame's slot is the one overwritten. Each batch row keeps its own frame counter and validity mask, so rows
+    can be reset independently. Keys are stored (layers, B, heads, slots, block, head_dim): one row's slot is
+    one contiguous piece, and a layer's ring is a (B, heads, slots * block, head_dim) view for attention.
     """
 
     def __init__(self, config: DynamicsConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
         self.config = config
-        slots = config.context_frames - 1
-        shape = (config.layers, batch_size, config.heads, slots * config.block_size, config.head_dim)
+        slots = config.context_frames
+        shape = (config.layers, batch_size, config.heads, slots, config.block_size, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, slots, dtype=torch.bool, device=device)  # (B, S)
         self.position = torch.zeros(batch_size, dtype=torch.long, device=device)  # frame index of the next block
         self.slots = slots
 
-    def write(
-        self, layer_keys: list[torch.Tensor], layer_values: list[torch.Tensor], rows: torch.Tensor | None = None
-    ) -> None:
-        """Store one new block per row (each (b, H, K + 1, Dh)) and advance the rows' frame counters."""
-        if self.slots:
-            position = self.position if rows is None else self.position[rows]
-            block = self.config.block_size
-            slot = position % self.slots  # (b,)
-            index = slot[:, None] * block + torch.arange(block, device=slot.device)[None, :]  # (b, K + 1)
-            for layer, (k, v) in enumerate(zip(layer_keys, layer_values, strict=True)):
-                gather = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-                if rows is None:
-                    self.keys[layer].scatter_(2, gather, k.to(self.keys.dtype))
-                    self.values[layer].scatter_(2, gather, v.to(self.values.dtype))
-                else:
-                    keys, values = self.keys[layer][rows], self.values[layer][rows]
-                    keys.scatter_(2, gather, k.to(keys.dtype))
-                    values.scatter_(2, gather, v.to(values.dtype))
-                    self.keys[layer][rows], self.values[layer][rows] = keys, values
-            if rows is None:
-                self.valid[torch.arange(len(slot), device=slot.device), slot] = True
-            else:
-                self.valid[rows, slot] = True
-        if rows is None:
-            self.position += 1
-        else:
-            self.position[rows] += 1
-
     def reset_rows(self, rows: torch.Tensor) -> None:
         self.valid[rows] = False
         self.position[rows] = 0
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, L, Dh) queries or keys by their (B, L) frame positions."""
-    half = x.shape[-1] // 2
+class CachedStep:
+    """One cached step of some rows of a `KVCache` (all of them when `rows` is None): `open` claims each row's
+    slot for the new block, `attend_to` stores a layer's new keys and values there and gives back what the
+    layer attends to, `close` advances the rows' frame counters."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor | None):
+        self.cache, self.rows = cache, rows
+        position = cache.position if rows is None else cache.position[rows]
+        self.positions = position
+        self.slot = position % cache.slots  # (b,)
+        self.index = torch.arange(len(position), device=position.device) if rows is None else rows
+        cache.valid[self.index, self.slot] = True
+        valid = cache.valid if rows is None else cache.valid[rows]
+        block = cache.config.block_size
+        self.mask = valid.repeat_interleave(block, dim=1)[:, None, None, :]  # (b, 1, 1, S * block)
+
+    def attend_to(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (b, H, block, Dh) keys and values of `layer`; returns the (b, H, S * block, Dh) ring."""
+        cache = self.cache
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[self.index, :, self.slot] = k.to(keys.dtype)
+        values[self.index, :, self.slot] = v.to(values.dtype)
+        if self.rows is not None:
+            keys, values = keys[self.rows], values[self.rows]
+        return keys.flatten(2, 3), values.flatten(2, 3)
+
+    def close(self) -> None:
+        if self.rows is None:
+            self.cache.position += 1
+        else:
+            self.cache.position[self.rows] += 1
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> Rope:
+    """(B, L) frame positions -> the cos and sin (each (B, 1, L, head_dim / 2)) that `rotary` turns by; one
+    forward pass computes them once for all its layers."""
+    half = head_dim // 2
     # float64 angles: an unbounded dream's positions keep growing, and in float32 the angle of frame 100,000
     # is off by ~0.004 rad, enough to change which frame a query prefers; the tensor is small either way
-    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float64) / half))
-    angles = positions[:, None, :, None].double() * freqs  # (B, 1, L, Dh/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=positions.device, dtype=torch.float64) / half))
+    angles = positions[:, None, :, None].double() * freqs
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate (B, H, L, Dh) queries or keys by the angles of their frame positions (`rotary_angles`)."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) masked) v for one new block against the ring, as two batched matmuls over
+    (batch x heads). On the CPU this is 2x (bf16) the speed of SDPA's flash kernel for these short queries
+    (17 queries against 102 keys, batch 256: 2.5 ms against 6.1 on the 2-core machine); elsewhere SDPA."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    b, h, length, d = q.shape
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    bias = bias.expand(b, h, 1, keys.shape[2]).reshape(b * h, 1, -1)
+    scores = torch.baddbmm(bias, q.reshape(b * h, length, d), keys.reshape(b * h, -1, d).transpose(1, 2), alpha=d**-0.5)
+    return torch.bmm(scores.softmax(-1), values.reshape(b * h, -1, d)).view(b, h, length, d)
 
 
 class Attention(nn.Module):
@@ -202,18 +234,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor | None,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None, step: CachedStep | None, layer: int
+    ) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.config.heads)
-        q, k = rotary(q, positions), rotary(k, positions)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        dropout = self.config.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
-        return self.proj(rearrange(out, "b h l d -> b l (h d)")), k, v
+        if rope is not None:
+            q, k = rotary(q, rope), rotary(k, rope)
+        if step is None:
+            dropout = self.config.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            out = cached_attention(q, *step.attend_to(layer, k, v), step.mask)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class Block(nn.Module):
@@ -226,10 +257,9 @@ class Block(nn.Module):
             nn.Linear(config.d_model, 4 * config.d_model), nn.GELU(), nn.Linear(4 * config.d_model, config.d_model)
         )
 
-    def forward(self, x, positions, mask, past):
-        attended, k, v = self.attn(self.norm1(x), positions, mask, past)
-        x = x + attended
-        return x + self.mlp(self.norm2(x)), k, v
+    def forward(self, x, rope, mask, step=None, layer=0):
+        x = x + self.attn(self.norm1(x), rope, mask, step, layer)
+        return x + self.mlp(self.norm2(x))
 
 
 class Refiner(nn.Module):
@@ -251,9 +281,8 @@ class Refiner(nn.Module):
         """hidden (N, K / patch^2, D), tokens (N, K) and known (N, K) bool -> (N, K, V) logits."""
         ids = torch.where(known, tokens, self.mask_id)
         x = hidden + self.merge(to_positions(self.token_embedding(ids), self.config).to(hidden.dtype))
-        positions = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # the hidden states carry place
-        for block in self.blocks:
-            x, _, _ = block(x, positions, None, None)
+        for block in self.blocks:  # no rotation: the hidden states carry place
+            x = block(x, None, None)
         return to_tokens(self.head(self.norm(x)), self.config)
 
 
@@ -318,43 +347,26 @@ class DynamicsModel(nn.Module):
         config = self.config
         batch, steps = tokens.shape[:2]
         x, acts = self.embed(tokens, actions)
-        device = x.device
+        step = None
         if cache is None:
-            positions = torch.arange(steps, device=device).repeat_interleave(config.block_size)
-            positions = positions.expand(batch, -1)
-            mask = self.block_causal_mask(steps, device)
-            past = [None] * config.layers
+            positions = torch.arange(steps, device=x.device).repeat_interleave(config.block_size).expand(batch, -1)
+            mask = self.block_causal_mask(steps, x.device)
         else:
             if steps != 1:
                 raise ValueError(f"a cached step takes one frame per row, got {steps}")
-
-            def pick(t: torch.Tensor) -> torch.Tensor:
-                return t if rows is None else t[rows]
-
-            positions = pick(cache.position)[:, None].expand(-1, config.block_size)
-            # the ring holds exactly the previous context_frames - 1 frames; this block is written after
-            key_mask = torch.cat(
-                [
-                    pick(cache.valid).repeat_interleave(config.block_size, dim=1),
-                    torch.ones(batch, config.block_size, dtype=torch.bool, device=device),
-                ],
-                1,
-            )
-            mask = key_mask[:, None, None, :]  # (b, 1, 1, S * (K + 1) + K + 1)
-            past = [(pick(cache.keys[i]), pick(cache.values[i])) for i in range(config.layers)]
-        new_keys, new_values = [], []
-        for layer, (block, layer_past) in enumerate(zip(self.blocks, past, strict=True)):
+            step = CachedStep(cache, rows)
+            positions, mask = step.positions[:, None].expand(-1, config.block_size), None
+        rope = rotary_angles(positions, config.head_dim, x.dtype)
+        for layer, block in enumerate(self.blocks):
             if self.action_inject is not None:
                 injected = (
                     rearrange(x, "b (t k) d -> b t k d", k=config.block_size)
                     + self.action_inject[layer](acts)[:, :, None]
                 )
                 x = rearrange(injected, "b t k d -> b (t k) d")
-            x, k, v = block(x, positions, mask, layer_past)
-            new_keys.append(k)
-            new_values.append(v)
-        if cache is not None:
-            cache.write(new_keys, new_values, rows)
+            x = block(x, rope, mask, step, layer)
+        if step is not None:
+            step.close()
         x = rearrange(self.norm(x), "b (t k) d -> b t k d", k=config.block_size)
         return DynamicsOutput(
             logits=to_tokens(self.token_head(x[:, :, :-1]), config),
