@@ -20,6 +20,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
+from worldmodel.runtime import keep_freed_memory
 from worldmodel.world_model import Sampling, WorldModel
 
 ObsMode = Literal["tokens", "pixels"]
@@ -68,6 +69,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
     ):
         model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
         model = model.with_dtype(dtype)
+        if model.device.type == "cpu":
+            keep_freed_memory()  # a step's activations are MBs: without it each step page-faults them in again
         if model.contexts is None:
             raise ValueError("the dream env needs real context episodes (the run's tokens.npz)")
         if obs_mode not in ("tokens", "pixels"):

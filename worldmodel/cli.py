@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     from worldmodel.checkpoint import CheckpointError
     from worldmodel.config import ConfigError
     from worldmodel.dataset import DatasetError
+    from worldmodel.runtime import keep_freed_memory
 
+    keep_freed_memory()  # every command's CPU work: training 5-11% faster, a batch-256 dream 1.4x
     try:
         args.func(args)
     except (ConfigError, DatasetError, CheckpointError) as err:
