@@ -64,11 +64,12 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         max_episode_steps: int | None = None,
         start_fraction: float = 0.0,
         top_k: int | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         refine_steps: int = 0,
     ):
         model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
-        model = model.with_dtype(dtype)
+        if dtype is not None:  # None keeps the model's own precision (float32 for a checkpoint loaded here)
+            model = model.with_dtype(dtype)
         if model.device.type == "cpu":
             keep_freed_memory()  # a step's activations are MBs: without it each step page-faults them in again
         if model.contexts is None:
@@ -255,7 +256,7 @@ class DreamEnv(gym.Env):
         max_episode_steps: int | None = None,
         start_fraction: float = 0.0,
         top_k: int | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         refine_steps: int = 0,
     ):
         self._vector = DreamVectorEnv(

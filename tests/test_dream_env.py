@@ -535,6 +535,9 @@ def test_bfloat16_dream_agrees_with_the_float32_dream(never_ends):
         assert obs.dtype == np.uint8 and reward.dtype == np.float32 and np.isfinite(reward).all()
     assert fast.dynamics.transition_reward.embedding.weight.dtype == torch.float32
     assert next(fast.with_dtype("float32").dynamics.parameters()).dtype == torch.float32  # and back
+    # an env given a bf16 model steps it as it is (a default of float32 once turned it back, unasked)
+    assert DreamVectorEnv(fast, 2, burn_in=BURN_IN).model is fast
+    assert DreamVectorEnv(fast, 2, burn_in=BURN_IN, dtype="float32").model.decode_dtype == torch.float32
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         never_ends.with_dtype("float16")
 
