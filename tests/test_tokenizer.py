@@ -331,3 +331,63 @@ def test_adversarial_gradients_reach_each_player_only():
     with torch.no_grad():
         tokenizer(frames)
     assert int(tokenizer.adversarial_step) == 2
+
+
+# --- the decoder's upsampling convolution: four 2x2 phase convolutions instead of upsample-then-3x3 ----------
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsampled_conv_equals_upsampling_then_convolving(channels_last):
+    from worldmodel.tokenizer import UpsampledConv
+
+    torch.manual_seed(0)
+    conv = UpsampledConv(6, 5)
+    x = torch.randn(3, 6, 4, 7, requires_grad=True)  # not square: rows and columns are not mixed up
+    given = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    fast, plain = conv(given), conv.plain_forward(given)
+    assert fast.shape == (3, 5, 8, 14)
+    assert fast.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    # the same gradients for the 3x3 kernel, the bias and the input: training learns the same weights
+    fast_grads = torch.autograd.grad(fast.square().sum(), [conv.weight, conv.bias, x])
+    plain_grads = torch.autograd.grad(plain.square().sum(), [conv.weight, conv.bias, x])
+    for got, want in zip(fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_upsampled_conv_derives_its_kernels_again_after_the_weights_change():
+    from worldmodel.tokenizer import UpsampledConv
+
+    conv = UpsampledConv(4, 3)
+    x = torch.randn(2, 4, 5, 5)
+    conv(x)  # inference caches the phase kernels
+    conv.weight.mul_(2.0)  # as an optimizer step or a loaded checkpoint changes them
+    torch.testing.assert_close(conv(x), conv.plain_forward(x), atol=1e-5, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = conv(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), conv.plain_forward(x), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(conv(x), conv.plain_forward(x), atol=1e-5, rtol=0)  # and back to float32
+
+
+@torch.no_grad()
+def test_decoder_keeps_the_checkpoints_of_upsample_then_conv():
+    """Checkpoints written when the decoder was nn.Upsample followed by nn.Conv2d load unchanged and decode the
+    same images."""
+    from worldmodel.tokenizer import UpsampledConv
+
+    torch.manual_seed(0)
+    decoder = Tokenizer(TokenizerConfig(image_size=32, widths=(8, 16, 16), levels=(4, 4))).decoder
+    old_layers = []
+    for layer in decoder.net:
+        if isinstance(layer, nn.Identity):
+            layer = nn.Upsample(scale_factor=2, mode="nearest")
+        elif isinstance(layer, UpsampledConv):
+            layer = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
+        old_layers.append(layer)
+    old = nn.Sequential(*old_layers)
+    assert sum(isinstance(layer, nn.Upsample) for layer in old) == 2
+    old.load_state_dict(decoder.net.state_dict())  # strict: the same keys and shapes
+    codes = torch.randn(2, 2, 8, 8)
+    torch.testing.assert_close(decoder.net(codes), old(codes), atol=1e-5, rtol=0)
