@@ -42,6 +42,9 @@ class PPOConfig:
     temperature: float = 0.0
     refine_steps: int = 0
     """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
+    dtype: str = "float32"
+    """The dream's precision: float32, or bfloat16 (`WorldModel.with_dtype`: about twice the imagined steps per
+    second on a CPU with AVX-512 BF16; the policy and its updates stay float32)."""
     gamma: float = 0.97
     gae_lambda: float = 0.95
     lr: float = 3e-4
@@ -71,6 +74,7 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
         autoreset_mode="SameStep",
         start_fraction=config.start_fraction,
         refine_steps=config.refine_steps,
+        dtype=config.dtype,
     )
     policy = ActorCritic.for_spaces(
         envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden

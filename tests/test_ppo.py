@@ -61,6 +61,25 @@ def test_train_ppo_is_seeded(box_run, tmp_path):
         torch.testing.assert_close(results[0][key], results[1][key])
 
 
+def test_train_ppo_dreams_in_bfloat16_when_asked(box_run, tmp_path, monkeypatch):
+    import agents.ppo as ppo
+
+    made = []
+
+    class Recorded(ppo.DreamVectorEnv):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(ppo, "DreamVectorEnv", Recorded)
+    run = copy_run(box_run, tmp_path)
+    figures = train_ppo(run, PPOConfig(**SMALL, dtype="bfloat16"), RunLogger(run))
+    assert figures["imagined_steps"] == 64 and math.isfinite(figures["dream_return"])
+    assert next(made[0].model.dynamics.parameters()).dtype == torch.bfloat16
+    policy, _, _ = load_module(run / POLICY, POLICY, ActorCritic, PolicyConfig)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # the policy itself stays float32
+
+
 def make_policy(discrete: bool, grid: int = 4) -> ActorCritic:
     torch.manual_seed(0)
     obs = gym.spaces.MultiDiscrete(np.full((grid, grid), 12))

@@ -178,7 +178,8 @@ class CachedStep:
     def bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask as a (b * heads, 1, S * block) additive bias (0 or -inf), made once for all layers."""
         if self._bias is None or self._bias.dtype != dtype:
-            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(~self.mask, -math.inf)
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            bias.masked_fill_(~self.mask, -math.inf)
             self._bias = bias.expand(-1, heads, -1, -1).reshape(-1, 1, self.mask.shape[-1])
         return self._bias
 

@@ -161,7 +161,7 @@ class WorldModel:
         names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
         wanted = names.get(dtype) if isinstance(dtype, str) else dtype
         if wanted not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"a world model computes in float32 or bfloat16 ({sorted(names)}), got {dtype!r}")
+            raise ConfigError(f"a world model computes in float32 or bfloat16 ({sorted(names)}), got {dtype!r}")
         if wanted == next(self.dynamics.parameters()).dtype and wanted == self.decode_dtype:
             return self
         tokenizer = copy.deepcopy(self.tokenizer)
