@@ -217,7 +217,8 @@ def step_flops(world: WorldModel, refine_steps: int = 0) -> dict[str, int]:
     )
     sampling = Sampling(refine_steps=refine_steps)
     latent = count_flops(lambda: world.imagine(world.dynamics.new_cache(1), tokens, action, sampling=sampling))
-    decoder = count_flops(lambda: world.tokenizer.tokens_to_frames(tokens))
+    world.frames(tokens)  # derives the decoder's inference kernels (`UpsampledConv`) once, as every step after
+    decoder = count_flops(lambda: world.frames(tokens))
     return {"latent": latent, "pixels": latent + decoder, "dynamics": dynamics, "decoder": decoder}
 
 

@@ -175,10 +175,12 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         acts = self.model.action_tensor(flat.reshape(self.num_envs, steps, *space.shape))
         self._start_rows(np.arange(self.num_envs), tokens, acts)
 
-    def _observe(self) -> np.ndarray:
+    def _observe(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The observations of `rows` (all envs when None): token grids, or frames decoded from them."""
+        tokens = self._tokens if rows is None else self._tokens[torch.as_tensor(rows, device=self._tokens.device)]
         if self.obs_mode == "tokens":
-            return self._tokens.cpu().numpy().copy()  # a tensor on the CPU shares memory with .numpy()
-        return self.model.frames(self._tokens).cpu().numpy()
+            return tokens.cpu().numpy().copy()  # a tensor on the CPU shares memory with .numpy()
+        return self.model.frames(tokens).cpu().numpy()
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         if isinstance(seed, list):
@@ -223,15 +225,16 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         if self.autoreset_mode == AutoresetMode.DISABLED:
             return self._observe(), rewards, terminated, truncated, {}
         done = np.flatnonzero(terminated | truncated)
+        observed = self._observe()
         infos: dict[str, Any] = {}
         if len(done):
-            observed = self._observe()
             final_obs = np.empty(self.num_envs, dtype=object)  # Gymnasium 1.x: the final obs where done, else None
             for row in done:
-                final_obs[row] = observed[row]
+                final_obs[row] = observed[row].copy()
             self._reset_rows(done)
+            observed[done] = self._observe(done)  # only the restarted dreams' observations changed
             infos = {"final_obs": final_obs, "_final_obs": terminated | truncated}
-        return self._observe(), rewards, terminated, truncated, infos
+        return observed, rewards, terminated, truncated, infos
 
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":

@@ -286,6 +286,25 @@ def self_check_same_step(world, obs_mode):
     assert (rewards != 0).all() and truncated.all()
 
 
+@pytest.mark.parametrize("obs_mode", ["tokens", "pixels"])
+def test_same_step_autoreset_of_some_envs_observes_each_once(never_ends, obs_mode):
+    """Only the restarted dreams are observed again: the others' observations are the step's, the restarted
+    ones' their new start, and the final observation is the one before the restart."""
+    actions = np.zeros((3, 3), np.float32)
+    reference = DreamVectorEnv(never_ends, 3, obs_mode=obs_mode, burn_in=BURN_IN, horizon=5)
+    reference.reset(seed=4)
+    predicted = np.array(reference.step(actions)[0], copy=True)
+    envs = DreamVectorEnv(never_ends, 3, obs_mode=obs_mode, burn_in=BURN_IN, horizon=5, autoreset_mode="SameStep")
+    envs.reset(seed=4)
+    envs._steps[1] = 4  # env 1 reaches the horizon on this step
+    obs, _, _, truncated, info = envs.step(actions)
+    assert truncated.tolist() == [False, True, False]
+    np.testing.assert_array_equal(obs[[0, 2]], predicted[[0, 2]])
+    np.testing.assert_array_equal(info["final_obs"][1], predicted[1])
+    assert info["final_obs"][0] is None and info["final_obs"][2] is None
+    np.testing.assert_array_equal(obs, envs._observe())  # the restarted env shows its new start
+
+
 def test_returned_observations_are_not_mutated_later(never_ends):
     """Observations must not be views of the env's internal token buffer (which is written in place)."""
     env = DreamEnv(never_ends, burn_in=BURN_IN)
