@@ -159,9 +159,9 @@ class KVCache:
 
 
 class CachedStep:
-    """One cached step of some rows of a `KVCache` (all of them when `rows` is None): `open` claims each row's
-    slot for the new block, `attend_to` stores a layer's new keys and values there and gives back what the
-    layer attends to, `close` advances the rows' frame counters."""
+    """One cached step of some rows of a `KVCache` (all of them when `rows` is None): making it claims each
+    row's slot for the new block, `attend_to` stores a layer's new keys and values there and gives back what
+    the layer attends to, `close` advances the rows' frame counters."""
 
     def __init__(self, cache: KVCache, rows: torch.Tensor | None):
         self.cache, self.rows = cache, rows
@@ -231,7 +231,8 @@ def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     b, h, length, d = q.shape
     bias = step.bias(h, q.dtype)
     scores = torch.baddbmm(bias, q.reshape(b * h, length, d), keys.reshape(b * h, -1, d).transpose(1, 2), alpha=d**-0.5)
-    return torch.bmm(scores.softmax(-1), values.reshape(b * h, -1, d)).view(b, h, length, d)
+    weights = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)  # normalised in float32, as SDPA does
+    return torch.bmm(weights, values.reshape(b * h, -1, d)).view(b, h, length, d)
 
 
 class Attention(nn.Module):
