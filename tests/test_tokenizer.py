@@ -359,10 +359,18 @@ def test_upsampled_conv_equals_upsampling_then_convolving(channels_last):
 def test_upsampled_conv_derives_its_kernels_again_after_the_weights_change():
     from worldmodel.tokenizer import UpsampledConv
 
-    conv = UpsampledConv(4, 3)
+    conv = UpsampledConv(4, 3).eval()
     x = torch.randn(2, 4, 5, 5)
     conv(x)  # inference caches the phase kernels
     conv.weight.mul_(2.0)  # as an optimizer step or a loaded checkpoint changes them
+    torch.testing.assert_close(conv(x), conv.plain_forward(x), atol=1e-5, rtol=0)
+    # a fused optimizer writes the weights without bumping their version: switching modes forgets the kernels
+    conv(x)
+    with torch.enable_grad():
+        conv.train()
+        conv.weight.grad = torch.ones_like(conv.weight)
+        torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True).step()
+    conv.eval()
     torch.testing.assert_close(conv(x), conv.plain_forward(x), atol=1e-5, rtol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = conv(x)

@@ -158,10 +158,15 @@ class UpsampledConv(nn.Conv2d):
         kernels = torch.einsum("ajy,bkx,oiyx->aboijk", taps, taps, self.weight).flatten(0, 2)
         return kernels, None if self.bias is None else self.bias.repeat(4)
 
+    def train(self, mode: bool = True) -> UpsampledConv:
+        self._inference_kernels = None  # a fused optimizer updates weights without bumping their version
+        return super().train(mode)
+
     def _kernels_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training derives the kernels at every call (gradients flow to the 3x3 weight); inference derives them
-        once per weight version, input layout and precision, in that layout and precision."""
-        if torch.is_grad_enabled():
+        """Training derives the kernels at every call (gradients flow to the 3x3 weight); inference (eval mode,
+        no grad) derives them once per weight version, input layout and precision, in that layout and precision,
+        and forgets them when the module is switched to training or eval."""
+        if self.training or torch.is_grad_enabled():
             return self.phase_kernels()
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
