@@ -43,8 +43,8 @@ class PPOConfig:
     refine_steps: int = 0
     """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
     dtype: str = "float32"
-    """The dream's precision: float32, or bfloat16 (`WorldModel.with_dtype`: about twice the imagined steps per
-    second on a CPU with AVX-512 BF16; the policy and its updates stay float32)."""
+    """The dream's precision: float32, or bfloat16 (`WorldModel.with_dtype`; on the 2-core CPU with AVX-512 BF16,
+    2,183 against 1,629 imagined steps/s of PPO with 64 dreams). The policy and its updates stay float32."""
     gamma: float = 0.97
     gae_lambda: float = 0.95
     lr: float = 3e-4

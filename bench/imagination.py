@@ -83,6 +83,10 @@ class DreamSettings:
     refine_steps: int = 0
     autoreset_mode: str = "SameStep"
 
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.refine_steps)
+
     @classmethod
     def for_run(cls, run_dir: Path) -> DreamSettings:
         """From the `ppo` section of `<run>/config.yaml`, PPOConfig's defaults for what it does not say."""
@@ -305,7 +309,7 @@ def bench_imagination(
     settings = DreamSettings.for_run(run_dir)
     asked = {"temperature": config.temperature, "top_k": config.top_k, "refine_steps": config.refine_steps}
     settings = dataclasses.replace(settings, **{name: value for name, value in asked.items() if value is not None})
-    world.check_sampling(Sampling(settings.temperature, settings.top_k, settings.refine_steps))
+    world.check_sampling(settings.sampling)  # refused now, not after the real simulator's minutes
     presets = {name: untrained_world(world, name, config.seed) for name in config.preset_shapes}
     real_envs = (os.cpu_count() or 1) if config.real_envs is None else config.real_envs
     dream_measurements = 2 * len(config.batch_sizes) * (1 + len(presets))

@@ -364,6 +364,8 @@ def test_upsampled_conv_derives_its_kernels_again_after_the_weights_change():
     conv(x)  # inference caches the phase kernels
     conv.weight.mul_(2.0)  # as an optimizer step or a loaded checkpoint changes them
     torch.testing.assert_close(conv(x), conv.plain_forward(x), atol=1e-5, rtol=0)
+    conv.bias.add_(1.0)  # the bias alone, too
+    torch.testing.assert_close(conv(x), conv.plain_forward(x), atol=1e-5, rtol=0)
     # a fused optimizer writes the weights without bumping their version: switching modes forgets the kernels
     conv(x)
     with torch.enable_grad():

@@ -171,7 +171,8 @@ class UpsampledConv(nn.Conv2d):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        key = (self.weight._version, self.weight.data_ptr(), layout, dtype)
+        bias_version = None if self.bias is None else self.bias._version
+        key = (self.weight._version, bias_version, self.weight.data_ptr(), layout, dtype)
         if self._inference_kernels is None or self._inference_kernels[0] != key:
             kernels, bias = self.phase_kernels()
             self._inference_kernels = (key, kernels.to(dtype, memory_format=layout), bias)
