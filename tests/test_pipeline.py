@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import BOX_SPACE, build_run
 
 from agents.pipeline import format_summary, load_pipeline_config, make_summary
+from worldmodel.checkpoint import read_checkpoint
 from worldmodel.dataset import Dataset
 from worldmodel.rollout import RolloutConfig, dream_episode, write_rollout
 from worldmodel.world_model import WorldModel
@@ -61,6 +64,17 @@ def worldmodel_cli(
 
 
 # --- fast: the rollout video and the summary ------------------------------------------------------------------
+
+
+def test_training_twice_gives_the_same_weights(box_run, tmp_path):
+    # the initial weights come from the stage's seed, not from whatever drew from torch's generator before
+    _, again = build_run(tmp_path, BOX_SPACE, channels=3)
+    for kind in ("tokenizer", "dynamics"):
+        _, first = read_checkpoint(box_run / f"{kind}.safetensors", kind)
+        _, second = read_checkpoint(again / f"{kind}.safetensors", kind)
+        assert first.keys() == second.keys()
+        for name, tensor in first.items():
+            assert torch.equal(tensor, second[name]), f"{kind} {name} differs between two trainings"
 
 
 def test_write_rollout(box_run, box_data, tmp_path):

@@ -107,6 +107,7 @@ def train_tokenizer(
     sampler = FrameSampler(dataset, dataset.usable(train_ids), seed=stage.train.seed + distributed.rank())
     val_all = FrameSampler(dataset, dataset.usable(val_ids)).all_frames()
     val_frames = val_all[np.linspace(0, len(val_all) - 1, min(stage.val_frames, len(val_all))).astype(int)]
+    torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
     tokenizer = Tokenizer(config).to(dev)
     path = Path(run_dir) / TOKENIZER
 
@@ -186,6 +187,7 @@ def train_dynamics(
         action_dim=int(space.n) if discrete else int(space.shape[0]),
     )
     window = config.context_frames
+    torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
     model = DynamicsModel(config).to(dev)
     rng = np.random.default_rng(stage.train.seed + distributed.rank())
     val_rng = np.random.default_rng(12345)
