@@ -12,6 +12,9 @@ All figures are measured in one process on the machine it runs on:
 - What the dream costs: the FLOPs of one imagined step per environment (the dynamics model's cached
   single-frame step and its reward head, plus the decoder for pixels), counted by `FlopCounterMode`, and the
   peak of a large square matmul, to say how much of the machine the dream uses.
+- Rounds: the real simulator and the trained dream are measured `rounds` times, one after the other, and each
+  figure is the median of its rounds (the rounds are in the JSON too); the machine's speed drifts between
+  windows of a few seconds, and a ratio of two single windows drifts with it.
 - Optionally, untrained dynamics models with the shapes of other presets (`configs/<name>.yaml`) on the
   run's tokenizer, since speed does not depend on the weights.
 """
@@ -53,6 +56,10 @@ class ImaginationBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 16, 256)
     seconds: float = 3.0
     """Timed seconds per measurement; at least one step is timed, however long it takes."""
+    rounds: int = 3
+    """The real simulator and the trained dream are measured this many times, round by round (simulator, then
+    dream, then simulator again), and each figure is the median of its rounds. On the shared 2-core machine one
+    3-second window of the simulator ran anywhere from 174 to 248 steps/s within a minute."""
     real_envs: int | None = None
     """Real simulators in the vector env (None: one per CPU core; 0: skip the real simulator)."""
     preset_shapes: tuple[str, ...] = ()
@@ -252,16 +259,10 @@ def untrained_world(world: WorldModel, preset: str, seed: int = 0) -> WorldModel
     return WorldModel(world.tokenizer, dynamics, world.action_space, world.contexts, world.meta, world.decode_dtype)
 
 
-def dream_figures(
-    world: WorldModel,
-    config: ImaginationBenchConfig,
-    settings: DreamSettings,
-    peak_gflops: dict[str, float],
-    progress: Progress,
-    name: str,
-) -> dict[str, Any]:
-    """Steps per second at each batch size and observation mode, FLOPs per step and their share of the peak."""
-    dtype = next(world.dynamics.parameters()).dtype
+def dream_rates(
+    world: WorldModel, config: ImaginationBenchConfig, settings: DreamSettings, progress: Progress, name: str
+) -> dict[str, dict[str, float]]:
+    """Steps per second by observation mode and batch size (keys "latent"/"pixels", then str(batch))."""
     rates: dict[str, dict[str, float]] = {mode: {} for mode in OBS_MODES}
     for mode, obs_mode in OBS_MODES.items():
         for batch in config.batch_sizes:
@@ -270,6 +271,18 @@ def dream_figures(
                 partial(dream_steps_per_s, world, obs_mode, batch, config.seconds, settings, config.seed),
                 "steps/s",
             )
+    return rates
+
+
+def dream_figures(
+    world: WorldModel,
+    rates: dict[str, dict[str, float]],
+    config: ImaginationBenchConfig,
+    settings: DreamSettings,
+    peak_gflops: dict[str, float],
+) -> dict[str, Any]:
+    """The rates beside the FLOPs per step, the GFLOP/s at the largest batch and their share of the peak."""
+    dtype = next(world.dynamics.parameters()).dtype
     flops = step_flops(world, settings.refine_steps)
     largest = str(max(config.batch_sizes))
     peak = peak_gflops.get({torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, ""))
@@ -286,11 +299,11 @@ def dream_figures(
     }
 
 
-def speedups(figures: dict[str, Any], real: float | None, recorded: float | None) -> dict[str, float | None]:
+def speedups(rates: dict[str, dict[str, float]], real: float | None, recorded: float | None) -> dict[str, float | None]:
     """Dream steps per second at the largest batch over the real simulator's (raw and recorded steps)."""
-    largest = str(figures["gflops_at_batch"])
     out = {}
-    for mode, by_batch in figures["dream_steps_per_s"].items():
+    for mode, by_batch in rates.items():
+        largest = str(max(int(batch) for batch in by_batch))
         out[f"speedup_{mode}_b{largest}"] = by_batch[largest] / real if real else None
         out[f"speedup_{mode}_b{largest}_vs_recorded"] = by_batch[largest] / recorded if recorded else None
     return out
@@ -303,6 +316,8 @@ def bench_imagination(
     config = config or ImaginationBenchConfig()
     if not config.batch_sizes or min(config.batch_sizes) < 1:
         raise ConfigError(f"batch sizes must be positive integers, got {list(config.batch_sizes)}")
+    if config.rounds < 1:
+        raise ConfigError(f"rounds must be a positive integer, got {config.rounds}")
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     world = WorldModel.load(run_dir, device).with_dtype(config.dtype)
@@ -312,30 +327,46 @@ def bench_imagination(
     world.check_sampling(settings.sampling)  # refused now, not after the real simulator's minutes
     presets = {name: untrained_world(world, name, config.seed) for name in config.preset_shapes}
     real_envs = (os.cpu_count() or 1) if config.real_envs is None else config.real_envs
-    dream_measurements = 2 * len(config.batch_sizes) * (1 + len(presets))
-    progress = Progress((2 if real_envs else 0) + 2 + dream_measurements)
+    per_round = (2 if real_envs else 0) + 2 * len(config.batch_sizes)
+    progress = Progress(config.rounds * per_round + 2 + 2 * len(config.batch_sizes) * len(presets))
     try:
-        real = recorded = None
-        if real_envs:
-            real = progress.measure(
-                "real CarRacing-v3", partial(real_steps_per_s, False, real_envs, config.seconds, config.seed), "steps/s"
-            )
-            recorded = progress.measure(
-                "real recorded step",
-                partial(real_steps_per_s, True, real_envs, config.seconds, config.seed),
-                "steps/s",
-            )
+        rounds = []
+        for index in range(config.rounds):
+            tag = f"round {index + 1}/{config.rounds}:"
+            real = recorded = None
+            if real_envs:
+                real = progress.measure(
+                    f"{tag} real CarRacing-v3",
+                    partial(real_steps_per_s, False, real_envs, config.seconds, config.seed),
+                    "steps/s",
+                )
+                recorded = progress.measure(
+                    f"{tag} real recorded step",
+                    partial(real_steps_per_s, True, real_envs, config.seconds, config.seed),
+                    "steps/s",
+                )
+            rates = dream_rates(world, config, settings, progress, f"{tag} dream")
+            measured = {"real_steps_per_s": real, "real_recorded_steps_per_s": recorded, "dream_steps_per_s": rates}
+            rounds.append({**measured, **speedups(rates, real, recorded)})
+        real, recorded = (
+            _median([r[key] for r in rounds]) for key in ("real_steps_per_s", "real_recorded_steps_per_s")
+        )
+        rates = {
+            mode: {batch: _median([r["dream_steps_per_s"][mode][batch] for r in rounds]) for batch in by_batch}
+            for mode, by_batch in rounds[0]["dream_steps_per_s"].items()
+        }
         peak = {
             name: progress.measure(
                 f"matmul {name}", partial(matmul_gflops, dtype, config.matmul_size, config.seconds, device), "GFLOP/s"
             )
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
         }
-        trained = dream_figures(world, config, settings, peak, progress, "dream")
+        trained = dream_figures(world, rates, config, settings, peak)
         by_preset = {}
         for name, untrained in presets.items():
-            by_preset[name] = dream_figures(untrained, config, settings, peak, progress, name)
-            by_preset[name].update(speedups(by_preset[name], real, recorded))
+            preset_rates = dream_rates(untrained, config, settings, progress, name)
+            by_preset[name] = dream_figures(untrained, preset_rates, config, settings, peak)
+            by_preset[name].update(speedups(preset_rates, real, recorded))
     finally:
         progress.close()
     figures: dict[str, Any] = {
@@ -351,14 +382,20 @@ def bench_imagination(
         "real_steps_per_s": real,
         "real_recorded_steps_per_s": recorded,
         **trained,
-        **speedups(trained, real, recorded),
+        **speedups(rates, real, recorded),
         "matmul_peak_gflops": peak,
+        "rounds": rounds,
     }
     if by_preset:
         figures["by_preset"] = by_preset
     if json_path:
         write_json_atomic(json_path, figures)
     return figures
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median, or None when the values were not measured (the real simulator skipped)."""
+    return None if values[0] is None else float(np.median(values))
 
 
 def _number(value: float | None, digits: int = 0) -> str:
@@ -411,4 +448,10 @@ def format_table(figures: dict[str, Any]) -> str:
             line += f"{'-' if fraction is None else f'{100 * fraction:.1f}%':>9}"
             lines.append(line)
     lines.append(f"(at batch {largest}: x real over simulator steps/s, x recorded over recorded steps/s; GFLOP/s)")
+    rounds = figures["rounds"]
+    if len(rounds) > 1:
+        lines.append(f"trained dream and real simulator: medians of {len(rounds)} rounds; each round's x real:")
+        for index, measured in enumerate(rounds, 1):
+            times = ", ".join(f"{mode} {_number(measured.get(f'speedup_{mode}_b{largest}'), 1)}" for mode in OBS_MODES)
+            lines.append(f"  round {index}: real {_number(measured['real_steps_per_s'])} steps/s; {times}")
     return "\n".join(lines)

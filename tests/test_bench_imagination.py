@@ -34,7 +34,7 @@ def test_step_flops_count_the_attention(box_world):
 def test_bench_imagination_writes_the_figures(box_run, tmp_path):
     out = tmp_path / "imagination.json"
     config = ImaginationBenchConfig(
-        batch_sizes=(1, 3), seconds=0.05, real_envs=1, preset_shapes=("tiny",), matmul_size=64
+        batch_sizes=(1, 3), seconds=0.05, rounds=2, real_envs=1, preset_shapes=("tiny",), matmul_size=64
     )
     figures = bench_imagination(box_run, config, out)
     written = json.loads(out.read_text())
@@ -61,6 +61,17 @@ def test_bench_imagination_writes_the_figures(box_run, tmp_path):
     assert tiny["dream_flops_per_step"]["latent"] > written["dream_flops_per_step"]["latent"]
     assert all(v > 0 for v in tiny["dream_steps_per_s"]["pixels"].values())
     assert figures["dream_steps_per_s"] == written["dream_steps_per_s"]
+    # the headline figures are the medians of the rounds (of two: their mean), and each round keeps its own ratio
+    rounds = written["rounds"]
+    assert len(rounds) == 2
+    for key in ("real_steps_per_s", "real_recorded_steps_per_s"):
+        assert written[key] == pytest.approx((rounds[0][key] + rounds[1][key]) / 2)
+    for mode in ("latent", "pixels"):
+        both = [r["dream_steps_per_s"][mode]["3"] for r in rounds]
+        assert written["dream_steps_per_s"][mode]["3"] == pytest.approx(sum(both) / 2)
+        for measured in rounds:
+            ratio = measured["dream_steps_per_s"][mode]["3"] / measured["real_steps_per_s"]
+            assert measured[f"speedup_{mode}_b3"] == pytest.approx(ratio)
 
 
 def test_bench_imagination_command_prints_a_table(box_run, tmp_path, capsys):
@@ -76,7 +87,8 @@ def test_bench_imagination_command_prints_a_table(box_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"), [([], "not a run folder"), (["--batch-sizes", "4,0"], "positive integers")]
+    ("args", "message"),
+    [([], "not a run folder"), (["--batch-sizes", "4,0"], "positive integers"), (["--rounds", "0"], "rounds must")],
 )
 def test_bench_imagination_command_refuses_bad_input(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -133,6 +133,7 @@ def cmd_bench_imagination(args: argparse.Namespace) -> None:
     config = ImaginationBenchConfig(
         batch_sizes=args.batch_sizes,
         seconds=args.seconds,
+        rounds=args.rounds,
         real_envs=args.real_envs,
         preset_shapes=tuple(name for name in args.preset_shapes.split(",") if name),
         device=args.device,
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-sizes", type=_positive_ints, default=(1, 16, 256), help="dream batch sizes to time"
     )
     imagination.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    imagination.add_argument(
+        "--rounds", type=int, default=3, help="rounds of simulator and dream timings; figures are their medians"
+    )
     imagination.add_argument(
         "--real-envs", type=int, default=None, help="real simulators (default: one per CPU; 0: skip)"
     )
