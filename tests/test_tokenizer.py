@@ -401,3 +401,44 @@ def test_decoder_keeps_the_checkpoints_of_upsample_then_conv():
     old.load_state_dict(decoder.net.state_dict())  # strict: the same keys and shapes
     codes = torch.randn(2, 2, 8, 8)
     torch.testing.assert_close(decoder.net(codes), old(codes), atol=1e-5, rtol=0)
+
+
+# --- GroupNorm's inference path for small channels-last maps, and the in-place SiLU after it -------------------
+
+
+@pytest.mark.parametrize(("size", "dtype"), [(8, torch.float32), (16, torch.bfloat16), (32, torch.float32)])
+def test_group_norm_inference_path_is_the_same_function_in_the_same_layout(size, dtype):
+    from worldmodel.tokenizer import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(8, 64).to(dtype)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(4, 64, size, size + 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    want = F.group_norm(x.float(), 8, norm.weight.float(), norm.bias.float())
+    with torch.no_grad():
+        got = norm(x)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
+
+
+def test_decoder_in_place_silu_trains_like_the_plain_one():
+    # nn.SiLU(inplace=True) overwrites the GroupNorm's output; autograd must still give the plain gradients
+    torch.manual_seed(0)
+    config = TokenizerConfig(image_size=16, widths=(8, 16), levels=(5, 3), channels=3)
+    tokenizer = Tokenizer(config)
+    frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    loss, _ = tokenizer(frames)
+    grads = torch.autograd.grad(loss, list(tokenizer.parameters()), allow_unused=True)
+    silus = [module for module in tokenizer.modules() if isinstance(module, nn.SiLU)]
+    assert silus and all(module.inplace for module in silus)
+    for module in silus:
+        module.inplace = False
+    plain_loss, _ = tokenizer(frames)
+    plain = torch.autograd.grad(plain_loss, list(tokenizer.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, plain_loss)
+    for got, want in zip(grads, plain, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want)

@@ -103,15 +103,38 @@ class TokenizerEncoderOutput:
     tokens: torch.Tensor  # (B, h, w) int64 indices
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that, in inference on the CPU, normalises small channels-last maps in channels-first order.
+
+    PyTorch's channels-last CPU kernel is slow on small maps with wide groups. Per 32-frame chunk of the tiny
+    decoder in bf16: 1.38 ms at 16x16x64 against 0.26 ms for the same tensor channels-first, 0.38 against 0.07
+    ms at 8x8x96; from 32x32 on channels-last is the faster. So maps under 32x32 are normalised channels-first and
+    converted back (GroupNorm and SiLU with both copies: 0.62 against 1.30 ms at 16x16x64). The same function and
+    parameters; training keeps the plain path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = x.ndim == 4 and x.shape[-2] * x.shape[-1] < 32 * 32
+        if small and x.device.type == "cpu" and not torch.is_grad_enabled() and _is_channels_last(x):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def norm_silu(width: int) -> list[nn.Module]:
+    """GroupNorm (8 groups) then SiLU, in place: its input is the norm's fresh output (autograd allows it)."""
+    return [GroupNorm(8, width), nn.SiLU(inplace=True)]
+
+
 class ResBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.block = nn.Sequential(
-            nn.GroupNorm(8, width),
-            nn.SiLU(),
+            *norm_silu(width),
             nn.Conv2d(width, width, 3, padding=1),
-            nn.GroupNorm(8, width),
-            nn.SiLU(),
+            *norm_silu(width),
             nn.Conv2d(width, width, 3, padding=1),
         )
 
@@ -206,7 +229,7 @@ def conv_up_layers(config: TokenizerConfig) -> list[nn.Module]:
         # the Identity holds the place of the nn.Upsample that UpsampledConv took in, so that checkpoints' keys
         # (net.<index>.weight) stay as they were
         layers += [nn.Identity(), UpsampledConv(w_in, w_out), ResBlock(w_out)]
-    layers += [nn.GroupNorm(8, widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], config.channels, 3, padding=1)]
+    layers += [*norm_silu(widths[-1]), nn.Conv2d(widths[-1], config.channels, 3, padding=1)]
     return layers
 
 
@@ -217,7 +240,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         width = config.widths[-1]
         layers = conv_down_layers(config)
-        layers += [nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, latent_dim, 1)]
+        layers += [*norm_silu(width), nn.Conv2d(width, latent_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
