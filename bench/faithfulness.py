@@ -12,6 +12,15 @@ recorded one), and in the dream, given the same real context frames. Two figures
   the simulator's are (mean absolute pixel difference over pairs). 1 responds as strongly as the
   simulator; 0 ignores the actions. With a sampling temperature above 0 the dream's frames also differ by
   chance, so only `match_accuracy` stays a clean figure there.
+
+The standing start (`standing_start`, CarRacing only): every real episode, and half of PPO's dreams, begin at
+an episode's first frame with the car at rest. The throttle probes are held for `start_horizon` steps from
+the first frame of held-out episodes, with that one frame as the dream's context, and scored as above, with
+the return each probe earned in the simulator and in the dream (`returns`), and `return_gap_ratio`: the
+dream's gas-minus-brake return over the simulator's (1 when the dream pays for the throttle as the simulator
+does, 0 when it pays nothing for it). A dream whose car does not pull
+away under gas there teaches PPO that the throttle is worth nothing, however well it does mid-episode: the
+dream of one fresh-clone run scored 0.64 and 0.75 on the groups above and its policy braked to a stop.
 """
 
 from __future__ import annotations
@@ -43,6 +52,10 @@ PROBES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# the probe group held from a standing start, per source (highway-env's cars start moving)
+STANDING_START_GROUP: dict[str, str | None] = {"carracing": "throttle", "highway": None}
+
+
 class ProbeUnavailable(DatasetError):
     """The dataset records no simulator to restore its states in (user-written or synthetic data)."""
 
@@ -56,6 +69,10 @@ class ProbeConfig:
     """Recorded start states, drawn from held-out episodes."""
     horizon: int = 8
     """Steps each probe action is held."""
+    start_episodes: int = 12
+    """Held-out episodes probed from their first frame, the car at rest (0: no standing-start probe)."""
+    start_horizon: int = 16
+    """Steps each probe is held from a standing start (16 recorded steps: 64 simulator steps)."""
     sampling: Sampling = field(default_factory=Sampling)
     """How the dream draws its tokens (greedy by default)."""
     seed: int = 0
@@ -85,17 +102,26 @@ def _starts(dataset: Dataset, episodes: list[int], context: int, config: ProbeCo
     return starts
 
 
+def _standing_starts(dataset: Dataset, episodes: list[int], count: int) -> list[_Start]:
+    """The first frames of up to `count` of `episodes` that record their seed, in order."""
+    seeded = [i for i in episodes if dataset.episodes[i].seed is not None][:count]
+    if not seeded:
+        raise DatasetError(f"no held-out episode of {dataset.root} records the seed to restart it from")
+    return [_Start(i, int(dataset.episodes[i].seed), 0) for i in seeded]
+
+
 def _real_rollouts(
     dataset: Dataset, source: SourceConfig, starts: list[_Start], probes: list[Any], horizon: int
-) -> np.ndarray:
-    """(S, P, H, W, C) uint8: the simulator's frame after holding each probe for `horizon` steps."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The simulator's frame after holding each probe for `horizon` steps, (S, P, H, W, C) uint8, and the
+    return it earned meanwhile, (S, P)."""
     env = make_source_env(SourceConfig(source.name, source.frame_size, source.action_repeat, max_steps=None))
-    finals = []
+    finals, returns = [], []
     try:
         for start in tqdm(starts, desc="probe simulator", unit="state", dynamic_ncols=True):
             episode = dataset.load(start.episode)
             recorded = episode.actions[: start.step]
-            row = []
+            row, earned = [], []
             for probe in probes:
                 action = np.array(probe, dtype=np.float32) if isinstance(probe, list) else probe
                 frame = env.replay(start.seed, recorded)
@@ -106,21 +132,31 @@ def _real_rollouts(
                         f"{start.step} gave a frame {error:.1f} levels off the recorded one; counterfactual "
                         "probes need the simulator and collection settings that recorded the dataset"
                     )
+                total = 0.0
                 for _ in range(horizon):
-                    frame, *_ = env.step(action)
+                    frame, reward, *_ = env.step(action)
+                    total += float(reward)
                 row.append(frame)
+                earned.append(total)
             finals.append(np.stack(row))
+            returns.append(earned)
     finally:
         env.close()
-    return np.stack(finals)
+    return np.stack(finals), np.array(returns)
 
 
 @torch.no_grad()
 def _dream_rollouts(
-    world: WorldModel, dataset: Dataset, starts: list[_Start], probes: list[Any], config: ProbeConfig
-) -> np.ndarray:
-    """(S, P, H, W, C) uint8: the dream's frame after holding each probe, from the same real context."""
-    context = world.dynamics.config.context_frames - 1
+    world: WorldModel,
+    dataset: Dataset,
+    starts: list[_Start],
+    probes: list[Any],
+    config: ProbeConfig,
+    context: int,
+    horizon: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dream's frame after holding each probe for `horizon` steps from the same real context (the `context`
+    frames up to each start), (S, P, H, W, C) uint8, and the return it imagined meanwhile, (S, P)."""
     tokens, actions = [], []
     for start in starts:
         episode = dataset.load(start.episode)
@@ -137,11 +173,14 @@ def _dream_rollouts(
     world.burn_in(cache, context_tokens, context_actions, torch.arange(batch, device=world.device))
     current = context_tokens[:, -1]
     generator = torch.Generator(world.device).manual_seed(config.seed)
-    for _ in range(config.horizon):
+    returns = torch.zeros(batch, device=world.device)
+    for _ in range(horizon):
         step = world.imagine(cache, current, probe_actions, sampling=config.sampling, generator=generator)
         current = step.tokens
+        returns += step.reward.float()
     frames = world.tokenizer.tokens_to_frames(current).cpu().numpy()
-    return frames.reshape(len(starts), n_probes, *frames.shape[1:])
+    shape = (len(starts), n_probes)
+    return frames.reshape(*shape, *frames.shape[1:]), returns.cpu().numpy().reshape(shape)
 
 
 def _group_figures(real: np.ndarray, dream: np.ndarray) -> dict[str, float]:
@@ -183,10 +222,41 @@ def action_faithfulness(
     starts = _starts(dataset, held_out, world.dynamics.config.context_frames - 1, config)
     names = [name for group in groups.values() for name in group]
     probes = [action for group in groups.values() for action in group.values()]
-    real = _real_rollouts(dataset, source, starts, probes, config.horizon)
-    dream = _dream_rollouts(world, dataset, starts, probes, config)
+    real, _ = _real_rollouts(dataset, source, starts, probes, config.horizon)
+    context = world.dynamics.config.context_frames - 1
+    dream, _ = _dream_rollouts(world, dataset, starts, probes, config, context, config.horizon)
     figures: dict[str, Any] = {"states": len(starts), "horizon": config.horizon}
     for group_name, group in groups.items():
         index = [names.index(name) for name in group]
         figures[group_name] = _group_figures(real[:, index], dream[:, index])
+    standing = STANDING_START_GROUP[source.name]
+    if standing and config.start_episodes > 0:
+        figures["standing_start"] = _standing_start(world, dataset, source, held_out, groups[standing], config)
     return figures
+
+
+def _standing_start(
+    world: WorldModel,
+    dataset: Dataset,
+    source: SourceConfig,
+    episodes: list[int],
+    group: dict[str, Any],
+    config: ProbeConfig,
+) -> dict[str, Any]:
+    """The group's probes held from the first frame of held-out episodes, in the simulator and the dream."""
+    starts = _standing_starts(dataset, episodes, config.start_episodes)
+    probes = list(group.values())
+    real, real_returns = _real_rollouts(dataset, source, starts, probes, config.start_horizon)
+    dream, dream_returns = _dream_rollouts(world, dataset, starts, probes, config, 1, config.start_horizon)
+    real_mean, dream_mean = real_returns.mean(axis=0), dream_returns.mean(axis=0)  # per probe: gas, brake
+    real_gap = real_mean[0] - real_mean[-1]
+    return {
+        "episodes": len(starts),
+        "horizon": config.start_horizon,
+        **_group_figures(real, dream),
+        "returns": {
+            "real": {name: float(v) for name, v in zip(group, real_mean, strict=True)},
+            "dream": {name: float(v) for name, v in zip(group, dream_mean, strict=True)},
+        },
+        "return_gap_ratio": float((dream_mean[0] - dream_mean[-1]) / real_gap) if real_gap else None,
+    }

@@ -76,7 +76,8 @@ def test_action_faithfulness_on_a_tiny_carracing_run(tmp_path, monkeypatch):
     train_dynamics(data, run, DynamicsStage(dynamics, steps, val_batches=1), logger, 0.5)
     logger.close()
 
-    figures = action_faithfulness(str(run), str(data), ProbeConfig(states=2, horizon=2))
+    probe = ProbeConfig(states=2, horizon=2, start_episodes=1, start_horizon=3)
+    figures = action_faithfulness(str(run), str(data), probe)
     assert figures["states"] == 2 and figures["horizon"] == 2
     assert set(figures) >= {"steering", "throttle"}
     assert figures["steering"]["chance"] == pytest.approx(1 / 3)
@@ -84,6 +85,12 @@ def test_action_faithfulness_on_a_tiny_carracing_run(tmp_path, monkeypatch):
     for group in ("steering", "throttle"):
         assert 0.0 <= figures[group]["match_accuracy"] <= 1.0
         assert figures[group]["real_spread"] > 0  # the simulator's car does respond to the probes
+    standing = figures["standing_start"]
+    assert standing["episodes"] == 1 and standing["horizon"] == 3 and 0.0 <= standing["match_accuracy"] <= 1.0
+    # at rest under the brake the simulator pays its time penalty and nothing else: -0.1 per simulator step
+    assert standing["returns"]["real"]["brake"] == pytest.approx(-0.1 * 4 * 3)
+    assert set(standing["returns"]["dream"]) == {"gas", "brake"}
+    assert all(np.isfinite(v) for v in standing["returns"]["dream"].values())
 
 
 def test_action_faithfulness_needs_a_recorded_source(box_run, box_data):
