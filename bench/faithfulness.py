@@ -13,14 +13,15 @@ recorded one), and in the dream, given the same real context frames. Two figures
   simulator; 0 ignores the actions. With a sampling temperature above 0 the dream's frames also differ by
   chance, so only `match_accuracy` stays a clean figure there.
 
-The standing start (`standing_start`, CarRacing only): every real episode, and half of PPO's dreams, begin at
-an episode's first frame with the car at rest. The throttle probes are held for `start_horizon` steps from
-the first frame of held-out episodes, with that one frame as the dream's context, and scored as above, with
-the return each probe earned in the simulator and in the dream (`returns`), and `return_gap_ratio`: the
-dream's gas-minus-brake return over the simulator's (1 when the dream pays for the throttle as the simulator
-does, 0 when it pays nothing for it). A dream whose car does not pull
-away under gas there teaches PPO that the throttle is worth nothing, however well it does mid-episode: the
-dream of one fresh-clone run scored 0.64 and 0.75 on the groups above and its policy braked to a stop.
+The standing start (`standing_start`, CarRacing only): every real episode, and a `ppo.start_fraction` of PPO's
+dreams (half in the tiny preset), begin at an episode's first frame with the car at rest. The throttle probes
+are held for `start_horizon` steps from the first frame of held-out episodes, with that one frame as the
+dream's context, and scored as above, with the return each probe earned in the simulator and in the dream
+(`returns`), and `return_gap_ratio`: the dream's gas-minus-brake return over the simulator's (1 when the dream
+pays for the throttle as the simulator does, 0 when it pays nothing for it). It catches what the probes
+mid-episode can miss: the dream of one fresh-clone run scored 0.64 and 0.75 on the groups above, its car
+barely pulled away from rest under gas (gas 8.0 against brake 4.5 over 16 steps; the simulator +30.1 and -6.4)
+and its policy braked to a stop. It does not predict a policy in general (docs/bench_dynamics.md).
 """
 
 from __future__ import annotations
@@ -104,9 +105,7 @@ def _starts(dataset: Dataset, episodes: list[int], context: int, config: ProbeCo
 
 def _standing_starts(dataset: Dataset, episodes: list[int], count: int) -> list[_Start]:
     """The first frames of up to `count` of `episodes` that record their seed, in order."""
-    seeded = [i for i in episodes if dataset.episodes[i].seed is not None][:count]
-    if not seeded:
-        raise DatasetError(f"no held-out episode of {dataset.root} records the seed to restart it from")
+    seeded = [i for i in episodes if dataset.episodes[i].seed is not None][:count]  # `_starts` found some
     return [_Start(i, int(dataset.episodes[i].seed), 0) for i in seeded]
 
 
@@ -177,7 +176,7 @@ def _dream_rollouts(
     for _ in range(horizon):
         step = world.imagine(cache, current, probe_actions, sampling=config.sampling, generator=generator)
         current = step.tokens
-        returns += step.reward.float()
+        returns += step.reward
     frames = world.tokenizer.tokens_to_frames(current).cpu().numpy()
     shape = (len(starts), n_probes)
     return frames.reshape(*shape, *frames.shape[1:]), returns.cpu().numpy().reshape(shape)

@@ -12,9 +12,10 @@ All figures are measured in one process on the machine it runs on:
 - What the dream costs: the FLOPs of one imagined step per environment (the dynamics model's cached
   single-frame step and its reward head, plus the decoder for pixels), counted by `FlopCounterMode`, and the
   peak of a large square matmul, to say how much of the machine the dream uses.
-- Rounds: the real simulator and the trained dream are measured `rounds` times, one after the other, and each
-  figure is the median of its rounds (the rounds are in the JSON too); the machine's speed drifts between
-  windows of a few seconds, and a ratio of two single windows drifts with it.
+- Rounds: the real simulator and the trained dream are measured `rounds` times, one after the other; each rate
+  is the median of its rounds, and each speedup the median of the rounds' own ratios (the rounds are in the
+  JSON too). The machine's speed drifts between windows of a few seconds, and a ratio of two single windows
+  drifts with it.
 - Optionally, untrained dynamics models with the shapes of other presets (`configs/<name>.yaml`) on the
   run's tokenizer, since speed does not depend on the weights.
 """
@@ -58,8 +59,9 @@ class ImaginationBenchConfig:
     """Timed seconds per measurement; at least one step is timed, however long it takes."""
     rounds: int = 3
     """The real simulator and the trained dream are measured this many times, round by round (simulator, then
-    dream, then simulator again), and each figure is the median of its rounds. On the shared 2-core machine one
-    3-second window of the simulator ran anywhere from 174 to 248 steps/s within a minute."""
+    dream, then simulator again); rates are the medians of their rounds, speedups the medians of the rounds'
+    ratios. On the shared 2-core machine one 3-second window of the simulator ran anywhere from 174 to 248
+    steps/s within a minute."""
     real_envs: int | None = None
     """Real simulators in the vector env (None: one per CPU core; 0: skip the real simulator)."""
     preset_shapes: tuple[str, ...] = ()
@@ -382,7 +384,8 @@ def bench_imagination(
         "real_steps_per_s": real,
         "real_recorded_steps_per_s": recorded,
         **trained,
-        **speedups(rates, real, recorded),
+        # the median of the rounds' own ratios: each round times the simulator and the dream back to back
+        **{key: _median([measured[key] for measured in rounds]) for key in rounds[0] if key.startswith("speedup_")},
         "matmul_peak_gflops": peak,
         "rounds": rounds,
     }

@@ -91,6 +91,13 @@ def test_action_faithfulness_on_a_tiny_carracing_run(tmp_path, monkeypatch):
     assert standing["returns"]["real"]["brake"] == pytest.approx(-0.1 * 4 * 3)
     assert set(standing["returns"]["dream"]) == {"gas", "brake"}
     assert all(np.isfinite(v) for v in standing["returns"]["dream"].values())
+    assert standing["response_ratio"] >= 0.0 and np.isfinite(standing["response_ratio"])
+    real_gap = standing["returns"]["real"]["gas"] - standing["returns"]["real"]["brake"]
+    dream_gap = standing["returns"]["dream"]["gas"] - standing["returns"]["dream"]["brake"]
+    if real_gap:
+        assert standing["return_gap_ratio"] == pytest.approx(dream_gap / real_gap)
+    else:
+        assert standing["return_gap_ratio"] is None
 
 
 def test_action_faithfulness_needs_a_recorded_source(box_run, box_data):

@@ -423,6 +423,17 @@ def test_group_norm_inference_path_is_the_same_function_in_the_same_layout(size,
     torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
 
 
+def test_group_norm_goes_channels_first_only_for_small_channels_last_maps_in_inference():
+    from worldmodel.tokenizer import normalise_channels_first
+
+    small = torch.randn(2, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert normalise_channels_first(small)
+        assert not normalise_channels_first(small.contiguous())  # already channels-first
+        assert not normalise_channels_first(torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert not normalise_channels_first(small)  # training (gradients recorded) keeps the plain path
+
+
 def test_decoder_in_place_silu_trains_like_the_plain_one():
     # nn.SiLU(inplace=True) overwrites the GroupNorm's output; autograd must still give the plain gradients
     torch.manual_seed(0)
