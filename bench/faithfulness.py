@@ -151,11 +151,12 @@ def _dream_rollouts(
     starts: list[_Start],
     probes: list[Any],
     config: ProbeConfig,
-    context: int,
     horizon: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The dream's frame after holding each probe for `horizon` steps from the same real context (the `context`
-    frames up to each start), (S, P, H, W, C) uint8, and the return it imagined meanwhile, (S, P)."""
+    """The dream's frame after holding each probe for `horizon` steps from the same real context, (S, P, H, W, C)
+    uint8, and the return it imagined meanwhile, (S, P). The context is the frames up to each start, as many as
+    the model takes and the earliest start has (one from an episode's first frame)."""
+    context = min(min(start.step for start in starts) + 1, world.dynamics.config.context_frames - 1)
     tokens, actions = [], []
     for start in starts:
         episode = dataset.load(start.episode)
@@ -222,8 +223,7 @@ def action_faithfulness(
     names = [name for group in groups.values() for name in group]
     probes = [action for group in groups.values() for action in group.values()]
     real, _ = _real_rollouts(dataset, source, starts, probes, config.horizon)
-    context = world.dynamics.config.context_frames - 1
-    dream, _ = _dream_rollouts(world, dataset, starts, probes, config, context, config.horizon)
+    dream, _ = _dream_rollouts(world, dataset, starts, probes, config, config.horizon)
     figures: dict[str, Any] = {"states": len(starts), "horizon": config.horizon}
     for group_name, group in groups.items():
         index = [names.index(name) for name in group]
@@ -246,7 +246,7 @@ def _standing_start(
     starts = _standing_starts(dataset, episodes, config.start_episodes)
     probes = list(group.values())
     real, real_returns = _real_rollouts(dataset, source, starts, probes, config.start_horizon)
-    dream, dream_returns = _dream_rollouts(world, dataset, starts, probes, config, 1, config.start_horizon)
+    dream, dream_returns = _dream_rollouts(world, dataset, starts, probes, config, config.start_horizon)
     real_mean, dream_mean = real_returns.mean(axis=0), dream_returns.mean(axis=0)  # per probe: gas, brake
     real_gap = real_mean[0] - real_mean[-1]
     return {

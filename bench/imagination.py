@@ -350,13 +350,12 @@ def bench_imagination(
             rates = dream_rates(world, config, settings, progress, f"{tag} dream")
             measured = {"real_steps_per_s": real, "real_recorded_steps_per_s": recorded, "dream_steps_per_s": rates}
             rounds.append({**measured, **speedups(rates, real, recorded)})
-        real, recorded = (
-            _median([r[key] for r in rounds]) for key in ("real_steps_per_s", "real_recorded_steps_per_s")
+        # every figure the median of its rounds; a speedup the median of the rounds' own ratios, each round having
+        # timed the simulator and the dream back to back
+        medians = _medians(rounds)
+        real, recorded, rates = (
+            medians[key] for key in ("real_steps_per_s", "real_recorded_steps_per_s", "dream_steps_per_s")
         )
-        rates = {
-            mode: {batch: _median([r["dream_steps_per_s"][mode][batch] for r in rounds]) for batch in by_batch}
-            for mode, by_batch in rounds[0]["dream_steps_per_s"].items()
-        }
         peak = {
             name: progress.measure(
                 f"matmul {name}", partial(matmul_gflops, dtype, config.matmul_size, config.seconds, device), "GFLOP/s"
@@ -384,8 +383,7 @@ def bench_imagination(
         "real_steps_per_s": real,
         "real_recorded_steps_per_s": recorded,
         **trained,
-        # the median of the rounds' own ratios: each round times the simulator and the dream back to back
-        **{key: _median([measured[key] for measured in rounds]) for key in rounds[0] if key.startswith("speedup_")},
+        **{key: value for key, value in medians.items() if key.startswith("speedup_")},
         "matmul_peak_gflops": peak,
         "rounds": rounds,
     }
@@ -396,9 +394,12 @@ def bench_imagination(
     return figures
 
 
-def _median(values: list[float | None]) -> float | None:
-    """The median, or None when the values were not measured (the real simulator skipped)."""
-    return None if values[0] is None else float(np.median(values))
+def _medians(rounds: list[Any]) -> Any:
+    """The rounds' median, key by key through nested dicts; None where nothing was measured (no simulator)."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        return {key: _medians([measured[key] for measured in rounds]) for key in first}
+    return None if first is None else float(np.median(rounds))
 
 
 def _number(value: float | None, digits: int = 0) -> str:

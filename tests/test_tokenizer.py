@@ -434,7 +434,7 @@ def test_group_norm_goes_channels_first_only_for_small_channels_last_maps_in_inf
     assert not normalise_channels_first(small)  # training (gradients recorded) keeps the plain path
 
 
-def test_decoder_in_place_silu_trains_like_the_plain_one():
+def test_tokenizer_in_place_silu_trains_like_the_plain_one():
     # nn.SiLU(inplace=True) overwrites the GroupNorm's output; autograd must still give the plain gradients
     torch.manual_seed(0)
     config = TokenizerConfig(image_size=16, widths=(8, 16), levels=(5, 3), channels=3)

@@ -209,7 +209,9 @@ class UpsampledConv(nn.Conv2d):
         b, _, h, w = x.shape
         channels = self.out_channels
         phases = y.view(b, 2, 2, channels, h + 1, w + 1)
-        if x.is_contiguous(memory_format=torch.channels_last):  # keep the layout the input came in
+        # keep the layout the input came in; each layout gets its own copy loop, since writing channels-last output
+        # through one channels-first-shaped view was 1.4 to 1.9x slower (bf16, 32-frame chunks)
+        if x.is_contiguous(memory_format=torch.channels_last):
             out = y.new_empty(b, h, 2, w, 2, channels)
             for a in (0, 1):
                 for c in (0, 1):
