@@ -35,12 +35,12 @@ class EvalConfig:
 class TokenPolicy:
     """The trained actor-critic acting on real frames passed through the run's tokenizer."""
 
-    def __init__(self, run_dir: Path, deterministic: bool):
+    def __init__(self, run_dir: Path, deterministic: bool, policy: Path | None = None):
         from agents.policy import ActorCritic, PolicyConfig
         from agents.ppo import POLICY
 
         self.tokenizer, _ = load_tokenizer(run_dir / TOKENIZER)
-        self.policy, _, _ = load_module(run_dir / POLICY, POLICY, ActorCritic, PolicyConfig)
+        self.policy, _, _ = load_module(policy or run_dir / POLICY, POLICY, ActorCritic, PolicyConfig)
         self.policy.eval()
         self.deterministic = deterministic
 
@@ -54,7 +54,7 @@ class TokenPolicy:
         return np.clip(action[0].numpy(), space.low, space.high).astype(np.float32)
 
 
-def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int]) -> tuple[str, int, float, int]:
+def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int]) -> tuple[str, int, float, int, bool]:
     kind, run_dir, source, config, seed = args
     torch.set_num_threads(1)
     env = make_source_env(SourceConfig(source.name, source.frame_size, source.action_repeat, config.max_steps))
@@ -72,13 +72,13 @@ def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int]) -> tuple[str,
             action = expert.act(env)
         else:
             action = env.action_space.sample()
-        obs, reward, terminated, truncated, _ = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
         total += reward
         steps += 1
         if terminated or truncated:
             break
     env.close()
-    return kind, seed, float(total), steps
+    return kind, seed, float(total), steps, bool(info.get("crashed", False))
 
 
 def evaluate(
@@ -88,7 +88,9 @@ def evaluate(
     used_seeds: list[int],
     kinds: tuple[str, ...] = POLICIES,
 ) -> dict[str, dict]:
-    """Returns per policy: mean, std, per-episode returns and seeds. Refuses seeds used for collection."""
+    """Returns per policy: mean, std, per-episode returns and seeds, and `crashes`, the episodes that ended in a
+    crash (highway-env's `info["crashed"]`; a source without crashes counts none). Refuses seeds used for
+    collection."""
     seeds = [config.seed + i for i in range(config.episodes)]
     overlap = sorted(set(seeds) & set(used_seeds))
     if overlap:
@@ -97,9 +99,12 @@ def evaluate(
         )
     tasks = [(kind, str(run_dir), source, config, seed) for kind in kinds for seed in seeds]
     results: dict[str, dict[int, float]] = {kind: {} for kind in kinds}
+    crashed: dict[str, set[int]] = {kind: set() for kind in kinds}
     progress = tqdm(total=len(tasks), desc=f"evaluate in real {source.name}", unit="episode", dynamic_ncols=True)
-    for kind, seed, ret, _ in imap_unordered(_episode, tasks, config.workers):
+    for kind, seed, ret, _, crash in imap_unordered(_episode, tasks, config.workers):
         results[kind][seed] = ret
+        if crash:
+            crashed[kind].add(seed)
         progress.update()
     progress.close()
     summary = {}
@@ -110,5 +115,6 @@ def evaluate(
             "std": float(np.std(returns)),
             "returns": returns,
             "seeds": seeds,
+            "crashes": len(crashed[kind]),
         }
     return summary

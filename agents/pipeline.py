@@ -1,5 +1,12 @@
-"""The whole path on one preset: collect -> tokenizer -> dynamics -> PPO in imagination -> real-simulator
-evaluation -> rollout video, each stage skipped when its output exists, so a crashed run resumes."""
+"""The whole path on one preset: collect -> tokenizer -> dynamics -> PPO in imagination -> the dream-to-real loop
+-> real-simulator evaluation -> rollout video, each stage skipped when its output exists, so a crashed run
+resumes.
+
+The loop (`loop.iterations` rounds, `agents.loop`) closes the gap between the dream and the simulator: each round
+drives the real simulator with the current policy, adds those episodes to the dataset, tokenizes them, continues
+the dynamics model with the newest episodes weighted up, and continues PPO in the updated dream. Every round's
+stages are stages of their own (`loop/01/collect`, `loop/01/dynamics`, `loop/01/policy`, ...), so a run killed
+mid-loop resumes at the round and stage where it stopped."""
 
 from __future__ import annotations
 
@@ -10,17 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from agents.evaluate import EvalConfig, evaluate
-from agents.ppo import POLICY, PPOConfig, train_ppo
+from agents.loop import LoopConfig, collect_with_policy, dream_gap, round_figures
+from agents.ppo import POLICY, PPOConfig, load_policy, train_ppo
 from envs.collect import CollectConfig, collect
+from worldmodel.checkpoint import copy_checkpoint, read_checkpoint
 from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset
 from worldmodel.dataset import Dataset, write_json_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rollout import RolloutConfig, write_rollout
 from worldmodel.train import DYNAMICS, TOKENIZER, DynamicsStage, TokenizerStage, train_dynamics, train_tokenizer
+from worldmodel.world_model import WorldModel
 
 # the config that decides each stage's output: changing it after the stage finished is refused
 STAGE_SECTIONS = {
@@ -28,6 +40,7 @@ STAGE_SECTIONS = {
     "tokenizer": ("tokenizer", "run.val_fraction"),
     "dynamics": ("dynamics", "run.val_fraction"),
     "policy": ("ppo",),
+    "loop": ("loop", "collect", "dynamics", "ppo", "run.val_fraction"),
     "evaluate": ("eval",),
     "rollout": ("rollout",),
 }
@@ -40,6 +53,7 @@ class PipelineConfig:
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     dynamics: DynamicsStage = field(default_factory=DynamicsStage)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
@@ -89,6 +103,9 @@ class Results:
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def done(self, stage: str) -> bool:
+        """Whether `stage` finished; `loop` stands for any of the loop's stages."""
+        if stage == "loop":
+            return any(name.startswith("loop/") for name in self.data)
         return stage in self.data
 
     def record(self, stage: str, figures: dict[str, Any]) -> None:
@@ -144,6 +161,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     stage("tokenizer", lambda: train_tokenizer(data_dir, run_dir, config.tokenizer, logger, val, device))
     stage("dynamics", lambda: train_dynamics(data_dir, run_dir, config.dynamics, logger, val, device))
     stage("policy", lambda: train_ppo(run_dir, config.ppo, logger, device))
+    run_loop(config, results, stage, logger)
     used_seeds = [e.seed for e in Dataset.open(data_dir).episodes if e.seed is not None]
     stage("evaluate", lambda: evaluate(run_dir, config.collect.source, config.eval, used_seeds))
     stage("rollout", lambda: write_rollout(run_dir, data_dir, config.rollout))
@@ -152,6 +170,156 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     write_json_atomic(run_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
+
+
+def _round_dir(run_dir: Path, iteration: int) -> Path:
+    return run_dir / "loop" / f"{iteration:02d}"
+
+
+def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger) -> None:
+    """`config.loop.iterations` rounds of collect with the policy -> dynamics -> PPO, then the last policy's own
+    collection round, then the choice of the policy to keep (`LoopConfig.keep_best`), written to `<run>/policy`.
+
+    Round k drives with policy k - 1 (`<run>/loop/<k-1>/policy`; 00 is the policy trained before the loop), whose
+    episodes are dataset episodes `collect.episodes + (k - 1) * loop.episodes` on, on seeds after the first
+    collection's. The dynamics model and the policy of round k are written to `<run>/loop/<k>/` and copied to
+    `<run>/dynamics` and `<run>/policy`, so the run folder always holds the newest world model."""
+    loop = config.loop
+    if loop.iterations <= 0:
+        return
+    run_dir, data_dir, device = config.run_dir, config.dataset_dir, config.run.device
+    initial = _round_dir(run_dir, 0) / POLICY
+    if not initial.with_suffix(".safetensors").is_file():
+        copy_checkpoint(run_dir / POLICY, initial, POLICY)
+
+    def seconds(prefix: str) -> float:
+        return sum(v for k, v in results.data.get("timings", {}).items() if k.startswith(prefix))
+
+    def collect_round(iteration: int) -> dict[str, Any]:
+        policy = _round_dir(run_dir, iteration - 1) / POLICY
+        first = config.collect.episodes + (iteration - 1) * loop.episodes
+        collected = collect_with_policy(
+            run_dir, data_dir, config.collect.source, loop, policy, iteration, first, config.collect.seed
+        )
+        figures = round_figures(collected)
+        # the dream this policy was trained in, before this round's episodes change it
+        world = WorldModel.load(run_dir, with_contexts=False)
+        figures.update(dream_gap(world, load_policy(policy), Dataset.open(data_dir), collected))
+        dataset = Dataset.open(data_dir)
+        figures["real_steps_total"] = int(sum(e.length for e in dataset.episodes))
+        figures["policy"] = str(policy.relative_to(run_dir))
+        logged = ("real_return_mean", "real_sampled_return_mean", "dream_gap", "dream_policy_return")
+        logger.log({f"loop/real/{k}": figures[k] for k in logged if k in figures}, figures["real_steps_total"])
+        tqdm.write(
+            f"round {iteration}: real return {figures.get('real_return_mean', float('nan')):.1f} "
+            f"(dream of the same policy {figures.get('dream_policy_return', float('nan')):.1f}); "
+            f"dream gap on its episodes {figures['dream_gap']:+.1f}"
+        )
+        return figures
+
+    def dynamics_round(iteration: int) -> dict[str, Any]:
+        dataset = Dataset.open(data_dir)
+        recent = [i for i, e in enumerate(dataset.episodes) if e.iteration == iteration]
+        train = dataclasses.replace(
+            config.dynamics.train,
+            steps=loop.dynamics_steps,
+            max_minutes=loop.dynamics_minutes,
+            seed=config.dynamics.train.seed + iteration,
+        )
+        if iteration == 1:
+            previous, offset = (
+                run_dir / f"{DYNAMICS}_last",
+                int(read_checkpoint(run_dir / DYNAMICS, DYNAMICS)[0]["step"]),
+            )
+        else:
+            previous = _round_dir(run_dir, iteration - 1) / f"{DYNAMICS}_last"
+            offset = int(results.data[f"loop/{iteration - 1:02d}/dynamics"]["steps_total"])
+        target = _round_dir(run_dir, iteration) / DYNAMICS
+        figures = train_dynamics(
+            data_dir,
+            run_dir,
+            dataclasses.replace(config.dynamics, train=train),
+            logger,
+            config.run.val_fraction,
+            device,
+            checkpoint=target,
+            init=previous,
+            recent=(recent, loop.recent_share),
+            step_offset=offset,
+        )
+        copy_checkpoint(target, run_dir / DYNAMICS, DYNAMICS)
+        steps = int(read_checkpoint(target, DYNAMICS)[0]["step"])
+        return {**figures, "steps": steps, "steps_total": offset + steps}
+
+    def policy_round(iteration: int) -> dict[str, Any]:
+        ppo = dataclasses.replace(
+            config.ppo, total_steps=loop.ppo_steps, max_minutes=loop.ppo_minutes, seed=config.ppo.seed + iteration
+        )
+        before = _round_dir(run_dir, iteration - 1) / POLICY
+        offset = int(read_checkpoint(before, POLICY)[0].get("imagined_steps_total", 0))
+        target = _round_dir(run_dir, iteration) / POLICY
+        figures = train_ppo(run_dir, ppo, logger, device, init=before, out=target, step_offset=offset)
+        copy_checkpoint(target, run_dir / POLICY, POLICY)
+        return {**figures, "imagined_steps_total": offset + int(figures["imagined_steps"])}
+
+    rounds = loop.iterations
+    for iteration in range(1, loop.iterations + 1):
+        name = f"loop/{iteration:02d}"
+        if results.done("loop/stop"):
+            rounds = results.data["loop/stop"]["rounds"]
+            break
+        if not results.done(f"{name}/collect") and loop.max_minutes is not None and iteration > 1:
+            # at the last round's pace, this round and the scoring of its policy (one more collection)
+            ahead = seconds(f"loop/{iteration - 1:02d}/") + seconds(f"loop/{iteration - 1:02d}/collect")
+            if seconds("loop/") + ahead > 60 * loop.max_minutes:
+                stage("loop/stop", lambda it=iteration: {"rounds": it - 1, "reason": "loop.max_minutes"})
+                rounds = iteration - 1
+                break
+        stage(f"{name}/collect", lambda it=iteration: collect_round(it))
+        stage(f"{name}/dynamics", lambda it=iteration: dynamics_round(it))
+        stage(f"{name}/policy", lambda it=iteration: policy_round(it))
+    final = rounds + 1
+    stage(f"loop/{final:02d}/collect", lambda: collect_round(final))
+
+    def select() -> dict[str, Any]:
+        # policy j drove round j + 1; its score is the mean return of that round's deterministic episodes
+        scores = [results.data[f"loop/{j + 1:02d}/collect"].get("real_return_mean") for j in range(final)]
+        ranked = [score if score is not None else float("-inf") for score in scores]
+        chosen = int(np.argmax(ranked)) if loop.keep_best else rounds
+        copy_checkpoint(_round_dir(run_dir, chosen) / POLICY, run_dir / POLICY, POLICY)
+        tqdm.write(f"loop: keeping the policy of round {chosen} (real collection return {ranked[chosen]:.1f})")
+        return {"rounds": rounds, "chosen": chosen, "scores": scores}
+
+    stage("loop/select", select)
+
+
+def loop_curve(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The real learning curve of a run's loop: per policy (0: the one trained before the loop), its real return on
+    its own collection round, where the run stood then (real steps, wall time) and what the dream made of it."""
+    if "loop/select" not in results:
+        return None
+    elapsed, started = 0.0, {}  # wall time when each stage started, from the recorded stage times in order
+    for name, seconds in results.get("timings", {}).items():
+        started[name] = elapsed
+        elapsed += seconds
+    rows = []
+    for j in range(len(results["loop/select"]["scores"])):
+        collected = results[f"loop/{j + 1:02d}/collect"]
+        row = {
+            "policy": j,
+            "real_steps": collected["real_steps_total"] - collected["steps"],
+            "wall_s": round(started.get(f"loop/{j + 1:02d}/collect", float("nan")), 1),
+        }
+        for key in ("real_return_mean", "real_return_std", "real_sampled_return_mean", "dream_policy_return"):
+            row[key] = collected.get(key)
+        row["dream_replay_return"] = collected["dream_replay_return"]
+        row["real_recorded_return"] = collected["real_recorded_return"]
+        row["dream_gap"] = collected["dream_gap"]
+        if j > 0:
+            row["dynamics_val_token_accuracy"] = results[f"loop/{j:02d}/dynamics"]["val_token_accuracy"]
+            row["ppo_dream_return"] = results[f"loop/{j:02d}/policy"]["dream_return"]
+        rows.append(row)
+    return {"rounds": results["loop/select"]["rounds"], "chosen": results["loop/select"]["chosen"], "curve": rows}
 
 
 def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, Any]:
@@ -163,13 +331,22 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
         "tokenizer": results["tokenizer"],
         "dynamics": results["dynamics"],
         "ppo": results["policy"],
-        "policy": {"real_return_mean": evaluation["policy"]["mean"], "real_return_std": evaluation["policy"]["std"]},
-        "random": {"real_return_mean": evaluation["random"]["mean"], "real_return_std": evaluation["random"]["std"]},
-        "expert": {"real_return_mean": evaluation["expert"]["mean"], "real_return_std": evaluation["expert"]["std"]},
+        **{
+            kind: {
+                "real_return_mean": evaluation[kind]["mean"],
+                "real_return_std": evaluation[kind]["std"],
+                "crashes": evaluation[kind].get("crashes", 0),
+            }
+            for kind in ("policy", "random", "expert")
+        },
         "episodes_evaluated": len(evaluation["policy"]["returns"]),
         "eval_seeds": evaluation["policy"]["seeds"],
         "rollout": results["rollout"],
         "rollout_video": results["rollout"]["video"],
+        "policy_beats_random": int(
+            sum(p > r for p, r in zip(evaluation["policy"]["returns"], evaluation["random"]["returns"], strict=True))
+        ),
+        "loop": loop_curve(results),
         "timings_s": results.get("timings", {}),
         "checkpoints": {name: str(config.run_dir / f"{name}.safetensors") for name in (TOKENIZER, DYNAMICS, POLICY)},
     }
@@ -196,16 +373,40 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['ppo']['steps_per_second']:.0f}/s, dream return {summary['ppo']['dream_return']:.1f}",
         ),
     ]
+    loop = summary.get("loop")
+    if loop:
+        for row in loop["curve"]:
+            real = row["real_return_mean"]
+            rows.append(
+                (
+                    f"loop policy {row['policy']}",
+                    f"real {_number(real)} (sampled {_number(row['real_sampled_return_mean'])}), dream "
+                    f"{_number(row['dream_policy_return'])}, dream gap {row['dream_gap']:+.1f}; "
+                    f"after {row['real_steps']} real steps, {row['wall_s']:.0f} s",
+                )
+            )
+        rows.append(("loop kept", f"policy {loop['chosen']} of {loop['rounds'] + 1}, by its real collection return"))
     n = summary["episodes_evaluated"]
     for name in ("policy", "random", "expert"):
         figures = summary[name]
+        crashes = f", {figures['crashes']} crashed" if summary["source"] == "highway" else ""
         rows.append(
             (
                 f"{name} (real)",
-                f"{figures['real_return_mean']:.1f} +- {figures['real_return_std']:.1f} over {n} held-out episodes",
+                f"{figures['real_return_mean']:.1f} +- {figures['real_return_std']:.1f} over {n} held-out episodes"
+                + crashes,
             )
         )
+    rows.append(("policy > random", f"on {summary['policy_beats_random']} of {n} held-out episodes"))
     rows.append(("rollout video", summary["rollout_video"]))
-    rows.append(("time (s)", ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items())))
+    times = {k: v for k, v in summary["timings_s"].items() if not k.startswith("loop/")}
+    loop_seconds = sum(v for k, v in summary["timings_s"].items() if k.startswith("loop/"))
+    if loop_seconds:
+        times["loop"] = loop_seconds
+    rows.append(("time (s)", ", ".join(f"{k} {v:.0f}" for k, v in times.items())))
     width = max(len(r[0]) for r in rows)
     return "\n".join(["", "summary", "-" * 7] + [f"{k.ljust(width)}  {v}" for k, v in rows])
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

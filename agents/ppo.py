@@ -1,22 +1,25 @@
 """PPO trained only in imagination: the policy never sees the real simulator while it learns.
 
-Read top to bottom: make the dream vector env, collect a rollout, compute GAE advantages (bootstrapping
-through truncation with the value of the final observation), then a few epochs of clipped updates.
+Read top to bottom: `train_ppo` makes the dream vector env and the policy; `optimise` collects a rollout,
+computes GAE advantages (`compute_gae`, bootstrapping through truncation with the value of the final
+observation), then runs a few epochs of clipped updates, over any vector env of token observations.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.policy import ActorCritic
+from agents.policy import ActorCritic, PolicyConfig
 from envs.dream import DreamVectorEnv
-from worldmodel.checkpoint import save_checkpoint
+from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 from worldmodel.logger import RunLogger
 from worldmodel.train import resolve_device
 from worldmodel.world_model import WorldModel
@@ -59,8 +62,50 @@ class PPOConfig:
     seed: int = 0
 
 
-def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device: str = "cpu") -> dict[str, float]:
-    """Train a policy in the dream of the world model in `run_dir`; writes `<run>/policy.safetensors`."""
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    next_value: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> torch.Tensor:
+    """(T, N) advantages by generalised advantage estimation.
+
+    `rewards[t]` is the reward of step t (for a step cut by a time limit, plus gamma times the value of the final
+    observation), `values[t]` the value of the observation step t acted on, `dones[t]` 1 where step t ended its
+    episode (terminated or truncated: nothing flows back across it), `next_value` (N,) the value of the
+    observation after the last step."""
+    advantages = torch.zeros_like(rewards)
+    gae = torch.zeros_like(next_value)
+    for t in reversed(range(len(rewards))):
+        following = next_value if t == len(rewards) - 1 else values[t + 1]
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * following * not_done - values[t]
+        gae = delta + gamma * gae_lambda * not_done * gae
+        advantages[t] = gae
+    return advantages
+
+
+def load_policy(path: Path, device: torch.device | str = "cpu") -> ActorCritic:
+    policy, _, _ = load_module(path, POLICY, ActorCritic, PolicyConfig, device)
+    return policy
+
+
+def train_ppo(
+    run_dir: str | Path,
+    config: PPOConfig,
+    logger: RunLogger,
+    device: str = "cpu",
+    init: Path | None = None,
+    out: Path | None = None,
+    step_offset: int = 0,
+    extra_meta: dict | None = None,
+) -> dict[str, float]:
+    """Train a policy in the dream of the world model in `run_dir`; writes `<run>/policy.safetensors` (or `out`).
+
+    `init` continues from that policy checkpoint instead of fresh weights (the dream-to-real loop's later rounds);
+    `step_offset` is added to the imagined steps that metrics are logged at."""
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     world = WorldModel.load(run_dir, resolve_device(device))
@@ -76,26 +121,59 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
         refine_steps=config.refine_steps,
         dtype=config.dtype,
     )
-    policy = ActorCritic.for_spaces(
-        envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden
-    ).to(world.device)
+    if init is None:
+        policy = ActorCritic.for_spaces(
+            envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden
+        )
+    else:
+        policy = load_policy(init)
+        expected = ActorCritic.for_spaces(
+            envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden
+        ).config
+        if policy.config != expected:
+            raise CheckpointError(f"{init} is a policy for {policy.config}, this dream needs {expected}")
+    figures = optimise(envs, policy.to(world.device), config, logger, step_offset=step_offset)
+    meta = {
+        "imagined_steps": figures["imagined_steps"],
+        "imagined_steps_total": step_offset + figures["imagined_steps"],
+        "dream_return": figures["dream_return"],
+        **(extra_meta or {}),
+    }
+    save_checkpoint(out or run_dir / POLICY, policy, POLICY, meta)
+    return figures
+
+
+def optimise(
+    envs: gym.vector.VectorEnv,
+    policy: ActorCritic,
+    config: PPOConfig,
+    logger: RunLogger,
+    observe: Callable[[np.ndarray], torch.Tensor] | None = None,
+    step_offset: int = 0,
+) -> dict[str, float]:
+    """PPO on `envs` for `config.total_steps` steps or `config.max_minutes`, updating `policy` in place.
+
+    `envs` must autoreset in SAME_STEP mode (Gymnasium 1.x), reporting a finished episode's last observation in
+    `info["final_obs"]`; `observe` turns a batch of its observations into the policy's token grids (default: they
+    are token grids already). Returns the imagined (or real) steps taken, their rate and the mean return of the
+    last 100 finished episodes."""
+    dev = next(policy.parameters()).device
+    observe = observe or (lambda batch: torch.as_tensor(batch, device=dev))
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
-    n, steps = config.num_envs, config.rollout_steps
-    obs_shape = envs.single_observation_space.shape
-    act_shape = envs.single_action_space.shape
-    dev = world.device
-    obs_buf = torch.zeros((steps, n, *obs_shape), dtype=torch.long, device=dev)
-    act_buf = torch.zeros((steps, n, *act_shape), device=dev)
+    n, steps = envs.num_envs, config.rollout_steps
+    obs, _ = envs.reset(seed=config.seed)
+    obs = observe(obs)
+    obs_buf = torch.zeros((steps, n, *obs.shape[1:]), dtype=torch.long, device=dev)
+    act_buf = torch.zeros((steps, n, *envs.single_action_space.shape), device=dev)
     logp_buf, rew_buf, done_buf, val_buf = (torch.zeros(steps, n, device=dev) for _ in range(4))
 
-    obs, _ = envs.reset(seed=config.seed)
-    obs = torch.as_tensor(obs, device=dev)
     iterations = max(1, config.total_steps // (n * steps))
     began = time.monotonic()
     episode_returns = np.zeros(n)
     finished: list[float] = []
     logs: dict[str, float] = {}
-    progress = tqdm(range(iterations), desc="ppo (dream)", dynamic_ncols=True)
+    step = 0
+    progress = tqdm(range(iterations), desc="ppo", dynamic_ncols=True)
     for iteration in progress:
         step_rewards = []
         for t in range(steps):
@@ -104,12 +182,12 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
             obs_buf[t], act_buf[t], logp_buf[t], val_buf[t] = obs, action, logp, value
             next_obs, env_reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             episode_returns += env_reward
-            step_rewards.append(float(env_reward.mean()))
-            reward = torch.as_tensor(env_reward, device=dev) * config.reward_scale
+            step_rewards.append(float(np.mean(env_reward)))
+            reward = torch.as_tensor(env_reward, device=dev, dtype=torch.float32) * config.reward_scale
             cut = truncated & ~terminated
             if cut.any():
                 # bootstrap through time-limit truncation with the value of the observation before the reset
-                final = torch.as_tensor(np.stack(info["final_obs"][cut]), device=dev)
+                final = observe(np.stack(info["final_obs"][cut]))
                 with torch.no_grad():
                     reward[torch.as_tensor(cut, device=dev)] += config.gamma * policy.value(final)
             rew_buf[t] = reward
@@ -117,18 +195,11 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
             for i in np.flatnonzero(terminated | truncated):
                 finished.append(float(episode_returns[i]))
                 episode_returns[i] = 0
-            obs = torch.as_tensor(next_obs, device=dev)
+            obs = observe(next_obs)
 
         with torch.no_grad():
             next_value = policy.value(obs)
-        advantages = torch.zeros_like(rew_buf)
-        gae = torch.zeros(n, device=dev)
-        for t in reversed(range(steps)):
-            following = next_value if t == steps - 1 else val_buf[t + 1]
-            not_done = 1.0 - done_buf[t]
-            delta = rew_buf[t] + config.gamma * following * not_done - val_buf[t]
-            gae = delta + config.gamma * config.gae_lambda * not_done * gae
-            advantages[t] = gae
+        advantages = compute_gae(rew_buf, val_buf, done_buf, next_value, config.gamma, config.gae_lambda)
         returns = advantages + val_buf
 
         flat = {
@@ -167,13 +238,12 @@ def train_ppo(run_dir: str | Path, config: PPOConfig, logger: RunLogger, device:
             "entropy": entropy.mean().item(),
             "clip_fraction": ((ratio - 1).abs() > config.clip).float().mean().item(),
         }
-        logger.log({f"ppo/train/{k}": v for k, v in logs.items()}, step)
+        logger.log({f"ppo/train/{k}": v for k, v in logs.items()}, step_offset + step)
         progress.set_postfix(ret=f"{logs['dream_return']:.1f}", r=f"{logs['reward_per_step']:.3f}")
         if config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes:
-            tqdm.write(f"ppo: stopping after {step} imagined steps at the {config.max_minutes} minute budget")
+            tqdm.write(f"ppo: stopping after {step} steps at the {config.max_minutes} minute budget")
             break
     progress.close()
-    save_checkpoint(run_dir / POLICY, policy, POLICY, {"imagined_steps": step, "dream_return": logs["dream_return"]})
     return {
         "imagined_steps": float(step),
         "dream_return": logs["dream_return"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,17 +104,13 @@ class _Driver:
 _worker_envs: dict[SourceConfig, gym.Env] = {}
 
 
-def _record(config: CollectConfig, root: str, index: int) -> EpisodeRecord:
-    # one simulator per source config and process, reused across the episodes it records
-    env = _worker_envs.get(config.source)
-    if env is None:
-        env = _worker_envs[config.source] = make_source_env(config.source)
-    seed = config.seed + index
-    driver = _Driver(config, env, seed)
+def record_episode(env: gym.Env, act: Callable[[np.ndarray], np.ndarray | int], seed: int) -> tuple[Episode, float]:
+    """Drive one episode on `seed` with `act(observation) -> action`; returns it and the reward of the steps the
+    source skipped at reset (CarRacing's zoom-in; see `DrivingFrames`), so that the two add up to the return."""
     obs, info = env.reset(seed=seed)
     frames, actions, rewards, terminated, truncated = [obs], [], [], [], []
     while True:
-        action = driver.act()
+        action = act(obs)
         obs, reward, term, trunc, _ = env.step(action)
         frames.append(obs)
         actions.append(action)
@@ -130,8 +127,25 @@ def _record(config: CollectConfig, root: str, index: int) -> EpisodeRecord:
         terminated=np.array(terminated, dtype=bool),
         truncated=np.array(truncated, dtype=bool),
     )
+    return episode, float(info.get("intro_reward", 0.0))
+
+
+def worker_env(source: SourceConfig) -> gym.Env:
+    """One simulator per source config and process, reused across the episodes the process records."""
+    env = _worker_envs.get(source)
+    if env is None:
+        env = _worker_envs[source] = make_source_env(source)
+    return env
+
+
+def _record(config: CollectConfig, root: str, index: int) -> EpisodeRecord:
+    env = worker_env(config.source)
+    seed = config.seed + index
+    driver = _Driver(config, env, seed)
+    episode, intro = record_episode(env, lambda obs: driver.act(), seed)
     write_episode(root, episode_name(index), episode)
-    return EpisodeRecord(episode_name(index), len(episode), seed, float(episode.rewards.sum()), driver.kind)
+    ret = float(episode.rewards.sum())
+    return EpisodeRecord(episode_name(index), len(episode), seed, ret, driver.kind, intro_reward=intro)
 
 
 def _record_star(args: tuple[CollectConfig, str, int]) -> EpisodeRecord:

@@ -27,6 +27,12 @@ MICRO = [
     "eval.max_steps=20",
     "rollout.steps=8",
     "run.val_fraction=0.25",
+    # one light round of the dream-to-real loop
+    "loop.iterations=1",
+    "loop.episodes=2",
+    "loop.max_steps=20",
+    "loop.dynamics_steps=4",
+    "loop.ppo_steps=512",
 ]
 # lighter still, so the suite stays fast on a busy 2-core machine (one torch thread avoids oversubscription)
 LIGHT = [
@@ -36,6 +42,7 @@ LIGHT = [
     "dynamics.train.batch_size=4",
     "dynamics.val_batches=1",
     "eval.workers=1",
+    "loop.workers=1",
 ]
 SUMMARY_KEYS = [
     ("tokenizer", "bytes_per_frame"),
@@ -130,7 +137,8 @@ def test_summary_from_results():
         "timings": {"collect": 1.0},
     }
     summary = make_summary(config, results)
-    assert summary["policy"] == {"real_return_mean": 3.0, "real_return_std": 1.0}
+    assert summary["policy"] == {"real_return_mean": 3.0, "real_return_std": 1.0, "crashes": 0}
+    assert summary["policy_beats_random"] == 2 and summary["loop"] is None
     assert summary["expert"]["real_return_mean"] == 9.0
     assert summary["episodes_evaluated"] == 2
     assert summary["eval_seeds"] == [5, 6]
@@ -184,7 +192,7 @@ def test_micro_run_rerun_skips_finished_stages(micro_run):
     before = (runs / "smoke" / "tokenizer.safetensors").stat().st_mtime_ns
     result = worldmodel_cli(args, cwd=runs, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("collect", "tokenizer", "dynamics", "policy", "evaluate", "rollout"):
+    for stage in ("collect", "tokenizer", "dynamics", "policy", "loop/01/policy", "loop/select", "evaluate", "rollout"):
         assert f"[{stage}] already done, skipping" in result.stdout
     assert (runs / "smoke" / "tokenizer.safetensors").stat().st_mtime_ns == before
     assert json.loads((runs / "smoke" / "summary.json").read_text())["episodes_evaluated"] == 1

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,24 @@ def save_checkpoint(
     meta = {"kind": kind, "config": dataclasses.asdict(config) if config is not None else {}, **(extra or {})}
     write_json_atomic(path.with_suffix(".json"), meta)
     return path.with_suffix(".safetensors")
+
+
+def copy_checkpoint(source: str | Path, target: str | Path, kind: str) -> Path:
+    """Copy the `kind` checkpoint `source` (`.safetensors` and `.json`) to `target`, each file written to a
+    temporary name and renamed into place. A missing or corrupt source is refused before anything is written."""
+    source, target = Path(source), Path(target)
+    read_checkpoint(source, kind)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(source.with_suffix(suffix), tmp)
+            os.replace(tmp, target.with_suffix(suffix))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return target.with_suffix(".safetensors")
 
 
 def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -158,6 +158,22 @@ def cmd_bench_dynamics(args: argparse.Namespace) -> None:
     print(json.dumps(figures, indent=2))
 
 
+def cmd_bench_reliability(args: argparse.Namespace) -> None:
+    from bench.reliability import ReliabilityConfig, bench_reliability, format_markdown
+
+    config = ReliabilityConfig(
+        preset=args.preset,
+        source=args.source,
+        seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
+        name=args.name,
+        runs_dir=args.runs_dir,
+        overrides=list(args.overrides),
+    )
+    out = Path(args.out) if args.out else Path(args.runs_dir) / config.run_name
+    print(format_markdown(bench_reliability(config, out)))
+    print(f"wrote {out / 'reliability.json'} and {out / 'reliability.md'}")
+
+
 def _rate(text: str) -> dict:
     """A rate setting: a YAML mapping of tokenizer model fields, e.g. '{levels: [8, 6, 5]}'."""
     import yaml
@@ -333,6 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="MaskGIT-style refinement rounds per imagined frame (default: the run's ppo.refine_steps)",
     )
     imagination.set_defaults(func=cmd_bench_imagination)
+
+    reliability = targets.add_parser(
+        "reliability", help="the whole pipeline on several seeds: held-out return per seed, mean, median, worst"
+    )
+    reliability.add_argument("--preset", default="tiny", help="preset name in configs/ or a path to a YAML file")
+    reliability.add_argument("--source", choices=SOURCES, default=None, help="data source (default: the preset's)")
+    reliability.add_argument("--seeds", type=_positive_int, default=5, help="how many seeds")
+    reliability.add_argument("--first-seed", type=_non_negative_int, default=0, help="seeds run from this one up")
+    reliability.add_argument(
+        "--name", default=None, help="run folders are RUNS/NAME-seedS (default: reliability-PRESET-SOURCE)"
+    )
+    reliability.add_argument("--runs-dir", default="runs", help="folder of the run folders")
+    reliability.add_argument("--out", default=None, help="folder of reliability.json and .md (default: RUNS/NAME)")
+    reliability.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    reliability.set_defaults(func=cmd_bench_reliability)
 
     tokenizer = targets.add_parser(
         "tokenizer", help="rate, distortion and speed of tokenizer backbones beside WebP and JPEG"

@@ -16,6 +16,7 @@ so sampling training windows never loads the whole dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,21 +54,27 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`. NaN and infinities are
-    written as null (see `json_safe`), so the file is standard JSON."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file in the same folder, then rename it over `path`: a reader sees the old file
+    or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(data), f, indent=2, allow_nan=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (`write_text_atomic`). NaN and infinities are written as null (see `json_safe`), so
+    the file is standard JSON."""
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False))
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -119,21 +126,39 @@ class Episode:
 
 @dataclass
 class EpisodeRecord:
-    """A manifest entry."""
+    """A manifest entry. `intro_reward` is the reward of steps the source skipped before the first frame
+    (CarRacing's zoom-in), so `ret + intro_reward` is the simulator's own return. `iteration` and `policy` say which
+    round of the dream-to-real loop collected the episode and which policy drove it (0 and None for the first
+    collection, scripted or your own data)."""
 
     name: str
     length: int
     seed: int | None = None
     ret: float = 0.0
     kind: str = ""
+    iteration: int = 0
+    policy: str | None = None
+    intro_reward: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "length": self.length, "seed": self.seed, "return": self.ret, "kind": self.kind}
+        data = {"name": self.name, "length": self.length, "seed": self.seed, "return": self.ret, "kind": self.kind}
+        if self.intro_reward:
+            data["intro_reward"] = self.intro_reward
+        if self.iteration or self.policy is not None:
+            data.update(iteration=self.iteration, policy=self.policy)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EpisodeRecord:
         return cls(
-            data["name"], int(data["length"]), data.get("seed"), float(data.get("return", 0.0)), data.get("kind", "")
+            data["name"],
+            int(data["length"]),
+            data.get("seed"),
+            float(data.get("return", 0.0)),
+            data.get("kind", ""),
+            int(data.get("iteration", 0)),
+            data.get("policy"),
+            float(data.get("intro_reward", 0.0)),
         )
 
 
@@ -282,6 +307,21 @@ class Dataset:
             raise EpisodeError(f"{folder}: holds {len(episode)} steps, manifest says {record.length}")
         return episode
 
+    def content_key(self, index: int) -> str:
+        """A digest of episode `index`'s arrays as stored: it changes whenever any of its files does, so caches
+        derived from the episode (its tokens) can tell that they are stale."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(self.manifest.episodes[index].name.encode())
+        for name in ARRAYS:
+            path = self.episode_dir(index) / f"{name}.npy"
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+            except FileNotFoundError as err:
+                raise EpisodeError(f"{path}: missing") from err
+        return digest.hexdigest()
+
     def usable(self, indices: list[int] | None = None) -> list[int]:
         """Indices of episodes that load; each bad one is reported by a warning naming its file and skipped."""
         good = []
@@ -305,12 +345,26 @@ class Dataset:
 
 
 def sample_windows(
-    lengths: np.ndarray, window: int, batch_size: int, rng: np.random.Generator
+    lengths: np.ndarray,
+    window: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pick `batch_size` (episode, start) pairs uniformly over all windows of `window` steps."""
+    """Pick `batch_size` (episode, start) pairs uniformly over all windows of `window` steps, or, with per-episode
+    `weights`, each window with probability proportional to its episode's weight."""
     counts = np.maximum(np.asarray(lengths) - window + 1, 0)
     if counts.sum() == 0:
         raise DatasetError(f"no episode is long enough for windows of {window} steps (lengths {list(lengths)[:10]})")
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != counts.shape or (weights < 0).any() or not np.isfinite(weights).all():
+            raise ValueError(f"expected {len(counts)} finite episode weights >= 0, got {weights.shape} {weights[:5]}")
+        mass = counts * weights
+        if mass.sum() == 0:
+            raise DatasetError(f"no episode with a positive weight is long enough for windows of {window} steps")
+        episode = rng.choice(len(counts), size=batch_size, p=mass / mass.sum())
+        return episode, rng.integers(0, counts[episode])
     flat = rng.integers(0, counts.sum(), size=batch_size)
     bounds = np.cumsum(counts)
     episode = np.searchsorted(bounds, flat, side="right")

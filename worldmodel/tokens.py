@@ -28,6 +28,7 @@ class TokenizedDataset:
     step_offsets: np.ndarray  # (E + 1,)
     episode_ids: np.ndarray  # (E,) indices into the source dataset
     tokenizer_fingerprint: str
+    episode_keys: np.ndarray | None = None  # (E,) str: each episode's `Dataset.content_key` when tokenized
 
     @property
     def lengths(self) -> np.ndarray:
@@ -59,7 +60,20 @@ class TokenizedDataset:
             step_offsets=steps,
             episode_ids=self.episode_ids[keep],
             tokenizer_fingerprint=self.tokenizer_fingerprint,
+            episode_keys=None if self.episode_keys is None else self.episode_keys[keep],
         )
+
+    def episode(self, index: int) -> dict[str, np.ndarray]:
+        """The arrays of the `index`-th episode held here (not a dataset index): tokens (T + 1, h, w), actions,
+        rewards, terminated (T, ...)."""
+        f0, f1 = self.frame_offsets[index], self.frame_offsets[index + 1]
+        s0, s1 = self.step_offsets[index], self.step_offsets[index + 1]
+        return {
+            "tokens": self.tokens[f0:f1],
+            "actions": self.actions[s0:s1],
+            "rewards": self.rewards[s0:s1],
+            "terminated": self.terminated[s0:s1],
+        }
 
     def smoothed_rewards(self, steps: int) -> TokenizedDataset:
         """A copy whose rewards are each episode's centred moving average over `steps` steps (odd; 1: unchanged).
@@ -86,13 +100,19 @@ class TokenizedDataset:
         return dataclasses.replace(self, rewards=rewards.astype(np.float32))
 
     def sample(
-        self, window: int, batch_size: int, rng: np.random.Generator, start_fraction: float = 0.0
+        self,
+        window: int,
+        batch_size: int,
+        rng: np.random.Generator,
+        start_fraction: float = 0.0,
+        weights: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Windows of `window` steps: tokens (B, window + 1, h, w), actions (B, window, ...), rewards, terminated.
 
-        A `start_fraction` of the windows begin at their episode's first step.
+        A `start_fraction` of the windows begin at their episode's first step. With `weights` (E,), one per episode
+        held here, a window is drawn with probability proportional to its episode's weight (`sample_windows`).
         """
-        episode, start = sample_windows(self.lengths, window, batch_size, rng)
+        episode, start = sample_windows(self.lengths, window, batch_size, rng, weights)
         if start_fraction > 0:
             start = np.where(rng.random(batch_size) < start_fraction, 0, start)
         frame0 = self.frame_offsets[episode] + start
@@ -113,7 +133,7 @@ class TokenizedDataset:
             with os.fdopen(fd, "wb") as f:
                 np.savez(
                     f,
-                    **{k: v for k, v in vars(self).items() if k != "tokenizer_fingerprint"},
+                    **{k: v for k, v in vars(self).items() if k != "tokenizer_fingerprint" and v is not None},
                     tokenizer_fingerprint=np.array(self.tokenizer_fingerprint),
                 )
                 f.flush()
@@ -136,15 +156,37 @@ class TokenizedDataset:
 
 @torch.no_grad()
 def tokenize_dataset(
-    dataset: Dataset, tokenizer: Tokenizer, fingerprint: str, batch_size: int = 256, device: str | torch.device = "cpu"
+    dataset: Dataset,
+    tokenizer: Tokenizer,
+    fingerprint: str,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    cached: TokenizedDataset | None = None,
 ) -> TokenizedDataset:
-    """Encode every usable episode of `dataset` with `tokenizer`."""
+    """Encode every usable episode of `dataset` with `tokenizer` (whose weights' fingerprint is `fingerprint`).
+
+    Episodes that `cached` already holds, tokenized by the same tokenizer from the same content (the episode's
+    `Dataset.content_key`), are copied from it instead of encoded again: a dataset that grows is tokenized once
+    per new episode, and an episode whose files changed is encoded afresh."""
     if tokenizer.config.codebook_size > np.iinfo(np.int16).max + 1:
         raise ValueError(f"codebook of {tokenizer.config.codebook_size} codes does not fit the int16 token cache")
     tokenizer.eval()
+    known: dict[str, int] = {}
+    if cached is not None and cached.tokenizer_fingerprint == fingerprint and cached.episode_keys is not None:
+        known = {str(key): i for i, key in enumerate(cached.episode_keys)}
     indices = dataset.usable()
+    keys = [dataset.content_key(index) for index in indices]
     tokens, actions, rewards, terminated = [], [], [], []
-    for index in tqdm(indices, desc="tokenize", dynamic_ncols=True):
+    fresh = [index for index, key in zip(indices, keys, strict=True) if key not in known]
+    progress = tqdm(total=len(fresh), desc="tokenize", dynamic_ncols=True, disable=not fresh)
+    for index, key in zip(indices, keys, strict=True):
+        if key in known:
+            episode = cached.episode(known[key])
+            tokens.append(episode["tokens"])
+            actions.append(episode["actions"])
+            rewards.append(episode["rewards"])
+            terminated.append(episode["terminated"])
+            continue
         episode = dataset.load(index)
         grids = []
         for start in range(0, len(episode.frames), batch_size):
@@ -154,6 +196,8 @@ def tokenize_dataset(
         actions.append(np.asarray(episode.actions))
         rewards.append(np.asarray(episode.rewards, dtype=np.float32))
         terminated.append(np.asarray(episode.terminated, dtype=bool))
+        progress.update()
+    progress.close()
     return TokenizedDataset(
         tokens=np.concatenate(tokens),
         actions=np.concatenate(actions),
@@ -163,4 +207,5 @@ def tokenize_dataset(
         step_offsets=np.cumsum([0] + [len(r) for r in rewards]),
         episode_ids=np.array(indices),
         tokenizer_fingerprint=fingerprint,
+        episode_keys=np.array(keys),
     )

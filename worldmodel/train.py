@@ -136,22 +136,46 @@ def train_tokenizer(
 
 
 def tokens_for_run(dataset_dir: str | Path, run_dir: str | Path, device: str = "cpu") -> TokenizedDataset:
-    """The run's token cache (`<run>/tokens.npz`), made once with the run's tokenizer and reused after."""
+    """The run's token cache (`<run>/tokens.npz`) for the dataset as it is now: episodes the cache holds from the
+    same content and tokenizer are reused, new or changed ones are tokenized, and the cache is rewritten when
+    anything changed (see `tokenize_dataset`)."""
     run_dir = Path(run_dir)
     tokenizer, _ = load_tokenizer(run_dir / TOKENIZER, resolve_device(device))
     current = fingerprint(tokenizer)
     path = run_dir / "tokens.npz"
+    cached = None
     if path.is_file():
         try:
             cached = TokenizedDataset.load(path)
         except DatasetError as err:
             tqdm.write(f"re-tokenizing: {err}")
-        else:
-            if cached.tokenizer_fingerprint == current:
-                return cached
-    tokenized = tokenize_dataset(Dataset.open(dataset_dir), tokenizer, current, device=resolve_device(device))
-    tokenized.save(path)
+    tokenized = tokenize_dataset(
+        Dataset.open(dataset_dir), tokenizer, current, device=resolve_device(device), cached=cached
+    )
+    unchanged = (
+        cached is not None
+        and cached.tokenizer_fingerprint == current
+        and cached.episode_keys is not None
+        and np.array_equal(cached.episode_keys, tokenized.episode_keys)
+        and np.array_equal(cached.episode_ids, tokenized.episode_ids)
+    )
+    if not unchanged:
+        tokenized.save(path)
     return tokenized
+
+
+def recent_weights(tokenized: TokenizedDataset, window: int, recent: list[int], share: float) -> np.ndarray | None:
+    """Per-episode weights under which windows of `window` steps come from the episodes whose dataset indices are
+    in `recent` with probability `share`, and from the others with `1 - share` (uniformly within each group).
+    None (uniform) when either group has no such window."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"the recent episodes' share of training windows must be in [0, 1], got {share}")
+    is_recent = np.isin(tokenized.episode_ids, np.asarray(list(recent), dtype=np.int64))
+    counts = np.maximum(tokenized.lengths - window + 1, 0).astype(np.float64)
+    mass_recent, mass_rest = counts[is_recent].sum(), counts[~is_recent].sum()
+    if mass_recent == 0 or mass_rest == 0:
+        return None
+    return np.where(is_recent, share / mass_recent, (1 - share) / mass_rest)
 
 
 def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -167,8 +191,16 @@ def train_dynamics(
     logger: RunLogger,
     val_fraction: float = 0.1,
     device: str = "cpu",
+    checkpoint: Path | None = None,
+    init: Path | None = None,
+    recent: tuple[list[int], float] | None = None,
+    step_offset: int = 0,
 ) -> dict[str, float]:
-    """Train the dynamics model on the tokenized training episodes; returns teacher-forced validation metrics."""
+    """Train the dynamics model on the tokenized training episodes; returns teacher-forced validation metrics.
+
+    Writes `<run>/dynamics` (or `checkpoint`). `init` continues from another checkpoint's weights and optimizer
+    (`trainer.train`); `recent` = (dataset indices, share) draws that share of the training windows from those
+    episodes (the newest ones, in the dream-to-real loop) and the rest uniformly from the others."""
     dev = resolve_device(device)
     run_dir = Path(run_dir)
     dataset = Dataset.open(dataset_dir)
@@ -189,6 +221,7 @@ def train_dynamics(
     window = config.context_frames
     torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
     model = DynamicsModel(config).to(dev)
+    weights = None if recent is None else recent_weights(train_set, window, *recent)
     rng = np.random.default_rng(stage.train.seed + distributed.rank())
     val_rng = np.random.default_rng(12345)
     val_batches = [
@@ -209,9 +242,9 @@ def train_dynamics(
 
     metrics = train(
         model,
-        lambda step: _to_tensors(train_set.sample(window, stage.train.batch_size, rng), dev),
+        lambda step: _to_tensors(train_set.sample(window, stage.train.batch_size, rng, weights=weights), dev),
         stage.train,
-        run_dir / DYNAMICS,
+        checkpoint or run_dir / DYNAMICS,
         DYNAMICS,
         logger,
         evaluate=evaluate,
@@ -221,6 +254,8 @@ def train_dynamics(
             "val_episodes": val_ids,
         },
         description="dynamics",
+        init=init,
+        step_offset=step_offset,
     )
     return {
         "val_token_accuracy": metrics["token_accuracy"],

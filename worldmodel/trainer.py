@@ -63,8 +63,14 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     extra_meta: dict | None = None,
     description: str = "train",
+    init: Path | None = None,
+    step_offset: int = 0,
 ) -> dict[str, float]:
     """Train `model` and write `<checkpoint_path>.safetensors`; resumes from `<checkpoint_path>_last` if present.
+
+    Without a `_last` to resume, `init` (a checkpoint of the same kind and config, such as an earlier stage's
+    `_last`) gives the starting weights and optimizer moments: training goes on from where that one stopped.
+    `step_offset` is added to the steps metrics are logged at, so that continued training logs after the earlier.
 
     `sample_batch(step)` returns a dict of tensors for `model.forward_batch`; metrics are logged as
     `<kind>/train/<name>` and, from `evaluate`, `<kind>/val/<name>`. Returns the last validation metrics.
@@ -92,6 +98,13 @@ def train(
             start = int(meta["step"])
             if main:
                 tqdm.write(f"resuming {kind} training from step {start} ({last})")
+        elif init is not None:
+            restored, meta, state = load_module(init, kind, type(model), type(model.config))
+            if meta["config"] != json.loads(json.dumps(dataclasses.asdict(model.config))):
+                raise CheckpointError(f"{init} has another config than this {kind} training; it cannot continue it")
+            model.load_state_dict(restored.state_dict())
+            if state:
+                _restore_optimizer(optimizer, state)
         forward_batch = distributed.loss_function(model)
         schedule = lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))  # noqa: E731
         began = time.monotonic()
@@ -118,7 +131,7 @@ def train(
             if step % config.log_every == 0:
                 logs = distributed.mean_over_ranks(logs, device)
                 if main:
-                    logger.log({f"{kind}/train/{k}": v for k, v in logs.items()}, step)
+                    logger.log({f"{kind}/train/{k}": v for k, v in logs.items()}, step_offset + step)
                 progress.set_postfix({k: f"{logs[k]:.3g}" for k in list(logs)[:4]})
             optimizer.step()
             done = step + 1
@@ -128,7 +141,7 @@ def train(
             if main and evaluate is not None and (done % config.eval_every == 0 or done == config.steps or out_of_time):
                 model.eval()
                 val_logs = evaluate(model)
-                logger.log({f"{kind}/val/{k}": v for k, v in val_logs.items()}, done)
+                logger.log({f"{kind}/val/{k}": v for k, v in val_logs.items()}, step_offset + done)
                 tqdm.write(f"{kind} step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
             if main and (done % config.checkpoint_every == 0 or done == config.steps or out_of_time):
                 save_checkpoint(last, model, kind, {"step": done, **(extra_meta or {})}, _optimizer_state(optimizer))

@@ -1,0 +1,213 @@
+"""The dream-to-real loop's pieces: drive the real simulator with the current policy and add what it saw to the
+dataset, and measure where the dream flatters the policy.
+
+A world model trained once on scripted driving is wrong exactly where a policy trained in it goes: if the dream
+lets a standing car earn reward, PPO learns to stand still. Each round of the loop (`agents.pipeline`) collects
+real episodes with the current policy, so the next world model is trained on the states that policy reaches and
+the rewards it really gets there (IRIS, DIAMOND and DreamerV3 all alternate this way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents.evaluate import TokenPolicy
+from agents.policy import ActorCritic
+from envs.collect import episode_name, record_episode, worker_env
+from envs.sources import SourceConfig
+from worldmodel.dataset import Dataset, EpisodeRecord, write_episode
+from worldmodel.parallel import imap_unordered
+from worldmodel.world_model import WorldModel
+
+
+@dataclass
+class LoopConfig:
+    iterations: int = 0
+    """Rounds of (collect with the policy -> tokenize the new episodes -> continue the dynamics model -> continue
+    PPO) after the first world model and policy; 0 runs no loop."""
+    max_minutes: float | None = None
+    """Wall-clock budget of the whole loop: no round starts that would, at the last round's pace, end past it."""
+    episodes: int = 16
+    """Real episodes each round collects with the current policy."""
+    explore: float = 0.5
+    """Fraction of those episodes in which the policy samples its actions; in the others it acts as it is scored
+    (`TokenPolicy`, deterministic), and their returns are the real learning curve."""
+    max_steps: int | None = None
+    """Recorded steps per collected episode (None: the simulator's full episode, as evaluation runs)."""
+    workers: int = 2
+    recent_share: float = 0.5
+    """Share of each dynamics batch drawn from the newest round's episodes; the rest is uniform over all."""
+    dynamics_steps: int = 500
+    dynamics_minutes: float | None = None
+    ppo_steps: int = 200_000
+    ppo_minutes: float | None = None
+    keep_best: bool = True
+    """Keep the policy whose own collection episodes returned most (scored on collection seeds, never on the
+    evaluation's), instead of the last one."""
+
+
+def policy_label(run_dir: Path, policy: Path) -> str:
+    """How the manifest names a policy: its checkpoint's path in the run folder."""
+    return str(policy.relative_to(run_dir))
+
+
+def _policy_episode(args: tuple[SourceConfig, str, str, str, bool, int, int, int, str]) -> EpisodeRecord:
+    source, root, run_dir, policy, deterministic, seed, index, iteration, label = args
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)  # a sampling policy draws the same actions on the same seed
+    env = worker_env(source)
+    actor = TokenPolicy(Path(run_dir), deterministic, Path(policy))
+    episode, intro = record_episode(env, lambda obs: actor(obs, env.action_space), seed)
+    name = episode_name(index)
+    write_episode(root, name, episode)
+    kind = "policy" if deterministic else "policy-sampled"
+    return EpisodeRecord(name, len(episode), seed, float(episode.rewards.sum()), kind, iteration, label, intro)
+
+
+def collect_with_policy(
+    run_dir: Path,
+    dataset_dir: Path,
+    source: SourceConfig,
+    config: LoopConfig,
+    policy: Path,
+    iteration: int,
+    first_index: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Drive `config.episodes` real episodes with the `policy` checkpoint (episode j of this round is dataset
+    episode `first_index + j`, on seed `seed + first_index + j`) and append them to the dataset, each recording
+    `iteration` and the policy. Episodes already in the dataset are kept, so a crashed round resumes; returns, per
+    episode in order, its record, whether the policy acted deterministically and the reward skipped at reset."""
+    dataset = Dataset.open(dataset_dir)
+    label = policy_label(run_dir, policy)
+    collect_source = dataclasses.replace(source, max_steps=config.max_steps)
+    sampled = round(config.explore * config.episodes)
+    plan = [(first_index + j, j >= sampled) for j in range(config.episodes)]
+    known = {record.name: record for record in dataset.episodes}
+    for index, _ in plan:
+        record = known.get(episode_name(index))
+        if record is not None and (record.iteration != iteration or record.policy != label):
+            raise ValueError(
+                f"{dataset_dir}: episode {record.name} was collected by {record.policy!r} in round "
+                f"{record.iteration}, not by {label!r} in round {iteration}; this run's data no longer matches it"
+            )
+    tasks = [
+        (collect_source, str(dataset_dir), str(run_dir), str(policy), det, seed + index, index, iteration, label)
+        for index, det in plan
+        if episode_name(index) not in known
+    ]
+    progress = tqdm(
+        total=len(plan), initial=len(plan) - len(tasks), desc=f"collect with policy (round {iteration})", unit="episode"
+    )
+    for record in imap_unordered(_policy_episode, tasks, config.workers):
+        dataset.add(record)
+        progress.update()
+        progress.set_postfix(ret=f"{record.ret:.0f}", kind=record.kind)
+    progress.close()
+    dataset.manifest.episodes.sort(key=lambda r: r.name)
+    dataset.save_manifest()
+    records = {record.name: record for record in dataset.episodes}
+    return [{"record": records[episode_name(index)], "deterministic": det} for index, det in plan]
+
+
+@torch.no_grad()
+def dream_returns(
+    world: WorldModel,
+    first_tokens: torch.Tensor,
+    lengths: np.ndarray,
+    actions: list[np.ndarray] | None = None,
+    policy: ActorCritic | None = None,
+) -> np.ndarray:
+    """What the dream pays over whole episodes from real first frames: (E,) sums of predicted rewards.
+
+    Each dream starts from its frame's tokens `first_tokens` (E, h, w) with no other context and runs `lengths[e]`
+    steps or until its termination head fires, driven by the recorded `actions` (open loop: the dream's verdict on
+    what really happened) or, without them, by `policy` acting as it is scored (closed loop: the dream's own return
+    of the policy). Greedy tokens."""
+    if (actions is None) == (policy is None):
+        raise ValueError("give either the recorded actions or a policy to drive the dreams")
+    count, device = len(first_tokens), world.device
+    space = world.action_space
+    bounds = None
+    if isinstance(space, gym.spaces.Box):
+        bounds = (torch.tensor(space.low, device=device), torch.tensor(space.high, device=device))
+    cache = world.dynamics.new_cache(count)
+    rows = torch.arange(count, device=device)
+    empty = np.zeros((count, 0, *space.shape), dtype=space.dtype)
+    tokens = first_tokens.to(device)
+    world.burn_in(cache, tokens[:, None], world.action_tensor(empty), rows)
+    totals = np.zeros(count)
+    alive = np.ones(count, dtype=bool)
+    for t in range(int(max(lengths))):
+        alive &= t < lengths
+        if not alive.any():
+            break
+        if actions is not None:
+            step = np.stack([a[min(t, len(a) - 1)] for a in actions])
+            action = world.action_tensor(step)
+        else:
+            action = policy.act(tokens, deterministic=True, bounds=bounds)[0]
+            action = action.clamp(bounds[0], bounds[1]) if bounds is not None else action
+        prediction = world.imagine(cache, tokens, action)
+        totals += np.where(alive, prediction.reward.cpu().numpy(), 0.0)
+        alive &= ~prediction.terminated.cpu().numpy()
+        tokens = prediction.tokens
+    return totals
+
+
+def dream_gap(
+    world: WorldModel, policy: ActorCritic, dataset: Dataset, collected: list[dict[str, Any]]
+) -> dict[str, float]:
+    """The dream (`world`, the one the policy was trained in) against what the policy really got.
+
+    - `real_recorded_return`: the mean return of the collected episodes over their recorded steps;
+    - `dream_replay_return`: the dream's return of the same episodes replayed from their first frame with their
+      recorded actions; `dream_gap` is it minus the real return (positive: the dream pays for what did not pay);
+    - `dream_policy_return` (and `real_policy_return`): from the first frames of the episodes in which the policy
+      acted deterministically, the policy driving the dream, against those episodes' real returns."""
+    names = {record.name: i for i, record in enumerate(dataset.episodes)}
+    episodes = [dataset.load(names[item["record"].name]) for item in collected]
+    frames = torch.from_numpy(np.stack([np.asarray(e.frames[0]) for e in episodes])).to(world.device)
+    first = world.tokenizer.encode(frames).tokens
+    lengths = np.array([len(e) for e in episodes])
+    real = np.array([float(np.sum(e.rewards)) for e in episodes])
+    replay = dream_returns(world, first, lengths, actions=[np.asarray(e.actions) for e in episodes])
+    figures = {
+        "real_recorded_return": float(real.mean()),
+        "dream_replay_return": float(replay.mean()),
+        "dream_gap": float((replay - real).mean()),
+    }
+    chosen = np.array([item["deterministic"] for item in collected])
+    if chosen.any():
+        closed = dream_returns(world, first[torch.as_tensor(chosen)], lengths[chosen], policy=policy)
+        figures["dream_policy_return"] = float(closed.mean())
+        figures["real_policy_return"] = float(real[chosen].mean())
+    return figures
+
+
+def round_figures(collected: list[dict[str, Any]]) -> dict[str, Any]:
+    """A round's real figures: the returns (with the reward skipped at reset, as evaluation counts them) of the
+    episodes in which the policy acted as it is scored, and of those in which it sampled."""
+    by_mode: dict[bool, list[float]] = {True: [], False: []}
+    for item in collected:
+        by_mode[item["deterministic"]].append(item["record"].ret + item["record"].intro_reward)
+    figures: dict[str, Any] = {
+        "episodes": len(collected),
+        "steps": int(sum(item["record"].length for item in collected)),
+        "seeds": [item["record"].seed for item in collected],
+    }
+    for deterministic, name in ((True, "real_return"), (False, "real_sampled_return")):
+        returns = by_mode[deterministic]
+        if returns:
+            figures[f"{name}_mean"] = float(np.mean(returns))
+            figures[f"{name}_std"] = float(np.std(returns))
+            figures[f"{name}s"] = returns
+    return figures

@@ -1,0 +1,148 @@
+"""`worldmodel bench reliability`: the whole pipeline on several seeds, to say how often it works, not once.
+
+Seed s changes every random choice of a run: the collection's tracks and exploration (`collect.seed`, spaced
+`SEED_STRIDE` apart so that no two seeds share a track and none reaches the evaluation's), the tokenizer's and the
+dynamics model's initial weights and batches, and PPO's (`ppo.seed`; the loop's rounds derive theirs from these).
+Every seed is scored on the same held-out evaluation tracks. Each seed runs as its own `worldmodel run` process
+into `<runs>/<name>-seed<s>`, so a seed that finished is not run again and a killed bench resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldmodel.dataset import write_json_atomic, write_text_atomic
+
+SEED_STRIDE = 10_000
+"""Collection seeds of bench seed s start at s * SEED_STRIDE (evaluation seeds start at 1,000,000)."""
+
+
+@dataclass
+class ReliabilityConfig:
+    preset: str = "tiny"
+    source: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    name: str | None = None
+    """Run folders are `<runs_dir>/<name>-seed<s>` (default name: reliability-<preset>-<source>)."""
+    runs_dir: str = "runs"
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"reliability-{Path(self.preset).stem}-{self.source or 'carracing'}"
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """The `section.key=value` overrides that make run `seed` differ from seed 0 (the preset itself) everywhere."""
+    return [
+        f"collect.seed={seed * SEED_STRIDE}",
+        f"tokenizer.train.seed={seed}",
+        f"dynamics.train.seed={seed}",
+        f"ppo.seed={seed}",
+    ]
+
+
+def seed_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """One seed's line: held-out return, episodes that beat the random policy, crashes, the loop's choice."""
+    loop = summary.get("loop") or {}
+    return {
+        "run": summary["run"],
+        "policy_mean": summary["policy"]["real_return_mean"],
+        "policy_std": summary["policy"]["real_return_std"],
+        "beats_random": summary["policy_beats_random"],
+        "episodes": summary["episodes_evaluated"],
+        "random_mean": summary["random"]["real_return_mean"],
+        "expert_mean": summary["expert"]["real_return_mean"],
+        "policy_crashes": summary["policy"].get("crashes", 0),
+        "expert_crashes": summary["expert"].get("crashes", 0),
+        "loop_rounds": loop.get("rounds", 0),
+        "loop_chosen": loop.get("chosen"),
+        "loop_curve": [row["real_return_mean"] for row in loop.get("curve", [])],
+        "stage_seconds": round(sum(summary["timings_s"].values()), 1),
+    }
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    means = np.array([row["policy_mean"] for row in rows])
+    return {
+        "seeds": len(rows),
+        "mean": float(means.mean()),
+        "median": float(np.median(means)),
+        "worst": float(means.min()),
+        "best": float(means.max()),
+        "worst_beats_random": int(min(row["beats_random"] for row in rows)),
+        "seeds_beating_random_on_9_of_10": int(sum(row["beats_random"] >= 0.9 * row["episodes"] for row in rows)),
+    }
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    rows = results["per_seed"]
+    lines = [
+        f"`{results['command']}`",
+        "",
+        "| seed | policy, held-out return | beats random | random | expert | loop: real return per policy (kept) |"
+        " stage time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for seed, row in zip(results["seeds"], rows, strict=True):
+        curve = ", ".join(f"{x:.0f}" if x is not None else "-" for x in row["loop_curve"]) or "-"
+        kept = f" ({row['loop_chosen']})" if row["loop_chosen"] is not None else ""
+        crashes = ""
+        if results["source"] == "highway":
+            crashes = f", {row['policy_crashes']} crashed (expert {row['expert_crashes']})"
+        lines.append(
+            f"| {seed} | {row['policy_mean']:.1f} +- {row['policy_std']:.1f}{crashes} | "
+            f"{row['beats_random']} of {row['episodes']} | {row['random_mean']:.1f} | {row['expert_mean']:.1f} | "
+            f"{curve}{kept} | {row['stage_seconds'] / 60:.1f} min |"
+        )
+    total = results["over_seeds"]
+    lines += [
+        "",
+        f"Over {total['seeds']} seeds: mean {total['mean']:.1f}, median {total['median']:.1f},"
+        f" worst {total['worst']:.1f}, best {total['best']:.1f}; {total['seeds_beating_random_on_9_of_10']} of"
+        f" {total['seeds']} seeds beat the random policy on at least 9 in 10 held-out episodes"
+        f" (worst: {total['worst_beats_random']}).",
+    ]
+    return "\n".join(lines)
+
+
+def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
+    """Run (or resume) every seed's pipeline, then write `<out>/reliability.json` and `reliability.md`."""
+    source, name = config.source or "carracing", config.run_name
+    rows = []
+    for seed in config.seeds:
+        run = f"{name}-seed{seed}"
+        command = [sys.executable, "-m", "worldmodel.cli", "run", "--preset", config.preset, "--name", run]
+        if config.source:
+            command += ["--source", config.source]
+        command += [f"run.runs_dir={config.runs_dir}", *config.overrides, *seed_overrides(seed)]
+        print(f"[reliability] seed {seed}: {' '.join(command[1:])}", flush=True)
+        done = subprocess.run(command, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"seed {seed} failed (exit {done.returncode}); rerun the bench to resume it")
+        summary = json.loads((Path(config.runs_dir) / run / "summary.json").read_text())
+        rows.append(seed_figures(summary))
+    results = {
+        "command": " ".join(
+            ["worldmodel bench reliability", f"--preset {config.preset}"]
+            + ([f"--source {config.source}"] if config.source else [])
+            + [f"--seeds {','.join(map(str, config.seeds))}", *config.overrides]
+        ),
+        "preset": config.preset,
+        "source": source,
+        "seeds": list(config.seeds),
+        "overrides": config.overrides,
+        "per_seed": rows,
+        "over_seeds": aggregate(rows),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "reliability.json", results)
+    write_text_atomic(out / "reliability.md", format_markdown(results) + "\n")
+    return results

@@ -1,0 +1,406 @@
+"""The dream-to-real loop's pieces: the growing token cache, recent-weighted training windows, continued training,
+GAE, PPO on a toy dream whose best action is known, the dream's verdict on real episodes, and the loop itself as
+the `worldmodel` command, killed between rounds and resumed."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from conftest import BOX_SPACE, TINY_DYNAMICS, make_episode, write_synthetic_dataset
+from gymnasium.vector.utils import batch_space
+from test_pipeline import LIGHT, MICRO
+
+from agents.loop import dream_returns, round_figures
+from agents.policy import ActorCritic, clipped_normal_mean
+from agents.ppo import PPOConfig, compute_gae, optimise
+from worldmodel.checkpoint import CheckpointError, copy_checkpoint, fingerprint, read_checkpoint
+from worldmodel.dataset import Dataset, EpisodeRecord, sample_windows, write_episode
+from worldmodel.logger import RunLogger
+from worldmodel.tokens import TokenizedDataset, tokenize_dataset
+from worldmodel.train import (
+    DYNAMICS,
+    TOKENIZER,
+    DynamicsStage,
+    load_tokenizer,
+    recent_weights,
+    tokens_for_run,
+    train_dynamics,
+)
+from worldmodel.trainer import TrainConfig
+
+# --- the manifest ------------------------------------------------------------------------------------------------
+
+
+def test_manifest_records_the_round_and_policy_of_an_episode(tmp_path):
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=1)
+    write_episode(tmp_path, "000001", make_episode(5, 16, 3, BOX_SPACE, np.random.default_rng(1)))
+    dataset.add(EpisodeRecord("000001", 5, 7, 1.5, "policy", 3, "loop/02/policy", intro_reward=-2.5))
+    first, second = Dataset.open(tmp_path).episodes
+    assert (first.iteration, first.policy, first.intro_reward) == (0, None, 0.0)
+    assert (second.iteration, second.policy, second.intro_reward) == (3, "loop/02/policy", -2.5)
+    raw = json.loads((tmp_path / "manifest.json").read_text())["episodes"]
+    assert "iteration" not in raw[0] and "policy" not in raw[0]  # a first collection's entries stay as they were
+    assert raw[1]["iteration"] == 3 and raw[1]["policy"] == "loop/02/policy"
+
+
+# --- the token cache grows with the dataset ----------------------------------------------------------------------
+
+
+def _counting(tokenizer):
+    """The tokenizer, counting the frames it encodes."""
+    encode = tokenizer.encode
+    tokenizer.encoded = 0
+
+    def counted(frames):
+        tokenizer.encoded += len(frames)
+        return encode(frames)
+
+    tokenizer.encode = counted
+    return tokenizer
+
+
+def _assert_same_tokens(a: TokenizedDataset, b: TokenizedDataset) -> None:
+    for name in ("tokens", "actions", "rewards", "terminated", "frame_offsets", "step_offsets", "episode_ids"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.episode_keys, b.episode_keys)
+    assert a.tokenizer_fingerprint == b.tokenizer_fingerprint
+
+
+def test_incremental_tokenization_equals_tokenizing_all_at_once(box_run, tmp_path):
+    tokenizer = _counting(load_tokenizer(box_run / TOKENIZER)[0])
+    current = fingerprint(tokenizer)
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=3, lengths=[6, 9, 4])
+    first = tokenize_dataset(dataset, tokenizer, current)
+    assert tokenizer.encoded == 7 + 10 + 5
+    rng = np.random.default_rng(7)
+    for name, steps in (("000003", 8), ("000004", 3)):
+        write_episode(tmp_path, name, make_episode(steps, 16, 3, BOX_SPACE, rng))
+        dataset.add(EpisodeRecord(name, steps, iteration=1, policy="loop/00/policy"))
+    tokenizer.encoded = 0
+    grown = tokenize_dataset(Dataset.open(tmp_path), tokenizer, current, cached=first)
+    assert tokenizer.encoded == 9 + 4  # only the new episodes' frames
+    _assert_same_tokens(grown, tokenize_dataset(Dataset.open(tmp_path), tokenizer, current))
+    assert list(grown.episode_ids) == [0, 1, 2, 3, 4]
+
+
+def test_a_changed_episode_is_never_served_stale_tokens(box_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(box_run, run)
+    data = tmp_path / "data"
+    shutil.copytree(box_run.parent / "dataset", data)
+    before = tokens_for_run(data, run)
+    # the same episode name and length, other frames: the cache must see that its content changed
+    changed = make_episode(12, 16, 3, BOX_SPACE, np.random.default_rng(99))
+    write_episode(data, "000002", changed)
+    after = tokens_for_run(data, run)
+    tokenizer, _ = load_tokenizer(run / TOKENIZER)
+    fresh = tokenize_dataset(Dataset.open(data), tokenizer, fingerprint(tokenizer))
+    _assert_same_tokens(after, fresh)
+    _assert_same_tokens(TokenizedDataset.load(run / "tokens.npz"), fresh)
+    assert not np.array_equal(before.episode(2)["tokens"], after.episode(2)["tokens"])
+    np.testing.assert_array_equal(before.episode(1)["tokens"], after.episode(1)["tokens"])
+
+
+def test_a_cache_from_another_tokenizer_or_without_keys_is_tokenized_afresh(box_run, tmp_path):
+    tokenizer = _counting(load_tokenizer(box_run / TOKENIZER)[0])
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=2, lengths=[4, 5])
+    cached = tokenize_dataset(dataset, tokenizer, "another-tokenizer")
+    tokenizer.encoded = 0
+    tokenize_dataset(dataset, tokenizer, fingerprint(tokenizer), cached=cached)
+    assert tokenizer.encoded == 5 + 6
+    keyless = tokenize_dataset(dataset, tokenizer, fingerprint(tokenizer))
+    keyless.episode_keys = None  # a cache written before caches were keyed on content
+    tokenizer.encoded = 0
+    tokenize_dataset(dataset, tokenizer, fingerprint(tokenizer), cached=keyless)
+    assert tokenizer.encoded == 5 + 6
+
+
+# --- recent episodes weighted up ---------------------------------------------------------------------------------
+
+
+def test_weighted_windows_follow_the_weights_and_stay_inside_episodes():
+    lengths = np.array([10, 4, 30, 2])
+    weights = np.array([1.0, 0.0, 0.1, 5.0])
+    episode, start = sample_windows(lengths, 3, 20000, np.random.default_rng(0), weights)
+    assert (start >= 0).all() and (start + 3 <= lengths[episode]).all()
+    assert not (episode == 1).any() and not (episode == 3).any()  # weight 0, and too short for a window
+    mass = np.array([8 * 1.0, 0, 28 * 0.1, 0])
+    np.testing.assert_allclose(np.bincount(episode, minlength=4) / 20000, mass / mass.sum(), atol=0.015)
+    with pytest.raises(ValueError, match="episode weights"):
+        sample_windows(lengths, 3, 5, np.random.default_rng(0), np.array([1.0, -1.0, 1.0, 1.0]))
+
+
+def test_recent_weights_give_the_recent_episodes_their_share(tmp_path, box_run):
+    tokenizer, _ = load_tokenizer(box_run / TOKENIZER)
+    dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=5, lengths=[20, 20, 20, 20, 6])
+    tokens = tokenize_dataset(dataset, tokenizer, "x")
+    weights = recent_weights(tokens, 3, [4], 0.5)  # one short recent episode among four long ones
+    batch = tokens.sample(3, 20000, np.random.default_rng(0), weights=weights)
+    recent_tokens = {t.tobytes() for t in tokens.episode(4)["tokens"]}
+    from_recent = np.mean([batch["tokens"][i, 0].astype(np.int16).tobytes() in recent_tokens for i in range(20000)])
+    assert from_recent == pytest.approx(0.5, abs=0.02)
+    assert recent_weights(tokens, 3, [], 0.5) is None  # nothing recent: uniform
+    with pytest.raises(ValueError, match="share"):
+        recent_weights(tokens, 3, [4], 1.5)
+
+
+# --- continued training ------------------------------------------------------------------------------------------
+
+
+def test_dynamics_training_continues_from_a_checkpoint(box_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(box_run, run)
+    data = box_run.parent / "dataset"
+    stage = DynamicsStage(
+        TINY_DYNAMICS, TrainConfig(steps=0, batch_size=4, warmup_steps=1, eval_every=100), val_batches=1
+    )
+    # no steps: the continued model is exactly the one it started from, optimizer moments included
+    train_dynamics(data, run, stage, RunLogger(run), 0.25, checkpoint=run / "next", init=run / f"{DYNAMICS}_last")
+    _, start = read_checkpoint(run / f"{DYNAMICS}_last", DYNAMICS)
+    _, continued = read_checkpoint(run / "next", DYNAMICS)
+    for name, tensor in continued.items():
+        torch.testing.assert_close(tensor, start[name], rtol=0, atol=0)
+    # a few steps on from there change it
+    stage.train.steps = 2
+    train_dynamics(data, run, stage, RunLogger(run), 0.25, checkpoint=run / "later", init=run / f"{DYNAMICS}_last")
+    _, later = read_checkpoint(run / "later", DYNAMICS)
+    assert any(not torch.equal(later[k], start[k]) for k in later)
+    # a checkpoint of another model cannot be continued
+    stage.model = type(TINY_DYNAMICS)(context_frames=3, d_model=16, layers=1, heads=2)
+    with pytest.raises(CheckpointError, match="another config"):
+        train_dynamics(data, run, stage, RunLogger(run), 0.25, checkpoint=run / "bad", init=run / f"{DYNAMICS}_last")
+
+
+def test_copy_checkpoint_refuses_a_corrupt_source(box_run, tmp_path):
+    copy_checkpoint(box_run / DYNAMICS, tmp_path / "copy", DYNAMICS)
+    assert read_checkpoint(tmp_path / "copy", DYNAMICS)[0]["kind"] == DYNAMICS
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "bad.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError):
+        copy_checkpoint(tmp_path / "bad", tmp_path / "target", DYNAMICS)
+    assert not (tmp_path / "target.safetensors").exists()
+
+
+# --- GAE and PPO -------------------------------------------------------------------------------------------------
+
+
+def test_gae_with_truncation_bootstrapping_matches_a_hand_computed_case():
+    gamma, lam = 0.9, 0.8
+    # env 0 runs through all three steps; env 1 is cut by a time limit at step 1, where the value of its final
+    # observation (4.0) is added to that step's reward, and nothing flows back across the reset
+    rewards = torch.tensor([[1.0, 0.0], [2.0, 1.0 + gamma * 4.0], [3.0, -1.0]])
+    values = torch.tensor([[0.5, 1.0], [1.0, 2.0], [1.5, 0.0]])
+    dones = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    next_value = torch.tensor([2.0, 3.0])
+    # by hand: delta_t = r_t + gamma V_{t+1} (1 - done_t) - V_t, A_t = delta_t + gamma lam (1 - done_t) A_{t+1}
+    env0 = [1.4 + 0.72 * (2.35 + 0.72 * 3.3), 2.35 + 0.72 * 3.3, 3.3]
+    env1 = [0.8 + 0.72 * 2.6, 2.6, 1.7]
+    expected = torch.tensor([env0, env1]).T
+    torch.testing.assert_close(compute_gae(rewards, values, dones, next_value, gamma, lam), expected)
+
+
+class ToyDream(gym.vector.VectorEnv):
+    """A dream in the shape PPO trains in (token grids, SAME_STEP autoreset, `final_obs`), whose best action is
+    known: the grid is all 0s or all 1s, and the reward is highest for the action the grid asks for. Episodes are
+    cut after `horizon` steps."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+
+    def __init__(self, action_space: gym.Space, num_envs: int = 16, horizon: int = 4):
+        self.num_envs, self.horizon = num_envs, horizon
+        self.single_observation_space = gym.spaces.MultiDiscrete(np.full((4, 4), 12))
+        self.single_action_space = action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(action_space, num_envs)
+        self.rng = np.random.default_rng(0)
+
+    def _grids(self, count: int) -> np.ndarray:
+        return np.broadcast_to(self.rng.integers(0, 2, (count, 1, 1)), (count, 4, 4)).copy()
+
+    def reset(self, *, seed=None, options=None):
+        self.rng = np.random.default_rng(seed)
+        self.obs, self.steps = self._grids(self.num_envs), np.zeros(self.num_envs, dtype=int)
+        return self.obs.copy(), {}
+
+    def best(self, obs: np.ndarray) -> np.ndarray:
+        wanted = obs[:, 0, 0]
+        if isinstance(self.single_action_space, gym.spaces.Discrete):
+            return 1 + 2 * wanted  # action 1 on a 0-grid, 3 on a 1-grid
+        return np.stack([np.where(wanted == 1, 0.5, -0.5), np.full(len(wanted), 0.8), np.zeros(len(wanted))], 1)
+
+    def step(self, actions):
+        best = self.best(self.obs)
+        if isinstance(self.single_action_space, gym.spaces.Discrete):
+            rewards = (np.asarray(actions) == best).astype(np.float32)
+        else:
+            clipped = np.clip(actions, self.single_action_space.low, self.single_action_space.high)
+            rewards = (1 - np.abs(clipped - best).sum(1)).astype(np.float32)
+        self.steps += 1
+        truncated = self.steps >= self.horizon
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        self.obs = self._grids(self.num_envs)  # every step shows a new grid
+        infos = {}
+        if truncated.any():
+            final = np.empty(self.num_envs, dtype=object)
+            for i in np.flatnonzero(truncated):
+                final[i] = self.obs[i].copy()
+            infos = {"final_obs": final, "_final_obs": truncated}
+            self.steps[truncated] = 0
+        return self.obs.copy(), rewards, terminated, truncated, infos
+
+
+@pytest.mark.parametrize("space", [gym.spaces.Discrete(5), BOX_SPACE], ids=["discrete", "box"])
+def test_ppo_learns_a_toy_dream_whose_best_action_is_known(space, tmp_path):
+    torch.manual_seed(0)
+    env = ToyDream(space)
+    policy = ActorCritic.for_spaces(env.single_observation_space, space, (4, 3), hidden=32)
+    config = PPOConfig(rollout_steps=16, total_steps=16 * 16 * 40, lr=3e-3, gamma=0.5, epochs=4, minibatches=4)
+    figures = optimise(env, policy, config, RunLogger(tmp_path))
+    assert figures["imagined_steps"] == 16 * 16 * 40
+    grids = np.stack([np.zeros((4, 4), int), np.ones((4, 4), int)])
+    with torch.no_grad():
+        hidden = policy.features(torch.as_tensor(grids))
+        dist = policy.distribution(hidden)
+    if isinstance(space, gym.spaces.Discrete):
+        assert dist.probs.argmax(-1).tolist() == [1, 3]
+        assert (dist.probs.max(-1).values > 0.8).all()
+    else:
+        acted = clipped_normal_mean(dist.mean, dist.stddev, torch.tensor(space.low), torch.tensor(space.high))
+        np.testing.assert_allclose(acted.numpy(), env.best(grids), atol=0.2)
+
+
+# --- the dream's verdict on real episodes --------------------------------------------------------------------------
+
+
+def test_dream_returns_of_a_batch_equal_those_of_each_episode_alone(box_world, box_data):
+    dataset = Dataset.open(box_data)
+    episodes = [dataset.load(i) for i in range(3)]
+    first = box_world.tokenizer.encode(torch.from_numpy(np.stack([np.asarray(e.frames[0]) for e in episodes]))).tokens
+    lengths = np.array([12, 5, 9])
+    actions = [np.asarray(e.actions) for e in episodes]
+    together = dream_returns(box_world, first, lengths, actions=actions)
+    alone = [
+        dream_returns(box_world, first[i : i + 1], lengths[i : i + 1], actions=actions[i : i + 1]) for i in range(3)
+    ]
+    np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-5, atol=1e-5)
+    # by hand: one imagined step after another, summing the predicted rewards until the episode's length
+    cache = box_world.dynamics.new_cache(1)
+    tokens = first[1:2]
+    box_world.burn_in(cache, tokens[:, None], box_world.action_tensor(np.zeros((1, 0, 3))), torch.arange(1))
+    total = 0.0
+    for t in range(5):
+        prediction = box_world.imagine(cache, tokens, box_world.action_tensor(actions[1][t : t + 1]))
+        total += float(prediction.reward[0])
+        tokens = prediction.tokens
+        if prediction.terminated[0]:
+            break
+    assert together[1] == pytest.approx(total, abs=1e-5)
+    policy = ActorCritic.for_spaces(
+        gym.spaces.MultiDiscrete(np.full((4, 4), 12)), box_world.action_space, (4, 3), hidden=16
+    )
+    assert np.isfinite(dream_returns(box_world, first, lengths, policy=policy)).all()
+    with pytest.raises(ValueError, match="either"):
+        dream_returns(box_world, first, lengths)
+
+
+def test_round_figures_score_the_deterministic_episodes_with_their_intro_reward():
+    collected = [
+        {"record": EpisodeRecord("a", 10, 1, 100.0, "policy", 1, "p", intro_reward=-5.0), "deterministic": True},
+        {"record": EpisodeRecord("b", 20, 2, 300.0, "policy", 1, "p", intro_reward=-5.0), "deterministic": True},
+        {"record": EpisodeRecord("c", 30, 3, 7.0, "policy-sampled", 1, "p", intro_reward=1.0), "deterministic": False},
+    ]
+    figures = round_figures(collected)
+    assert figures["real_return_mean"] == 195.0 and figures["real_returns"] == [95.0, 295.0]
+    assert figures["real_sampled_return_mean"] == 8.0
+    assert figures["episodes"] == 3 and figures["steps"] == 60 and figures["seeds"] == [1, 2, 3]
+
+
+# --- the loop as the `worldmodel` command ------------------------------------------------------------------------
+
+LOOP = ["loop.iterations=2", "collect.workers=1"]  # on top of the micro run's light round
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "SDL_VIDEODRIVER": "offscreen", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "worldmodel.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_the_loop_resumes_where_it_was_killed(tmp_path):
+    args = ["run", "--name", "loop", *MICRO, *LIGHT, *LOOP, f"run.runs_dir={tmp_path}"]
+    results = tmp_path / "loop" / "results.json"
+    first = _cli(args, tmp_path)
+    began = time.monotonic()
+    # kill it (as a crash would, no clean-up) once the first round has finished, before the run is done
+    while time.monotonic() - began < 240:
+        done = json.loads(results.read_text()) if results.is_file() else {}
+        if "loop/01/policy" in done or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    killed_at = json.loads(results.read_text())
+    assert "loop/01/policy" in killed_at and "evaluate" not in killed_at
+
+    second = _cli(args, tmp_path)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-3000:]
+    for stage in (
+        "collect",
+        "tokenizer",
+        "dynamics",
+        "policy",
+        "loop/01/collect",
+        "loop/01/dynamics",
+        "loop/01/policy",
+    ):
+        assert f"[{stage}] already done, skipping" in out
+    run = tmp_path / "loop"
+    finished = json.loads(results.read_text())
+    for stage in ("loop/02/collect", "loop/02/dynamics", "loop/02/policy", "loop/03/collect", "loop/select"):
+        assert stage in finished
+    # every round's episodes are in the manifest once, with the round and the policy that drove them
+    episodes = Dataset.open(run / "dataset").episodes
+    assert [e.name for e in episodes] == [f"{i:06d}" for i in range(4 + 3 * 2)]
+    assert [e.iteration for e in episodes] == [0] * 4 + [1, 1, 2, 2, 3, 3]
+    assert [e.policy for e in episodes[4:]] == [f"loop/{j:02d}/policy" for j in (0, 0, 1, 1, 2, 2)]
+    assert {e.kind for e in episodes[4:]} == {"policy", "policy-sampled"}
+    assert len({e.seed for e in episodes}) == len(episodes)
+    # the token cache holds every episode trained on (the last policy's scoring round is not), and the run's world
+    # model is the last round's
+    assert TokenizedDataset.load(run / "tokens.npz").episode_ids.tolist() == list(range(8))
+    _, newest = read_checkpoint(run / "loop" / "02" / DYNAMICS, DYNAMICS)
+    _, current = read_checkpoint(run / DYNAMICS, DYNAMICS)
+    assert all(torch.equal(newest[k], current[k]) for k in newest)
+    # the policy kept is the best by its own collection round, and is the run's policy
+    summary = json.loads((run / "summary.json").read_text())
+    loop = summary["loop"]
+    scores = [row["real_return_mean"] for row in loop["curve"]]
+    assert loop["rounds"] == 2 and len(scores) == 3 and loop["chosen"] == int(np.argmax(scores))
+    _, kept = read_checkpoint(run / "loop" / f"{loop['chosen']:02d}" / "policy", "policy")
+    _, policy = read_checkpoint(run / "policy", "policy")
+    assert all(torch.equal(kept[k], policy[k]) for k in kept)
+    steps = [row["real_steps"] for row in loop["curve"]]
+    assert steps == [80, 120, 160]
+    assert all(np.isfinite(row["dream_gap"]) for row in loop["curve"])
+    assert "loop policy 2" in out and "loop kept" in out
+    # evaluation seeds never overlap any collection seed, the loop's included
+    assert not set(summary["eval_seeds"]) & {e.seed for e in episodes}
