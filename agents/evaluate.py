@@ -54,12 +54,12 @@ class TokenPolicy:
         return np.clip(action[0].numpy(), space.low, space.high).astype(np.float32)
 
 
-def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int]) -> tuple[str, int, float, int, bool]:
-    kind, run_dir, source, config, seed = args
+def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int, str | None]) -> tuple[str, int, float, int, bool]:
+    kind, run_dir, source, config, seed, policy = args
     torch.set_num_threads(1)
     env = make_source_env(SourceConfig(source.name, source.frame_size, source.action_repeat, config.max_steps))
     env.action_space.seed(seed)
-    actor = TokenPolicy(Path(run_dir), config.deterministic) if kind == "policy" else None
+    actor = TokenPolicy(Path(run_dir), config.deterministic, policy and Path(policy)) if kind == "policy" else None
     expert = make_expert(source) if kind == "expert" else None
     if expert is not None:
         expert.reset()
@@ -87,20 +87,23 @@ def evaluate(
     config: EvalConfig,
     used_seeds: list[int],
     kinds: tuple[str, ...] = POLICIES,
+    policy: Path | None = None,
 ) -> dict[str, dict]:
     """Returns per policy: mean, std, per-episode returns and seeds, and `crashes`, the episodes that ended in a
     crash (highway-env's `info["crashed"]`; a source without crashes counts none). Refuses seeds used for
-    collection."""
+    collection. `policy` is the policy checkpoint to score (default: the run's)."""
     seeds = [config.seed + i for i in range(config.episodes)]
     overlap = sorted(set(seeds) & set(used_seeds))
     if overlap:
         raise ValueError(
             f"evaluation seeds {overlap[:5]} were used to collect training data; choose eval.seed elsewhere"
         )
-    tasks = [(kind, str(run_dir), source, config, seed) for kind in kinds for seed in seeds]
+    tasks = [(kind, str(run_dir), source, config, seed, policy and str(policy)) for kind in kinds for seed in seeds]
     results: dict[str, dict[int, float]] = {kind: {} for kind in kinds}
     crashed: dict[str, set[int]] = {kind: set() for kind in kinds}
-    progress = tqdm(total=len(tasks), desc=f"evaluate in real {source.name}", unit="episode", dynamic_ncols=True)
+    progress = tqdm(
+        total=len(tasks), desc=f"evaluate in real {source.name}", unit="episode", dynamic_ncols=True, leave=False
+    )
     for kind, seed, ret, _, crash in imap_unordered(_episode, tasks, config.workers):
         results[kind][seed] = ret
         if crash:

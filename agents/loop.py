@@ -23,7 +23,7 @@ from agents.evaluate import TokenPolicy
 from agents.policy import ActorCritic
 from envs.collect import episode_name, record_episode, worker_env
 from envs.sources import SourceConfig
-from worldmodel.dataset import Dataset, EpisodeRecord, write_episode
+from worldmodel.dataset import Dataset, DatasetError, EpisodeRecord, write_episode
 from worldmodel.parallel import imap_unordered
 from worldmodel.world_model import WorldModel
 
@@ -43,8 +43,12 @@ class LoopConfig:
     max_steps: int | None = None
     """Recorded steps per collected episode (None: the simulator's full episode, as evaluation runs)."""
     workers: int = 2
+    """Processes that drive the real simulator, each with its own copy of the policy."""
     recent_share: float = 0.5
     """Share of each dynamics batch drawn from the newest round's episodes; the rest is uniform over all."""
+    recent_starts: float = 0.0
+    """Share of PPO's dreams that start from the newest round's real states, where the current policy went (as
+    MBPO branches its rollouts from the policy's own states); the rest start anywhere in the training episodes."""
     dynamics_steps: int = 500
     dynamics_minutes: float | None = None
     ppo_steps: int = 200_000
@@ -95,7 +99,7 @@ def collect_with_policy(
     for index, _ in plan:
         record = known.get(episode_name(index))
         if record is not None and (record.iteration != iteration or record.policy != label):
-            raise ValueError(
+            raise DatasetError(
                 f"{dataset_dir}: episode {record.name} was collected by {record.policy!r} in round "
                 f"{record.iteration}, not by {label!r} in round {iteration}; this run's data no longer matches it"
             )
@@ -211,3 +215,34 @@ def round_figures(collected: list[dict[str, Any]]) -> dict[str, Any]:
             figures[f"{name}_std"] = float(np.std(returns))
             figures[f"{name}s"] = returns
     return figures
+
+
+def plot_learning_curve(curve: list[dict[str, Any]], path: Path) -> None:
+    """`<run>/loop.png`: each policy's real return on its collection round, and what the dream made of the same
+    policy, against the real steps and the wall time the run had used when the policy was ready."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, label in ((axes[0], "real_steps", "real steps"), (axes[1], "wall_s", "wall time (min)")):
+        xs = np.array([row[key] for row in curve], dtype=float) / (60 if key == "wall_s" else 1)
+        for name, style, legend in (
+            ("real_return_mean", "o-", "real, policy acting as scored"),
+            ("real_sampled_return_mean", "x:", "real, policy sampling"),
+            ("dream_policy_return", "s--", "the dream's return of the same policy"),
+        ):
+            ys = np.array([np.nan if row.get(name) is None else row[name] for row in curve], dtype=float)
+            axis.plot(xs, ys, style, label=legend)
+        for row, x in zip(curve, xs, strict=True):
+            axis.annotate(str(row["policy"]), (x, row.get("real_return_mean") or 0), fontsize=8)
+        axis.set_xlabel(label)
+        axis.set_ylabel("return over the recorded episode")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from agents.evaluate import EvalConfig, evaluate
-from agents.loop import LoopConfig, collect_with_policy, dream_gap, round_figures
+from agents.loop import LoopConfig, collect_with_policy, dream_gap, plot_learning_curve, round_figures
 from agents.ppo import POLICY, PPOConfig, load_policy, train_ppo
 from envs.collect import CollectConfig, collect
 from worldmodel.checkpoint import copy_checkpoint, read_checkpoint
@@ -167,6 +167,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     stage("rollout", lambda: write_rollout(run_dir, data_dir, config.rollout))
     logger.close()
     summary = make_summary(config, results.data)
+    if summary["loop"]:
+        plot_learning_curve(summary["loop"]["curve"], run_dir / "loop.png")
     write_json_atomic(run_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
@@ -225,6 +227,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             steps=loop.dynamics_steps,
             max_minutes=loop.dynamics_minutes,
             seed=config.dynamics.train.seed + iteration,
+            warmup_steps=0,  # it goes on with the optimizer's moments where the last training left them
         )
         if iteration == 1:
             previous, offset = (
@@ -258,7 +261,9 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         before = _round_dir(run_dir, iteration - 1) / POLICY
         offset = int(read_checkpoint(before, POLICY)[0].get("imagined_steps_total", 0))
         target = _round_dir(run_dir, iteration) / POLICY
-        figures = train_ppo(run_dir, ppo, logger, device, init=before, out=target, step_offset=offset)
+        recent = [i for i, e in enumerate(Dataset.open(data_dir).episodes) if e.iteration == iteration]
+        starts = (recent, loop.recent_starts) if loop.recent_starts > 0 else None
+        figures = train_ppo(run_dir, ppo, logger, device, init=before, out=target, step_offset=offset, recent=starts)
         copy_checkpoint(target, run_dir / POLICY, POLICY)
         return {**figures, "imagined_steps_total": offset + int(figures["imagined_steps"])}
 
@@ -308,6 +313,7 @@ def loop_curve(results: dict[str, Any]) -> dict[str, Any] | None:
         row = {
             "policy": j,
             "real_steps": collected["real_steps_total"] - collected["steps"],
+            "round_steps": collected["steps"],
             "wall_s": round(started.get(f"loop/{j + 1:02d}/collect", float("nan")), 1),
         }
         for key in ("real_return_mean", "real_return_std", "real_sampled_return_mean", "dream_policy_return"):

@@ -21,7 +21,7 @@ from agents.policy import ActorCritic, PolicyConfig
 from envs.dream import DreamVectorEnv
 from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 from worldmodel.logger import RunLogger
-from worldmodel.train import resolve_device
+from worldmodel.train import recent_weights, resolve_device
 from worldmodel.world_model import WorldModel
 
 POLICY = "policy"
@@ -101,11 +101,14 @@ def train_ppo(
     out: Path | None = None,
     step_offset: int = 0,
     extra_meta: dict | None = None,
+    recent: tuple[list[int], float] | None = None,
 ) -> dict[str, float]:
     """Train a policy in the dream of the world model in `run_dir`; writes `<run>/policy.safetensors` (or `out`).
 
     `init` continues from that policy checkpoint instead of fresh weights (the dream-to-real loop's later rounds);
-    `step_offset` is added to the imagined steps that metrics are logged at."""
+    `step_offset` is added to the imagined steps that metrics are logged at. `recent` = (dataset indices, share)
+    starts that share of the dreams from those episodes' real states (the states the current policy reached, in
+    the loop), the rest from all training episodes."""
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     world = WorldModel.load(run_dir, resolve_device(device))
@@ -121,6 +124,8 @@ def train_ppo(
         refine_steps=config.refine_steps,
         dtype=config.dtype,
     )
+    if recent is not None:
+        envs.context_weights = recent_weights(world.contexts, config.burn_in - 1, *recent)
     if init is None:
         policy = ActorCritic.for_spaces(
             envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden
@@ -132,7 +137,12 @@ def train_ppo(
         ).config
         if policy.config != expected:
             raise CheckpointError(f"{init} is a policy for {policy.config}, this dream needs {expected}")
-    figures = optimise(envs, policy.to(world.device), config, logger, step_offset=step_offset)
+    done = optimise(envs, policy.to(world.device), config, logger, step_offset=step_offset)
+    figures = {
+        "imagined_steps": done["steps"],
+        "dream_return": done["episode_return"],
+        "steps_per_second": done["steps_per_second"],
+    }
     meta = {
         "imagined_steps": figures["imagined_steps"],
         "imagined_steps_total": step_offset + figures["imagined_steps"],
@@ -150,13 +160,15 @@ def optimise(
     logger: RunLogger,
     observe: Callable[[np.ndarray], torch.Tensor] | None = None,
     step_offset: int = 0,
+    after_update: Callable[[int], None] | None = None,
+    log_prefix: str = "ppo/train",
 ) -> dict[str, float]:
     """PPO on `envs` for `config.total_steps` steps or `config.max_minutes`, updating `policy` in place.
 
     `envs` must autoreset in SAME_STEP mode (Gymnasium 1.x), reporting a finished episode's last observation in
     `info["final_obs"]`; `observe` turns a batch of its observations into the policy's token grids (default: they
-    are token grids already). Returns the imagined (or real) steps taken, their rate and the mean return of the
-    last 100 finished episodes."""
+    are token grids already). `after_update(steps)` is called after every update. Returns the environment steps
+    taken (`steps`), their rate and the mean return of the last 100 finished episodes (`episode_return`)."""
     dev = next(policy.parameters()).device
     observe = observe or (lambda batch: torch.as_tensor(batch, device=dev))
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
@@ -231,21 +243,23 @@ def optimise(
         step = (iteration + 1) * batch
         recent = finished[-100:]
         logs = {
-            "dream_return": float(np.mean(recent)) if recent else float("nan"),
+            "episode_return": float(np.mean(recent)) if recent else float("nan"),
             "reward_per_step": float(np.mean(step_rewards)),
             "policy_loss": policy_loss.item(),
             "value_loss": value_loss.item(),
             "entropy": entropy.mean().item(),
             "clip_fraction": ((ratio - 1).abs() > config.clip).float().mean().item(),
         }
-        logger.log({f"ppo/train/{k}": v for k, v in logs.items()}, step_offset + step)
-        progress.set_postfix(ret=f"{logs['dream_return']:.1f}", r=f"{logs['reward_per_step']:.3f}")
+        logger.log({f"{log_prefix}/{k}": v for k, v in logs.items()}, step_offset + step)
+        if after_update is not None:
+            after_update(step)
+        progress.set_postfix(ret=f"{logs['episode_return']:.1f}", r=f"{logs['reward_per_step']:.3f}")
         if config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes:
             tqdm.write(f"ppo: stopping after {step} steps at the {config.max_minutes} minute budget")
             break
     progress.close()
     return {
-        "imagined_steps": float(step),
-        "dream_return": logs["dream_return"],
+        "steps": float(step),
+        "episode_return": logs["episode_return"],
         "steps_per_second": step / (time.monotonic() - began),
     }

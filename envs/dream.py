@@ -86,6 +86,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.sampling = Sampling(temperature, top_k, refine_steps)
         model.check_sampling(self.sampling)  # refuses bad options now, not mid-step
         self.start_fraction = start_fraction
+        self.context_weights: np.ndarray | None = None
+        """Per episode of the model's contexts, how likely a dream starts there (None: uniformly over windows)."""
         self.render_mode = render_mode
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
@@ -117,7 +119,9 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         for group, frames, start_fraction in ((rows[at_start], 1, 1.0), (rows[~at_start], self.burn_in, 0.0)):
             if len(group) == 0:
                 continue
-            window = self.model.contexts.sample(frames - 1, len(group), self.np_random, start_fraction)
+            window = self.model.contexts.sample(
+                frames - 1, len(group), self.np_random, start_fraction, weights=self.context_weights
+            )
             tokens = torch.as_tensor(window["tokens"], device=device)  # (b, frames, h, w)
             self._start_rows(group, tokens, self.model.action_tensor(window["actions"]))
 

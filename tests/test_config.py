@@ -26,6 +26,14 @@ def test_tiny_preset_builds_pipeline_config():
     assert load_pipeline_config(str(preset_path("tiny"))) == config
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in preset_path("tiny").parent.glob("*.yaml")))
+@pytest.mark.parametrize("source", ["carracing", "highway"])
+def test_every_preset_builds_for_every_source(preset, source):
+    config = load_pipeline_config(preset, source=source)
+    assert config.collect.source.name == source
+    assert config.loop.iterations > 0  # every preset closes the dream-to-real loop
+
+
 def test_overrides_parse_ints_floats_lists_null_bools():
     config = load_pipeline_config(
         "tiny",

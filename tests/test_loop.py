@@ -265,7 +265,7 @@ def test_ppo_learns_a_toy_dream_whose_best_action_is_known(space, tmp_path):
     policy = ActorCritic.for_spaces(env.single_observation_space, space, (4, 3), hidden=32)
     config = PPOConfig(rollout_steps=16, total_steps=16 * 16 * 40, lr=3e-3, gamma=0.5, epochs=4, minibatches=4)
     figures = optimise(env, policy, config, RunLogger(tmp_path))
-    assert figures["imagined_steps"] == 16 * 16 * 40
+    assert figures["steps"] == 16 * 16 * 40
     grids = np.stack([np.zeros((4, 4), int), np.ones((4, 4), int)])
     with torch.no_grad():
         hidden = policy.features(torch.as_tensor(grids))

@@ -42,7 +42,6 @@ LIGHT = [
     "dynamics.train.batch_size=4",
     "dynamics.val_batches=1",
     "eval.workers=1",
-    "loop.workers=1",
 ]
 SUMMARY_KEYS = [
     ("tokenizer", "bytes_per_frame"),

@@ -73,6 +73,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         figures = train_dynamics(
             data, config.run_dir, config.dynamics, logger, config.run.val_fraction, config.run.device
         )
+    elif args.real:
+        from agents.real_ppo import RealPPOConfig, train_real_ppo
+
+        real = RealPPOConfig(minutes=args.minutes, num_envs=args.envs, snapshot_minutes=args.snapshot_minutes)
+        figures = train_real_ppo(config.run_dir, config.collect.source, config.ppo, real, logger)
     else:
         from agents.ppo import train_ppo
 
@@ -172,6 +177,15 @@ def cmd_bench_reliability(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.runs_dir) / config.run_name
     print(format_markdown(bench_reliability(config, out)))
     print(f"wrote {out / 'reliability.json'} and {out / 'reliability.md'}")
+
+
+def cmd_bench_baseline(args: argparse.Namespace) -> None:
+    from agents.real_ppo import RealPPOConfig
+    from bench.baseline import BaselineConfig, bench_baseline, format_markdown
+
+    real = RealPPOConfig(minutes=args.minutes, num_envs=args.envs, snapshot_minutes=args.snapshot_minutes)
+    results = bench_baseline(args.run, BaselineConfig(real, args.episodes), Path(args.out) if args.out else None)
+    print(format_markdown(results))
 
 
 def _rate(text: str) -> dict:
@@ -279,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("component", choices=["tokenizer", "dynamics", "policy"])
     _common(train)
     train.add_argument("--data", default=None, help="dataset folder (default: runs/<name>/dataset)")
+    train.add_argument(
+        "--real",
+        action="store_true",
+        help="policy: train PPO in the real simulator instead of the dream (on the run's tokens; RUN/real_ppo/)",
+    )
+    train.add_argument("--minutes", type=float, default=17.0, help="--real: wall-clock budget in minutes")
+    train.add_argument("--envs", type=_positive_int, default=8, help="--real: real simulators, one process each")
+    train.add_argument("--snapshot-minutes", type=float, default=2.0, help="--real: keep a policy snapshot this often")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score policy, random and expert in the real simulator")
@@ -349,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="MaskGIT-style refinement rounds per imagined frame (default: the run's ppo.refine_steps)",
     )
     imagination.set_defaults(func=cmd_bench_imagination)
+
+    baseline = targets.add_parser(
+        "baseline", help="a finished run's dream pipeline against PPO trained in the real simulator"
+    )
+    baseline.add_argument("--run", required=True, help="run folder written by `worldmodel run`")
+    baseline.add_argument("--minutes", type=float, default=17.0, help="the real-simulator PPO's wall-clock budget")
+    baseline.add_argument("--envs", type=_positive_int, default=8, help="real simulators, one process each")
+    baseline.add_argument("--snapshot-minutes", type=float, default=2.0, help="score a policy snapshot this often")
+    baseline.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per policy")
+    baseline.add_argument("--out", default=None, help="folder of baseline.json, .md and .png (default: RUN/real_ppo)")
+    baseline.set_defaults(func=cmd_bench_baseline)
 
     reliability = targets.add_parser(
         "reliability", help="the whole pipeline on several seeds: held-out return per seed, mean, median, worst"

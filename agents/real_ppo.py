@@ -1,0 +1,108 @@
+"""The baseline a user would pick instead of a world model: the same PPO and policy network trained directly in the
+real simulator, for a wall-clock budget.
+
+The policy sees what the dream-trained policy sees: each real frame through the run's tokenizer, as a token grid.
+The simulators run in a `gymnasium.vector.AsyncVectorEnv` (one process each, SAME_STEP autoreset, full episodes);
+the frames are tokenized and the policy acts in this process, batched. A snapshot of the policy is kept every
+`snapshot_minutes` with the wall time and real steps it had used, so that its held-out return can be measured
+against both afterwards (`bench baseline`), outside the timed training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from agents.policy import ActorCritic
+from agents.ppo import POLICY, PPOConfig, optimise
+from envs.sources import SourceConfig, make_source_env
+from worldmodel.checkpoint import save_checkpoint
+from worldmodel.dataset import write_json_atomic
+from worldmodel.logger import RunLogger
+from worldmodel.train import TOKENIZER, load_tokenizer
+
+REAL_PPO = "real_ppo"
+"""The baseline's folder inside a run folder."""
+
+
+@dataclass
+class RealPPOConfig:
+    minutes: float = 17.0
+    """Wall-clock budget of the training (the simulators' start-up included)."""
+    num_envs: int = 8
+    """Real simulators, one process each."""
+    snapshot_minutes: float = 2.0
+    """A snapshot of the policy every this many minutes of training (and one at the end)."""
+
+
+def _grid_space(tokenizer) -> gym.spaces.MultiDiscrete:
+    grid = tokenizer.config.grid_size
+    return gym.spaces.MultiDiscrete(np.full((grid, grid), tokenizer.config.codebook_size, dtype=np.int64))
+
+
+def train_real_ppo(
+    run_dir: str | Path,
+    source: SourceConfig,
+    ppo: PPOConfig,
+    config: RealPPOConfig,
+    logger: RunLogger,
+    out: Path | None = None,
+) -> dict[str, object]:
+    """Train PPO in the real simulator on the run's tokens; writes snapshots and `snapshots.json` to `out`
+    (default `<run>/real_ppo`). Returns the steps taken, their rate and the snapshots."""
+    run_dir = Path(run_dir)
+    out = out or run_dir / REAL_PPO
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(ppo.seed)
+    tokenizer, _ = load_tokenizer(run_dir / TOKENIZER)
+    full_episodes = dataclasses.replace(source, max_steps=None)
+    began = time.monotonic()
+    envs = gym.vector.AsyncVectorEnv(
+        [partial(make_source_env, full_episodes) for _ in range(config.num_envs)],
+        context="spawn",
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    try:
+        policy = ActorCritic.for_spaces(
+            _grid_space(tokenizer), envs.single_action_space, tokenizer.config.levels, hidden=ppo.hidden
+        )
+
+        @torch.no_grad()
+        def observe(frames: np.ndarray) -> torch.Tensor:
+            return tokenizer.encode(torch.from_numpy(np.ascontiguousarray(frames))).tokens
+
+        snapshots: list[dict[str, float | str]] = []
+
+        def snapshot(steps: int, final: bool = False) -> None:
+            elapsed = time.monotonic() - began
+            due = (len(snapshots) + 1) * 60 * config.snapshot_minutes
+            if not final and elapsed < due:
+                return
+            name = f"{POLICY}-{len(snapshots):03d}"
+            meta = {"real_steps": steps, "wall_s": round(elapsed, 1)}
+            save_checkpoint(out / name, policy, POLICY, meta)
+            snapshots.append({"checkpoint": name, **meta})
+            write_json_atomic(out / "snapshots.json", snapshots)
+
+        budget = dataclasses.replace(
+            ppo, total_steps=10**12, max_minutes=config.minutes - (time.monotonic() - began) / 60
+        )
+        figures = optimise(
+            envs, policy, budget, logger, observe=observe, after_update=snapshot, log_prefix="real_ppo/train"
+        )
+        snapshot(int(figures["steps"]), final=True)
+    finally:
+        envs.close()
+    return {
+        "real_steps": figures["steps"],
+        "steps_per_second": figures["steps_per_second"],
+        "episode_return": figures["episode_return"],
+        "snapshots": snapshots,
+    }

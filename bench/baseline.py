@@ -1,0 +1,194 @@
+"""`worldmodel bench baseline`: the dream pipeline against PPO trained directly in the real simulator.
+
+For a finished run, PPO with the run's own settings and policy network trains in the real simulator for a
+wall-clock budget (`agents.real_ppo`, the run's tokenizer giving it the same observations; that tokenizer's
+training is not counted in its time). Its snapshots, and the dream pipeline's policies (the one trained before
+the loop and each loop round's), are scored on the run's held-out evaluation tracks. The table and plot give the
+held-out return against wall time and against real environment steps (recorded steps, each 4 simulator frames on
+CarRacing), and `time_ratio`: the wall time the real-simulator PPO needed to reach the dream pipeline's held-out
+score over the dream pipeline's wall time to its kept policy (a lower bound when it never did in its budget).
+Everything is resumable: a trained baseline and every scored policy are kept in `<run>/real_ppo/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from agents.evaluate import evaluate
+from agents.pipeline import PipelineConfig
+from agents.ppo import POLICY
+from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
+from worldmodel.checkpoint import CheckpointError
+from worldmodel.config import from_dict
+from worldmodel.dataset import Dataset, write_json_atomic, write_text_atomic
+from worldmodel.logger import RunLogger
+
+
+@dataclass
+class BaselineConfig:
+    real: RealPPOConfig
+    episodes: int | None = None
+    """Held-out episodes per scored policy (default: the run's `eval.episodes`)."""
+
+
+def run_config(run_dir: Path) -> PipelineConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; `bench baseline` needs a run folder written by `worldmodel run`")
+    return from_dict(PipelineConfig, yaml.safe_load(path.read_text()), where=str(path))
+
+
+def _scores(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None = None) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    pipeline = run_config(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise CheckpointError(f"{summary_path} not found; finish the run (`worldmodel run`) before its baseline")
+    summary = json.loads(summary_path.read_text())
+    folder = run_dir / REAL_PPO
+    trained = folder / "training.json"
+    if not trained.is_file():
+        logger = RunLogger(folder)
+        figures = train_real_ppo(run_dir, pipeline.collect.source, pipeline.ppo, config.real, logger, folder)
+        logger.close()
+        write_json_atomic(trained, {"minutes": config.real.minutes, "num_envs": config.real.num_envs, **figures})
+    training = json.loads(trained.read_text())
+
+    eval_config = pipeline.eval
+    if config.episodes is not None:
+        eval_config.episodes = config.episodes
+    used = [e.seed for e in Dataset.open(pipeline.dataset_dir).episodes if e.seed is not None]
+    scores_path = folder / "scores.json"
+    scores = _scores(scores_path)
+
+    def score(key: str, policy: Path) -> dict[str, Any]:
+        if key not in scores:
+            result = evaluate(run_dir, pipeline.collect.source, eval_config, used, ("policy",), policy)["policy"]
+            scores[key] = {"mean": result["mean"], "std": result["std"], "returns": result["returns"]}
+            write_json_atomic(scores_path, scores)
+        return scores[key]
+
+    baseline_curve = []
+    for snap in tqdm(training["snapshots"], desc="score real-simulator PPO snapshots"):
+        held_out = score(f"{REAL_PPO}/{snap['checkpoint']}", folder / snap["checkpoint"])
+        baseline_curve.append({"wall_s": snap["wall_s"], "real_steps": snap["real_steps"], **held_out})
+
+    # the dream pipeline: each loop policy when it was ready, then the kept policy at the end of the loop
+    timings = summary["timings_s"]
+    stages_before_eval = [name for name in timings if name not in ("evaluate", "rollout")]
+    pipeline_wall = sum(timings[name] for name in stages_before_eval)
+    initial_steps = summary["dataset"]["steps"]
+    dream_curve = []
+    loop = summary.get("loop")
+    if loop:
+        for row in tqdm(loop["curve"], desc="score the loop's policies"):
+            held_out = score(f"loop/{row['policy']:02d}", run_dir / "loop" / f"{row['policy']:02d}" / POLICY)
+            dream_curve.append(
+                {"policy": row["policy"], "wall_s": row["wall_s"], "real_steps": row["real_steps"], **held_out}
+            )
+        last = loop["curve"][-1]
+        final_steps = last["real_steps"] + last["round_steps"]
+    else:
+        final_steps = initial_steps
+    dream_score = summary["policy"]["real_return_mean"]
+    dream_curve.append(
+        {
+            "policy": "kept",
+            "wall_s": round(pipeline_wall, 1),
+            "real_steps": final_steps,
+            "mean": dream_score,
+            "std": summary["policy"]["real_return_std"],
+            "returns": None,
+        }
+    )
+    ratio = time_ratio(baseline_curve, dream_score, pipeline_wall, 60 * training["minutes"])
+    results = {
+        "run": str(run_dir),
+        "dream_pipeline": {"score": dream_score, "wall_s": round(pipeline_wall, 1), "curve": dream_curve},
+        "real_ppo": {
+            "minutes": training["minutes"],
+            "num_envs": training["num_envs"],
+            "real_steps": training["real_steps"],
+            "steps_per_second": training["steps_per_second"],
+            "curve": baseline_curve,
+            "best": max((row["mean"] for row in baseline_curve), default=None),
+        },
+        "time_ratio": ratio,
+        "eval_episodes": eval_config.episodes,
+    }
+    out = out or folder
+    write_json_atomic(out / "baseline.json", results)
+    write_text_atomic(out / "baseline.md", format_markdown(results) + "\n")
+    plot_baseline(results, out / "baseline.png")
+    return results
+
+
+def time_ratio(curve: list[dict[str, Any]], score: float, wall_s: float, budget_s: float) -> dict[str, Any]:
+    """The wall time of the first snapshot in `curve` whose held-out mean reaches `score`, over `wall_s`; when none
+    does, the baseline's whole budget over `wall_s`, as a lower bound (`bound` ">")."""
+    reached = [row for row in curve if row["mean"] >= score]
+    if reached:
+        return {"value": reached[0]["wall_s"] / wall_s, "bound": "="}
+    return {"value": budget_s / wall_s, "bound": ">"}
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    dream, real = results["dream_pipeline"], results["real_ppo"]
+    lines = [
+        f"Held-out return over {results['eval_episodes']} episodes (run `{results['run']}`).",
+        "",
+        "| what | wall time | real steps | held-out return |",
+        "|---|---|---|---|",
+    ]
+    rows = [
+        ("dream pipeline, kept policy" if row["policy"] == "kept" else f"dream pipeline, policy {row['policy']}", row)
+        for row in dream["curve"]
+    ] + [("real-simulator PPO", row) for row in real["curve"]]
+    for label, row in rows:
+        held_out = f"{row['mean']:.1f} +- {row['std']:.1f}"
+        lines.append(f"| {label} | {row['wall_s'] / 60:.1f} min | {row['real_steps']:,} | {held_out} |")
+    ratio = results["time_ratio"]
+    lines += [
+        "",
+        f"Real-simulator PPO: {real['real_steps']:,.0f} steps in {real['minutes']:.0f} minutes "
+        f"({real['steps_per_second']:.0f}/s over {real['num_envs']} simulators), best held-out {real['best']:.1f}. "
+        f"Time it needs to reach the dream pipeline's {dream['score']:.1f}, over the dream pipeline's "
+        f"{dream['wall_s'] / 60:.1f} minutes: {ratio['bound']} {ratio['value']:.1f}.",
+    ]
+    return "\n".join(lines)
+
+
+def plot_baseline(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, label in ((axes[0], "wall_s", "wall time (min)"), (axes[1], "real_steps", "real steps")):
+        for name, curve, style in (
+            ("dream pipeline", results["dream_pipeline"]["curve"], "o-"),
+            ("real-simulator PPO", results["real_ppo"]["curve"], "s-"),
+        ):
+            xs = np.array([row[key] for row in curve], dtype=float) / (60 if key == "wall_s" else 1)
+            axis.plot(xs, [row["mean"] for row in curve], style, label=name)
+        axis.set_xlabel(label)
+        axis.set_ylabel("held-out return")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
