@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -56,6 +56,9 @@ class LoopConfig:
     keep_best: bool = True
     """Keep the policy whose own collection episodes returned most (scored on collection seeds, never on the
     evaluation's), instead of the last one."""
+    continue_from: Literal["best", "last"] = "last"
+    """Each round's PPO goes on from the last policy, or from the best so far by that same real score ("best": a
+    round whose policy did worse in the real simulator is not built on)."""
 
 
 def policy_label(run_dir: Path, policy: Path) -> str:

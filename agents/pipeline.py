@@ -258,14 +258,29 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         ppo = dataclasses.replace(
             config.ppo, total_steps=loop.ppo_steps, max_minutes=loop.ppo_minutes, seed=config.ppo.seed + iteration
         )
-        before = _round_dir(run_dir, iteration - 1) / POLICY
-        offset = int(read_checkpoint(before, POLICY)[0].get("imagined_steps_total", 0))
+        start = best_so_far(iteration) if loop.continue_from == "best" else iteration - 1
+        before = _round_dir(run_dir, start) / POLICY
+        offset = int(
+            read_checkpoint(_round_dir(run_dir, iteration - 1) / POLICY, POLICY)[0].get("imagined_steps_total", 0)
+        )
         target = _round_dir(run_dir, iteration) / POLICY
         recent = [i for i, e in enumerate(Dataset.open(data_dir).episodes) if e.iteration == iteration]
         starts = (recent, loop.recent_starts) if loop.recent_starts > 0 else None
         figures = train_ppo(run_dir, ppo, logger, device, init=before, out=target, step_offset=offset, recent=starts)
         copy_checkpoint(target, run_dir / POLICY, POLICY)
-        return {**figures, "imagined_steps_total": offset + int(figures["imagined_steps"])}
+        return {**figures, "imagined_steps_total": offset + int(figures["imagined_steps"]), "continued_from": start}
+
+    def scores(until: int) -> list[float]:
+        """The real collection return of policies 0 .. until - 1 (policy j drove round j + 1)."""
+        return [
+            score
+            if (score := results.data[f"loop/{j + 1:02d}/collect"].get("real_return_mean")) is not None
+            else float("-inf")
+            for j in range(until)
+        ]
+
+    def best_so_far(iteration: int) -> int:
+        return int(np.argmax(scores(iteration)))
 
     rounds = loop.iterations
     for iteration in range(1, loop.iterations + 1):
@@ -288,12 +303,11 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
 
     def select() -> dict[str, Any]:
         # policy j drove round j + 1; its score is the mean return of that round's deterministic episodes
-        scores = [results.data[f"loop/{j + 1:02d}/collect"].get("real_return_mean") for j in range(final)]
-        ranked = [score if score is not None else float("-inf") for score in scores]
+        ranked = scores(final)
         chosen = int(np.argmax(ranked)) if loop.keep_best else rounds
         copy_checkpoint(_round_dir(run_dir, chosen) / POLICY, run_dir / POLICY, POLICY)
         tqdm.write(f"loop: keeping the policy of round {chosen} (real collection return {ranked[chosen]:.1f})")
-        return {"rounds": rounds, "chosen": chosen, "scores": scores}
+        return {"rounds": rounds, "chosen": chosen, "scores": [None if x == float("-inf") else x for x in ranked]}
 
     stage("loop/select", select)
 
@@ -324,6 +338,7 @@ def loop_curve(results: dict[str, Any]) -> dict[str, Any] | None:
         if j > 0:
             row["dynamics_val_token_accuracy"] = results[f"loop/{j:02d}/dynamics"]["val_token_accuracy"]
             row["ppo_dream_return"] = results[f"loop/{j:02d}/policy"]["dream_return"]
+            row["continued_from"] = results[f"loop/{j:02d}/policy"].get("continued_from", j - 1)
         rows.append(row)
     return {"rounds": results["loop/select"]["rounds"], "chosen": results["loop/select"]["chosen"], "curve": rows}
 
@@ -382,15 +397,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     loop = summary.get("loop")
     if loop:
         for row in loop["curve"]:
-            real = row["real_return_mean"]
-            rows.append(
-                (
-                    f"loop policy {row['policy']}",
-                    f"real {_number(real)} (sampled {_number(row['real_sampled_return_mean'])}), dream "
-                    f"{_number(row['dream_policy_return'])}, dream gap {row['dream_gap']:+.1f}; "
-                    f"after {row['real_steps']} real steps, {row['wall_s']:.0f} s",
-                )
+            # policy j's PPO went on from policy j - 1, or from an earlier one that had done better for real
+            parent = row.get("continued_from", row["policy"] - 1)
+            name = f"loop policy {row['policy']}" + (f" (from {parent})" if parent != row["policy"] - 1 else "")
+            figures = (
+                f"real {_number(row['real_return_mean'])} (sampled {_number(row['real_sampled_return_mean'])}), "
+                f"dream {_number(row['dream_policy_return'])}, dream gap {row['dream_gap']:+.1f}; "
+                f"after {row['real_steps']} real steps, {row['wall_s']:.0f} s"
             )
+            rows.append((name, figures))
         rows.append(("loop kept", f"policy {loop['chosen']} of {loop['rounds'] + 1}, by its real collection return"))
     n = summary["episodes_evaluated"]
     for name in ("policy", "random", "expert"):

@@ -226,6 +226,31 @@ def test_corrupt_tokenizer_makes_rollout_exit_2(micro_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_baseline_scores_real_ppo_against_the_run(micro_run, tmp_path):
+    runs, _, first = micro_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "smoke"
+    shutil.copytree(runs / "smoke", run)
+    args = ["bench", "baseline", "--run", str(run), "--minutes", "0.25", "--envs", "2", "--snapshot-minutes", "0.1"]
+    result = worldmodel_cli(args, cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((run / "real_ppo" / "baseline.json").read_text())
+    real, dream = figures["real_ppo"], figures["dream_pipeline"]
+    assert real["real_steps"] > 0 and len(real["curve"]) >= 2
+    assert [row["wall_s"] for row in real["curve"]] == sorted(row["wall_s"] for row in real["curve"])
+    # the dream pipeline's policies: the one before the loop, the round's, and the kept one at the end
+    assert [row["policy"] for row in dream["curve"]] == [0, 1, "kept"]
+    assert dream["curve"][-1]["mean"] == dream["score"]
+    assert figures["time_ratio"]["bound"] in ("=", ">") and figures["time_ratio"]["value"] > 0
+    assert (run / "real_ppo" / "baseline.md").read_text().count("real-simulator PPO") >= 2
+    assert (run / "real_ppo" / "baseline.png").stat().st_size > 0
+    # scored policies are kept: a second call trains and evaluates nothing again
+    before = (run / "real_ppo" / "scores.json").read_text()
+    again = worldmodel_cli(args, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and (run / "real_ppo" / "scores.json").read_text() == before
+
+
+@pytest.mark.slow
 def test_cli_errors_and_help(tmp_path):
     result = worldmodel_cli(["run", "--name", "x", f"run.runs_dir={tmp_path}", "ppo.nonsense=1"], cwd=tmp_path)
     assert result.returncode == 2

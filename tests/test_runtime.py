@@ -43,6 +43,7 @@ def test_kept_memory_spares_the_step_its_page_faults():
     assert applied
     opted_out, system = faults_per_step(opt_out=True)
     assert not opted_out
-    # measured, median of 9 steps: 7,648 to 8,464 faults per step with malloc's defaults, 0 kept (6 runs each)
-    assert system > 2_000
+    # measured, median of 9 steps: 7,648 to 8,464 faults per step with malloc's defaults, 0 kept (6 runs each);
+    # on a later machine 1,024 in 3 of 5 runs (one 4 MiB buffer mapped afresh each step) and 6,896 to 8,448
+    assert system >= 1_000
     assert kept < system / 10
