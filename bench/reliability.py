@@ -113,6 +113,23 @@ def format_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def reliability_command(config: ReliabilityConfig) -> str:
+    """The command line that reruns (or resumes) this bench; seeds that are not a run of integers are spelled out."""
+    first, count = config.seeds[0], len(config.seeds)
+    if config.seeds == tuple(range(first, first + count)):
+        seeds = [f"--seeds {count}"] + ([f"--first-seed {first}"] if first else [])
+    else:
+        seeds = [f"(seeds {', '.join(map(str, config.seeds))})"]
+    return " ".join(
+        ["worldmodel bench reliability", f"--preset {config.preset}"]
+        + ([f"--source {config.source}"] if config.source else [])
+        + seeds
+        + ([f"--name {config.name}"] if config.name else [])
+        + ([f"--runs-dir {config.runs_dir}"] if str(config.runs_dir) != "runs" else [])
+        + list(config.overrides)
+    )
+
+
 def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     """Run (or resume) every seed's pipeline, then write `<out>/reliability.json` and `reliability.md`."""
     source, name = config.source or "carracing", config.run_name
@@ -130,11 +147,7 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
         summary = json.loads((Path(config.runs_dir) / run / "summary.json").read_text())
         rows.append(seed_figures(summary))
     results = {
-        "command": " ".join(
-            ["worldmodel bench reliability", f"--preset {config.preset}"]
-            + ([f"--source {config.source}"] if config.source else [])
-            + [f"--seeds {','.join(map(str, config.seeds))}", *config.overrides]
-        ),
+        "command": reliability_command(config),
         "preset": config.preset,
         "source": source,
         "seeds": list(config.seeds),

@@ -9,8 +9,17 @@ import pytest
 from agents.ppo import POLICY, PPOConfig, load_policy
 from agents.real_ppo import RealPPOConfig, train_real_ppo
 from bench.baseline import time_ratio
-from bench.reliability import SEED_STRIDE, aggregate, format_markdown, seed_figures, seed_overrides
+from bench.reliability import (
+    SEED_STRIDE,
+    ReliabilityConfig,
+    aggregate,
+    format_markdown,
+    reliability_command,
+    seed_figures,
+    seed_overrides,
+)
 from envs.sources import SourceConfig
+from worldmodel.cli import build_parser
 from worldmodel.logger import RunLogger
 
 
@@ -56,6 +65,29 @@ def test_reliability_table_over_seeds():
     table = format_markdown(results)
     assert "| 1 | 625.0" in table and "9 of 10" in table and "1 crashed" in table
     assert "2 of 3 seeds beat the random policy" in table
+
+
+def test_the_recorded_command_reruns_the_bench_as_the_cli_reads_it():
+    assert (
+        reliability_command(ReliabilityConfig(seeds=(0, 1, 2, 3, 4)))
+        == "worldmodel bench reliability --preset tiny --seeds 5"
+    )
+    config = ReliabilityConfig(
+        source="highway", seeds=(3, 4), name="t2", runs_dir="elsewhere", overrides=["ppo.lr=1e-4"]
+    )
+    command = reliability_command(config)
+    assert command == (
+        "worldmodel bench reliability --preset tiny --source highway --seeds 2 --first-seed 3 --name t2"
+        " --runs-dir elsewhere ppo.lr=1e-4"
+    )
+    args = build_parser().parse_args(command.split()[1:])
+    assert (args.seeds, args.first_seed, args.name, args.runs_dir, args.overrides) == (
+        2,
+        3,
+        "t2",
+        "elsewhere",
+        ["ppo.lr=1e-4"],
+    )
 
 
 def test_seeds_change_every_seed_and_never_reach_the_evaluation_tracks():
