@@ -135,11 +135,12 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
 
 
 def time_ratio(curve: list[dict[str, Any]], score: float, wall_s: float, budget_s: float) -> dict[str, Any]:
-    """The wall time of the first snapshot in `curve` whose held-out mean reaches `score`, over `wall_s`; when none
-    does, the baseline's whole budget over `wall_s`, as a lower bound (`bound` ">")."""
+    """The wall time of the first snapshot in `curve` whose held-out mean reaches `score`, over `wall_s`, an upper
+    bound (`bound` "<="): the baseline got there at that snapshot or between it and the one before; when none does,
+    the baseline's whole budget over `wall_s`, as a lower bound (`bound` ">")."""
     reached = [row for row in curve if row["mean"] >= score]
     if reached:
-        return {"value": reached[0]["wall_s"] / wall_s, "bound": "="}
+        return {"value": reached[0]["wall_s"] / wall_s, "bound": "<="}
     return {"value": budget_s / wall_s, "bound": ">"}
 
 
@@ -164,7 +165,7 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"Real-simulator PPO: {real['real_steps']:,.0f} steps in {real['minutes']:.0f} minutes "
         f"({real['steps_per_second']:.0f}/s over {real['num_envs']} simulators), best held-out {real['best']:.1f}. "
         f"Time it needs to reach the dream pipeline's {dream['score']:.1f}, over the dream pipeline's "
-        f"{dream['wall_s'] / 60:.1f} minutes: {ratio['bound']} {ratio['value']:.1f}.",
+        f"{dream['wall_s'] / 60:.1f} minutes: {ratio['bound']} {ratio['value']:.2f}.",
     ]
     return "\n".join(lines)
 

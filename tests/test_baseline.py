@@ -25,7 +25,7 @@ from worldmodel.logger import RunLogger
 
 def test_time_ratio_is_the_first_snapshot_that_reaches_the_score_or_a_lower_bound():
     curve = [{"wall_s": 60.0, "mean": -20.0}, {"wall_s": 120.0, "mean": 300.0}, {"wall_s": 180.0, "mean": 500.0}]
-    assert time_ratio(curve, 250.0, 60.0, 600.0) == {"value": 2.0, "bound": "="}
+    assert time_ratio(curve, 250.0, 60.0, 600.0) == {"value": 2.0, "bound": "<="}
     assert time_ratio(curve, 800.0, 60.0, 600.0) == {"value": 10.0, "bound": ">"}
 
 
