@@ -304,7 +304,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
     def select() -> dict[str, Any]:
         # policy j drove round j + 1; its score is the mean return of that round's deterministic episodes
         ranked = scores(final)
-        chosen = int(np.argmax(ranked)) if loop.keep_best else rounds
+        chosen = best_so_far(final) if loop.keep_best else rounds
         copy_checkpoint(_round_dir(run_dir, chosen) / POLICY, run_dir / POLICY, POLICY)
         tqdm.write(f"loop: keeping the policy of round {chosen} (real collection return {ranked[chosen]:.1f})")
         return {"rounds": rounds, "chosen": chosen, "scores": [None if x == float("-inf") else x for x in ranked]}

@@ -27,6 +27,7 @@ from worldmodel.checkpoint import save_checkpoint
 from worldmodel.dataset import write_json_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.train import TOKENIZER, load_tokenizer
+from worldmodel.world_model import token_grid_space
 
 REAL_PPO = "real_ppo"
 """The baseline's folder inside a run folder."""
@@ -40,11 +41,6 @@ class RealPPOConfig:
     """Real simulators, one process each."""
     snapshot_minutes: float = 2.0
     """A snapshot of the policy every this many minutes of training (and one at the end)."""
-
-
-def _grid_space(tokenizer) -> gym.spaces.MultiDiscrete:
-    grid = tokenizer.config.grid_size
-    return gym.spaces.MultiDiscrete(np.full((grid, grid), tokenizer.config.codebook_size, dtype=np.int64))
 
 
 def train_real_ppo(
@@ -71,7 +67,10 @@ def train_real_ppo(
     )
     try:
         policy = ActorCritic.for_spaces(
-            _grid_space(tokenizer), envs.single_action_space, tokenizer.config.levels, hidden=ppo.hidden
+            token_grid_space(tokenizer.config.grid_size, tokenizer.config.codebook_size),
+            envs.single_action_space,
+            tokenizer.config.levels,
+            hidden=ppo.hidden,
         )
 
         @torch.no_grad()

@@ -21,7 +21,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from worldmodel.runtime import keep_freed_memory
-from worldmodel.world_model import Sampling, WorldModel
+from worldmodel.world_model import Sampling, WorldModel, token_grid_space
 
 ObsMode = Literal["tokens", "pixels"]
 
@@ -93,9 +93,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         grid = model.grid_size
         if obs_mode == "tokens":
-            self.single_observation_space = gym.spaces.MultiDiscrete(
-                np.full((grid, grid), model.dynamics.config.vocab_size, dtype=np.int64)
-            )
+            self.single_observation_space = token_grid_space(grid, model.dynamics.config.vocab_size)
         else:
             c = model.tokenizer.config
             self.single_observation_space = gym.spaces.Box(0, 255, (c.image_size, c.image_size, c.channels), np.uint8)

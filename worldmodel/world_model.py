@@ -28,6 +28,11 @@ class StepPrediction:
     terminated: torch.Tensor  # (b,) bool
 
 
+def token_grid_space(grid_size: int, codebook_size: int) -> gym.spaces.MultiDiscrete:
+    """What a policy that reads token grids observes: a (grid, grid) grid of codebook indices."""
+    return gym.spaces.MultiDiscrete(np.full((grid_size, grid_size), codebook_size, dtype=np.int64))
+
+
 def check_sampling(temperature: float, top_k: int | None, refine_steps: int = 0) -> None:
     """Refuse sampling options `sample_tokens` and `refine_tokens` cannot use, saying what they take."""
     if temperature < 0 or not np.isfinite(temperature):
