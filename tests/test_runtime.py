@@ -43,7 +43,9 @@ def test_kept_memory_spares_the_step_its_page_faults():
     assert applied
     opted_out, system = faults_per_step(opt_out=True)
     assert not opted_out
-    # measured, median of 9 steps: 7,648 to 8,464 faults per step with malloc's defaults, 0 kept (6 runs each);
-    # on a later machine 1,024 in 3 of 5 runs (one 4 MiB buffer mapped afresh each step) and 6,896 to 8,448
-    assert system >= 1_000
+    # measured, median of 9 steps, with malloc's defaults: 7,648 to 8,464 faults per step (6 runs); on later
+    # machines 1,024 or 1,025 in 5 of 9 runs (one 4 MiB buffer mapped afresh each step), 6,896 to 8,448 in the
+    # others, and 688 on CI's. Kept: 0 in every run. Malloc's dynamic thresholds decide how much the system maps
+    # afresh, so the floor asks only that a step maps at least 1 MiB afresh (256 pages) and the kept run 10x less.
+    assert system >= 256
     assert kept < system / 10
