@@ -56,6 +56,10 @@ class LoopConfig:
     keep_best: bool = True
     """Keep the policy whose own collection episodes returned most (scored on collection seeds, never on the
     evaluation's), instead of the last one."""
+    real_epochs: int = 0
+    """Before each round's PPO in the dream, this many epochs of PPO's clipped updates on the round's real episodes
+    in which the policy sampled its actions (Dyna's use of real experience: the loop pays for these steps anyway);
+    0: the policy learns only in the dream. Applied when the round goes on from the policy that drove them."""
     continue_from: Literal["best", "last"] = "last"
     """Each round's PPO goes on from the last policy, or from the best so far by that same real score ("best": a
     round whose policy did worse in the real simulator is not built on)."""

@@ -24,14 +24,22 @@ from tqdm.auto import tqdm
 
 from agents.evaluate import EvalConfig, evaluate
 from agents.loop import LoopConfig, collect_with_policy, dream_gap, plot_learning_curve, round_figures
-from agents.ppo import POLICY, PPOConfig, load_policy, train_ppo
+from agents.ppo import POLICY, PPOConfig, learn_from_episodes, load_policy, train_ppo
 from envs.collect import CollectConfig, collect
-from worldmodel.checkpoint import copy_checkpoint, read_checkpoint
+from worldmodel.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
 from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset
 from worldmodel.dataset import Dataset, write_json_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rollout import RolloutConfig, write_rollout
-from worldmodel.train import DYNAMICS, TOKENIZER, DynamicsStage, TokenizerStage, train_dynamics, train_tokenizer
+from worldmodel.train import (
+    DYNAMICS,
+    TOKENIZER,
+    DynamicsStage,
+    TokenizerStage,
+    tokens_for_run,
+    train_dynamics,
+    train_tokenizer,
+)
 from worldmodel.world_model import WorldModel
 
 # the config that decides each stage's output: changing it after the stage finished is refused
@@ -264,11 +272,30 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             read_checkpoint(_round_dir(run_dir, iteration - 1) / POLICY, POLICY)[0].get("imagined_steps_total", 0)
         )
         target = _round_dir(run_dir, iteration) / POLICY
-        recent = [i for i, e in enumerate(Dataset.open(data_dir).episodes) if e.iteration == iteration]
+        episodes = Dataset.open(data_dir).episodes
+        recent = [i for i, e in enumerate(episodes) if e.iteration == iteration]
+        real: dict[str, Any] = {}
+        if loop.real_epochs > 0 and start == iteration - 1:
+            sampled = [i for i in recent if episodes[i].kind == "policy-sampled"]
+            if sampled:
+                tokenized = tokens_for_run(data_dir, run_dir, device).select(sampled)
+                policy = load_policy(before)
+                real = learn_from_episodes(
+                    policy, [tokenized.episode(i) for i in range(len(sampled))], ppo, loop.real_epochs
+                )
+                before = _round_dir(run_dir, iteration) / f"{POLICY}_real"
+                save_checkpoint(before, policy, POLICY, {"real_steps": int(real["steps"])})
+                at = results.data[f"loop/{iteration:02d}/collect"]["real_steps_total"]
+                logger.log({f"loop/real_update/{k}": v for k, v in real.items()}, at)
         starts = (recent, loop.recent_starts) if loop.recent_starts > 0 else None
         figures = train_ppo(run_dir, ppo, logger, device, init=before, out=target, step_offset=offset, recent=starts)
         copy_checkpoint(target, run_dir / POLICY, POLICY)
-        return {**figures, "imagined_steps_total": offset + int(figures["imagined_steps"]), "continued_from": start}
+        return {
+            **figures,
+            "imagined_steps_total": offset + int(figures["imagined_steps"]),
+            "continued_from": start,
+            **({"real_update_steps": int(real["steps"])} if real else {}),
+        }
 
     def scores(until: int) -> list[float]:
         """The real collection return of policies 0 .. until - 1 (policy j drove round j + 1)."""

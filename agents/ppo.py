@@ -7,6 +7,7 @@ observation), then runs a few epochs of clipped updates, over any vector env of 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,77 @@ def train_ppo(
     return figures
 
 
+def clipped_updates(
+    policy: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    config: PPOConfig,
+    minibatch: int,
+) -> dict[str, float]:
+    """`config.epochs` passes of PPO's clipped update over `batch` (obs, act, logp (the behaviour's), adv, ret), in
+    shuffled minibatches of `minibatch` steps; the figures of the last minibatch."""
+    size = len(batch["adv"])
+    for _ in range(config.epochs):
+        order = torch.randperm(size, device=batch["adv"].device)
+        for start in range(0, size, minibatch):
+            idx = order[start : start + minibatch]
+            action = batch["act"][idx].long() if policy.config.discrete_actions else batch["act"][idx]
+            _, logp, entropy, value = policy.act(batch["obs"][idx], action)
+            ratio = (logp - batch["logp"][idx]).exp()
+            adv = batch["adv"][idx]
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.clip, 1 + config.clip)).mean()
+            value_loss = 0.5 * (value - batch["ret"][idx]).pow(2).mean()
+            loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * entropy.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+    return {
+        "policy_loss": policy_loss.item(),
+        "value_loss": value_loss.item(),
+        "entropy": entropy.mean().item(),
+        "clip_fraction": ((ratio - 1).abs() > config.clip).float().mean().item(),
+    }
+
+
+def learn_from_episodes(
+    policy: ActorCritic, episodes: list[dict[str, np.ndarray]], config: PPOConfig, epochs: int
+) -> dict[str, float]:
+    """PPO's clipped updates on recorded episodes that `policy` itself drove sampling its actions (the loop's real
+    collection), updating it in place. Each episode is a dict of `tokens` (T + 1, h, w), `actions`, `rewards` and
+    `terminated` (T, ...); one whose last step did not terminate was cut by a time limit and bootstraps from the
+    value of its final frame. Advantages come from the policy's own critic, as in `optimise`."""
+    if not episodes:
+        raise ValueError("no episodes to learn from")
+    dev = next(policy.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {"obs": [], "act": [], "logp": [], "adv": [], "ret": []}
+    with torch.no_grad():
+        for episode in episodes:
+            tokens = torch.as_tensor(np.asarray(episode["tokens"], dtype=np.int64), device=dev)
+            actions = torch.as_tensor(np.asarray(episode["actions"]), device=dev)
+            actions = actions.long() if policy.config.discrete_actions else actions.float()
+            values = policy.value(tokens)  # (T + 1,)
+            _, logp, _, _ = policy.act(tokens[:-1], actions)
+            rewards = torch.as_tensor(np.asarray(episode["rewards"]), device=dev, dtype=torch.float32)
+            rewards = rewards * config.reward_scale
+            if not bool(episode["terminated"][-1]):
+                rewards[-1] += config.gamma * values[-1]
+            dones = torch.zeros_like(rewards)
+            dones[-1] = 1.0
+            advantages = compute_gae(
+                rewards[:, None], values[:-1, None], dones[:, None], values[-1:], config.gamma, config.gae_lambda
+            )[:, 0]
+            found = (tokens[:-1], actions, logp, advantages, advantages + values[:-1])
+            for key, value in zip(parts, found, strict=True):
+                parts[key].append(value)
+    batch = {key: torch.cat(value) for key, value in parts.items()}
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+    minibatch = config.num_envs * config.rollout_steps // config.minibatches
+    figures = clipped_updates(policy, optimizer, batch, dataclasses.replace(config, epochs=epochs), minibatch)
+    return {"steps": float(len(batch["adv"])), **figures}
+
+
 def optimise(
     envs: gym.vector.VectorEnv,
     policy: ActorCritic,
@@ -222,33 +294,14 @@ def optimise(
             "ret": returns.flatten(),
         }
         batch = n * steps
-        minibatch = batch // config.minibatches
-        for _ in range(config.epochs):
-            order = torch.randperm(batch, device=dev)
-            for start in range(0, batch, minibatch):
-                idx = order[start : start + minibatch]
-                action = flat["act"][idx].long() if policy.config.discrete_actions else flat["act"][idx]
-                _, logp, entropy, value = policy.act(flat["obs"][idx], action)
-                ratio = (logp - flat["logp"][idx]).exp()
-                adv = flat["adv"][idx]
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.clip, 1 + config.clip)).mean()
-                value_loss = 0.5 * (value - flat["ret"][idx]).pow(2).mean()
-                loss = policy_loss + config.vf_coef * value_loss - config.ent_coef * entropy.mean()
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                optimizer.step()
+        update = clipped_updates(policy, optimizer, flat, config, batch // config.minibatches)
 
         step = (iteration + 1) * batch
         recent = finished[-100:]
         logs = {
             "episode_return": float(np.mean(recent)) if recent else float("nan"),
             "reward_per_step": float(np.mean(step_rewards)),
-            "policy_loss": policy_loss.item(),
-            "value_loss": value_loss.item(),
-            "entropy": entropy.mean().item(),
-            "clip_fraction": ((ratio - 1).abs() > config.clip).float().mean().item(),
+            **update,
         }
         logger.log({f"{log_prefix}/{k}": v for k, v in logs.items()}, step_offset + step)
         if after_update is not None:

@@ -21,7 +21,7 @@ from test_pipeline import LIGHT, MICRO
 
 from agents.loop import dream_returns, round_figures
 from agents.policy import ActorCritic, clipped_normal_mean
-from agents.ppo import PPOConfig, compute_gae, optimise
+from agents.ppo import PPOConfig, compute_gae, learn_from_episodes, optimise
 from worldmodel.checkpoint import CheckpointError, copy_checkpoint, fingerprint, read_checkpoint
 from worldmodel.dataset import Dataset, EpisodeRecord, sample_windows, write_episode
 from worldmodel.logger import RunLogger
@@ -270,6 +270,53 @@ def test_ppo_learns_a_toy_dream_whose_best_action_is_known(space, tmp_path):
     with torch.no_grad():
         hidden = policy.features(torch.as_tensor(grids))
         dist = policy.distribution(hidden)
+    if isinstance(space, gym.spaces.Discrete):
+        assert dist.probs.argmax(-1).tolist() == [1, 3]
+        assert (dist.probs.max(-1).values > 0.8).all()
+    else:
+        acted = clipped_normal_mean(dist.mean, dist.stddev, torch.tensor(space.low), torch.tensor(space.high))
+        np.testing.assert_allclose(acted.numpy(), env.best(grids), atol=0.2)
+
+
+def _drive(env: ToyDream, policy: ActorCritic) -> list[dict[str, np.ndarray]]:
+    """One episode per toy env, the policy sampling its actions, recorded as the loop records real episodes."""
+    grids = [env._grids(env.num_envs)]
+    actions, rewards = [], []
+    for _ in range(env.horizon):
+        with torch.no_grad():
+            action, *_ = policy.act(torch.as_tensor(grids[-1]))
+        action = action.numpy()
+        if isinstance(env.single_action_space, gym.spaces.Box):
+            action = np.clip(action, env.single_action_space.low, env.single_action_space.high)  # as recorded
+        env.obs = grids[-1]
+        _, reward, *_ = env.step(action)
+        actions.append(action), rewards.append(reward)
+        grids.append(env._grids(env.num_envs))
+    return [
+        {
+            "tokens": np.stack([g[i] for g in grids]).astype(np.int16),
+            "actions": np.stack([a[i] for a in actions]),
+            "rewards": np.array([r[i] for r in rewards], np.float32),
+            "terminated": np.zeros(env.horizon, bool),
+        }
+        for i in range(env.num_envs)
+    ]
+
+
+@pytest.mark.parametrize("space", [gym.spaces.Discrete(5), BOX_SPACE], ids=["discrete", "box"])
+def test_ppo_learns_from_episodes_it_drove_itself(space):
+    # the loop's real update: record episodes with the sampling policy, update on them, again
+    torch.manual_seed(0)
+    env = ToyDream(space)
+    env.reset(seed=0)
+    policy = ActorCritic.for_spaces(env.single_observation_space, space, (4, 3), hidden=32)
+    config = PPOConfig(num_envs=16, rollout_steps=4, lr=3e-3, gamma=0.5, minibatches=4)
+    grids = np.stack([np.zeros((4, 4), int), np.ones((4, 4), int)])
+    for _ in range(40):
+        figures = learn_from_episodes(policy, _drive(env, policy), config, epochs=4)
+    assert figures["steps"] == 16 * env.horizon
+    with torch.no_grad():
+        dist = policy.distribution(policy.features(torch.as_tensor(grids)))
     if isinstance(space, gym.spaces.Discrete):
         assert dist.probs.argmax(-1).tolist() == [1, 3]
         assert (dist.probs.max(-1).values > 0.8).all()

@@ -33,6 +33,7 @@ MICRO = [
     "loop.max_steps=20",
     "loop.dynamics_steps=4",
     "loop.ppo_steps=512",
+    "loop.real_epochs=1",
 ]
 # lighter still, so the suite stays fast on a busy 2-core machine (one torch thread avoids oversubscription)
 LIGHT = [
@@ -182,6 +183,9 @@ def test_micro_run_writes_summary(micro_run):
     # evaluation seeds never overlap the collection seeds
     results = json.loads((run_dir / "results.json").read_text())
     assert not set(summary["eval_seeds"]) & set(results["collect"]["seeds"])
+    # the loop round's PPO began with an update on the one episode its policy drove sampling (20 recorded steps)
+    assert results["loop/01/policy"]["real_update_steps"] == 20
+    assert (run_dir / "loop" / "01" / "policy_real.safetensors").is_file()
 
 
 @pytest.mark.slow
