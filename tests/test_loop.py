@@ -258,6 +258,20 @@ class ToyDream(gym.vector.VectorEnv):
         return self.obs.copy(), rewards, terminated, truncated, infos
 
 
+def assert_learned_the_best_action(policy: ActorCritic, env: ToyDream) -> None:
+    """On both kinds of toy grid the policy acts (almost) as the toy's best action, with confidence."""
+    grids = np.stack([np.zeros((4, 4), int), np.ones((4, 4), int)])
+    with torch.no_grad():
+        dist = policy.distribution(policy.features(torch.as_tensor(grids)))
+    if isinstance(env.single_action_space, gym.spaces.Discrete):
+        assert dist.probs.argmax(-1).tolist() == [1, 3]
+        assert (dist.probs.max(-1).values > 0.8).all()
+    else:
+        low, high = env.single_action_space.low, env.single_action_space.high
+        acted = clipped_normal_mean(dist.mean, dist.stddev, torch.tensor(low), torch.tensor(high))
+        np.testing.assert_allclose(acted.numpy(), env.best(grids), atol=0.2)
+
+
 @pytest.mark.parametrize("space", [gym.spaces.Discrete(5), BOX_SPACE], ids=["discrete", "box"])
 def test_ppo_learns_a_toy_dream_whose_best_action_is_known(space, tmp_path):
     torch.manual_seed(0)
@@ -266,16 +280,7 @@ def test_ppo_learns_a_toy_dream_whose_best_action_is_known(space, tmp_path):
     config = PPOConfig(rollout_steps=16, total_steps=16 * 16 * 40, lr=3e-3, gamma=0.5, epochs=4, minibatches=4)
     figures = optimise(env, policy, config, RunLogger(tmp_path))
     assert figures["steps"] == 16 * 16 * 40
-    grids = np.stack([np.zeros((4, 4), int), np.ones((4, 4), int)])
-    with torch.no_grad():
-        hidden = policy.features(torch.as_tensor(grids))
-        dist = policy.distribution(hidden)
-    if isinstance(space, gym.spaces.Discrete):
-        assert dist.probs.argmax(-1).tolist() == [1, 3]
-        assert (dist.probs.max(-1).values > 0.8).all()
-    else:
-        acted = clipped_normal_mean(dist.mean, dist.stddev, torch.tensor(space.low), torch.tensor(space.high))
-        np.testing.assert_allclose(acted.numpy(), env.best(grids), atol=0.2)
+    assert_learned_the_best_action(policy, env)
 
 
 def _drive(env: ToyDream, policy: ActorCritic) -> list[dict[str, np.ndarray]]:
@@ -311,18 +316,10 @@ def test_ppo_learns_from_episodes_it_drove_itself(space):
     env.reset(seed=0)
     policy = ActorCritic.for_spaces(env.single_observation_space, space, (4, 3), hidden=32)
     config = PPOConfig(num_envs=16, rollout_steps=4, lr=3e-3, gamma=0.5, minibatches=4)
-    grids = np.stack([np.zeros((4, 4), int), np.ones((4, 4), int)])
     for _ in range(40):
         figures = learn_from_episodes(policy, _drive(env, policy), config, epochs=4)
     assert figures["steps"] == 16 * env.horizon
-    with torch.no_grad():
-        dist = policy.distribution(policy.features(torch.as_tensor(grids)))
-    if isinstance(space, gym.spaces.Discrete):
-        assert dist.probs.argmax(-1).tolist() == [1, 3]
-        assert (dist.probs.max(-1).values > 0.8).all()
-    else:
-        acted = clipped_normal_mean(dist.mean, dist.stddev, torch.tensor(space.low), torch.tensor(space.high))
-        np.testing.assert_allclose(acted.numpy(), env.best(grids), atol=0.2)
+    assert_learned_the_best_action(policy, env)
 
 
 # --- the dream's verdict on real episodes --------------------------------------------------------------------------
