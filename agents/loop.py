@@ -24,6 +24,7 @@ from agents.policy import ActorCritic
 from envs.collect import episode_name, record_episode, worker_env
 from envs.sources import SourceConfig
 from worldmodel.dataset import Dataset, DatasetError, EpisodeRecord, write_episode
+from worldmodel.files import save_figure_atomic
 from worldmodel.parallel import imap_unordered
 from worldmodel.world_model import WorldModel
 
@@ -249,7 +250,4 @@ def plot_learning_curve(curve: list[dict[str, Any]], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=110)

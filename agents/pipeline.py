@@ -28,7 +28,8 @@ from agents.ppo import POLICY, PPOConfig, learn_from_episodes, load_policy, trai
 from envs.collect import CollectConfig, collect
 from worldmodel.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
 from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset
-from worldmodel.dataset import Dataset, write_json_atomic
+from worldmodel.dataset import Dataset
+from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rollout import RolloutConfig, write_rollout
 from worldmodel.train import (
@@ -139,7 +140,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                         f"{run_dir}: stage {stage_name!r} finished with other `{key}` settings than "
                         f"now (see {config_path}); choose a new run.name, or delete the run folder"
                     )
-    config_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    write_text_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
     logger = RunLogger(run_dir, config.run.wandb, dataclasses.asdict(config))
     timings: dict[str, float] = dict(results.data.get("timings", {}))
 

@@ -24,7 +24,7 @@ from agents.policy import ActorCritic
 from agents.ppo import POLICY, PPOConfig, optimise
 from envs.sources import SourceConfig, make_source_env
 from worldmodel.checkpoint import save_checkpoint
-from worldmodel.dataset import write_json_atomic
+from worldmodel.files import write_json_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.train import TOKENIZER, load_tokenizer
 from worldmodel.world_model import token_grid_space

@@ -27,7 +27,8 @@ from agents.ppo import POLICY
 from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.config import from_dict
-from worldmodel.dataset import Dataset, write_json_atomic, write_text_atomic
+from worldmodel.dataset import Dataset
+from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 
 
@@ -189,7 +190,4 @@ def plot_baseline(results: dict[str, Any], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=110)

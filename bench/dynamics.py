@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from bench.faithfulness import ProbeConfig, ProbeUnavailable, action_faithfulness
-from worldmodel.dataset import Dataset, DatasetError, write_json_atomic
+from worldmodel.dataset import Dataset, DatasetError
+from worldmodel.files import save_figure_atomic, write_json_atomic
 from worldmodel.tokenizer import frames_to_float, image_psnr
 from worldmodel.tokens import TokenizedDataset
 from worldmodel.world_model import Sampling, WorldModel
@@ -182,10 +183,7 @@ def plot_psnr(figures: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
 
 
 def bench_dynamics(

@@ -44,8 +44,8 @@ from agents.ppo import PPOConfig
 from envs.dream import DreamVectorEnv
 from envs.sources import CARRACING_INTRO_STEPS, SourceConfig, make_source_env
 from worldmodel.config import ConfigError
-from worldmodel.dataset import write_json_atomic
 from worldmodel.dynamics import DynamicsModel
+from worldmodel.files import write_json_atomic
 from worldmodel.train import resolve_device
 from worldmodel.world_model import Sampling, WorldModel
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from worldmodel.dataset import write_json_atomic, write_text_atomic
+from worldmodel.files import write_json_atomic, write_text_atomic
 
 SEED_STRIDE = 10_000
 """Collection seeds of bench seed s start at s * SEED_STRIDE (evaluation seeds start at 1,000,000)."""

@@ -36,7 +36,8 @@ from bench.codecs import QUALITIES, CodecPoint, compare, measure_codec
 from bench.imagination import timed_rate
 from worldmodel.checkpoint import read_checkpoint
 from worldmodel.config import ConfigError, from_dict
-from worldmodel.dataset import Dataset, DatasetError, FrameSampler, write_json_atomic
+from worldmodel.dataset import Dataset, DatasetError, FrameSampler
+from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rate import token_rate
 from worldmodel.tokenizer import Tokenizer, TokenizerConfig
@@ -569,15 +570,9 @@ def bench_tokenizer(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "tokenizer_bench.json", results)
-    _write_text(out_dir / "tokenizer_bench.md", format_markdown(results))
+    write_text_atomic(out_dir / "tokenizer_bench.md", format_markdown(results))
     plot_rate_distortion(results, out_dir / "rate_distortion.png")
     return results
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def format_markdown(results: dict[str, Any]) -> str:
@@ -718,8 +713,4 @@ def plot_rate_distortion(results: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)

@@ -17,7 +17,6 @@ from worldmodel.dataset import (
     space_from_dict,
     space_to_dict,
     write_episode,
-    write_json_atomic,
 )
 
 
@@ -206,12 +205,3 @@ def test_frame_sampler(tmp_path):
     assert all(f.tobytes() in pool for f in sampler.sample(50))
     excluded = dataset.load(1).frames
     assert not any(np.array_equal(f, g) for f in sampler.sample(50) for g in excluded)
-
-
-def test_json_is_written_atomically_with_nan_and_infinity_as_null(tmp_path):
-    import json
-
-    path = tmp_path / "out" / "figures.json"
-    write_json_atomic(path, {"psnr": {"1": 25.5, "64": float("nan")}, "ratio": [float("inf"), 2], "n": 3})
-    assert json.loads(path.read_text()) == {"psnr": {"1": 25.5, "64": None}, "ratio": [None, 2], "n": 3}
-    assert [p.name for p in path.parent.iterdir()] == ["figures.json"]  # no temporary file left behind

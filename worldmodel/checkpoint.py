@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from worldmodel.config import from_dict
-from worldmodel.dataset import write_json_atomic
+from worldmodel.files import atomic_path, write_json_atomic
 
 
 class CheckpointError(ValueError):
@@ -52,14 +50,8 @@ def save_checkpoint(
     tensors = clean_state_dict(module)
     for key, value in (state or {}).items():
         tensors[f"__state__.{key}"] = value.detach().contiguous().cpu()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path.with_suffix(".safetensors")) as tmp:
         save_file(tensors, tmp)
-        os.replace(tmp, path.with_suffix(".safetensors"))
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     config = getattr(module, "config", None)
     meta = {"kind": kind, "config": dataclasses.asdict(config) if config is not None else {}, **(extra or {})}
     write_json_atomic(path.with_suffix(".json"), meta)
@@ -73,14 +65,8 @@ def copy_checkpoint(source: str | Path, target: str | Path, kind: str) -> Path:
     read_checkpoint(source, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".json"):
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(target.with_suffix(suffix)) as tmp:
             shutil.copyfile(source.with_suffix(suffix), tmp)
-            os.replace(tmp, target.with_suffix(suffix))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return target.with_suffix(".safetensors")
 
 

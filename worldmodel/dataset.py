@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +25,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+
+from worldmodel.files import atomic_path, write_json_atomic
 
 FORMAT_NAME = "worldmodel-dataset"
 FORMAT_VERSION = 1
@@ -41,40 +39,6 @@ class DatasetError(ValueError):
 
 class EpisodeError(DatasetError):
     """One episode's files are missing, truncated or inconsistent; the message names the file."""
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by None (null): JSON has no such numbers."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file in the same folder, then rename it over `path`: a reader sees the old file
-    or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (`write_text_atomic`). NaN and infinities are written as null (see `json_safe`), so
-    the file is standard JSON."""
-    write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False))
 
 
 def space_to_dict(space: gym.Space) -> dict[str, Any]:
@@ -166,20 +130,9 @@ def write_episode(root: str | Path, name: str, episode: Episode) -> Path:
     """Write an episode's arrays into `<root>/episodes/<name>/` atomically (temporary folder, then rename)."""
     episode.validate(where=f"episode {name}")
     final = Path(root) / "episodes" / name
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}.", suffix=".tmp"))
-    try:
+    with atomic_path(final, folder=True) as tmp:
         for array_name in ARRAYS:
-            with open(tmp / f"{array_name}.npy", "wb") as f:
-                np.save(f, np.ascontiguousarray(getattr(episode, array_name)))
-                f.flush()
-                os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            np.save(tmp / f"{array_name}.npy", np.ascontiguousarray(getattr(episode, array_name)))
     return final
 
 

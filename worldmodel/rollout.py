@@ -3,8 +3,6 @@ that starts from the same context and is fed the same actions (open loop)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from worldmodel.dataset import Dataset
+from worldmodel.files import atomic_path
 from worldmodel.tokenizer import psnr
 from worldmodel.world_model import WorldModel
 
@@ -74,18 +73,12 @@ def compose(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, scale: int, 
 
 
 def _write_atomic(path: Path, frames: list[np.ndarray], fps: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".gif":
             images = [Image.fromarray(f) for f in frames]
             images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         else:
             imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_rollout(

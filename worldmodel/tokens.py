@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from worldmodel.dataset import Dataset, DatasetError, sample_windows
+from worldmodel.files import atomic_path
 from worldmodel.tokenizer import Tokenizer
 
 
@@ -128,20 +127,12 @@ class TokenizedDataset:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    **{k: v for k, v in vars(self).items() if k != "tokenizer_fingerprint" and v is not None},
-                    tokenizer_fingerprint=np.array(self.tokenizer_fingerprint),
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                **{k: v for k, v in vars(self).items() if k != "tokenizer_fingerprint" and v is not None},
+                tokenizer_fingerprint=np.array(self.tokenizer_fingerprint),
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> TokenizedDataset:

@@ -1,0 +1,86 @@
+import json
+import stat
+
+import numpy as np
+import pytest
+from conftest import BOX_SPACE, make_episode
+
+import worldmodel.files as files
+from worldmodel.dataset import Dataset, write_episode
+from worldmodel.files import atomic_path, save_figure_atomic, write_json_atomic, write_text_atomic
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022(monkeypatch):
+    monkeypatch.setattr(files, "UMASK", 0o022)
+
+
+def test_json_is_written_atomically_with_nan_and_infinity_as_null(tmp_path):
+    path = tmp_path / "out" / "figures.json"
+    write_json_atomic(path, {"psnr": {"1": 25.5, "64": float("nan")}, "ratio": [float("inf"), 2], "n": 3})
+    assert json.loads(path.read_text()) == {"psnr": {"1": 25.5, "64": None}, "ratio": [None, 2], "n": 3}
+    assert [p.name for p in path.parent.iterdir()] == ["figures.json"]  # no temporary file left behind
+
+
+def test_a_new_file_gets_the_umasks_permissions_not_tempfiles_owner_only(tmp_path, umask_022):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"a": 1})
+    assert mode(path) == 0o644  # tempfile.mkstemp alone would leave 0o600
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path, umask_022):
+    path = tmp_path / "notes.md"
+    path.write_text("old")
+    path.chmod(0o640)
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new"
+    assert mode(path) == 0o640
+
+
+def test_an_error_while_writing_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk"), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_the_temporary_name_keeps_the_suffix_for_writers_that_choose_the_format_by_it(tmp_path):
+    with atomic_path(tmp_path / "rollout.mp4") as tmp:
+        assert tmp.suffix == ".mp4" and tmp.parent == tmp_path and tmp.name.startswith(".rollout.mp4.")
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "rollout.mp4").read_bytes() == b"x"
+
+
+def test_an_episode_folder_is_replaced_whole_and_readable_by_others(tmp_path, umask_022):
+    rng = np.random.default_rng(0)
+    Dataset.create(tmp_path, "synthetic", (8, 8, 3), BOX_SPACE)
+    first = write_episode(tmp_path, "000000", make_episode(5, 8, 3, BOX_SPACE, rng))
+    (first / "stale.npy").write_bytes(b"from an older write")
+    again = write_episode(tmp_path, "000000", make_episode(7, 8, 3, BOX_SPACE, rng))
+    assert sorted(p.name for p in again.iterdir()) == sorted(
+        f"{a}.npy" for a in ("frames", "actions", "rewards", "terminated", "truncated")
+    )
+    assert np.load(again / "actions.npy").shape[0] == 7
+    assert mode(again) == 0o755 and mode(again / "frames.npy") == 0o644
+    assert [p.name for p in (tmp_path / "episodes").iterdir()] == ["000000"]
+
+
+def test_a_figure_is_saved_as_png_and_closed(tmp_path, umask_022):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure_atomic(fig, tmp_path / "curve.png", dpi=50)
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mode(tmp_path / "curve.png") == 0o644
+    assert not plt.fignum_exists(fig.number)
