@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the presets ship as the `configs` package's data, so an installed wheel finds them without the source tree
+CONFIG_DIR = Path(str(importlib.resources.files("configs")))
 
 T = TypeVar("T")
 
