@@ -2,7 +2,7 @@
 dataset, and measure where the dream flatters the policy.
 
 A world model trained once on scripted driving is wrong exactly where a policy trained in it goes: if the dream
-lets a standing car earn reward, PPO learns to stand still. Each round of the loop (`agents.pipeline`) collects
+lets a standing car earn reward, PPO learns to stand still. Each round of the loop (`pipeline.run`) collects
 real episodes with the current policy, so the next world model is trained on the states that policy reaches and
 the rewards it really gets there (IRIS, DIAMOND and DreamerV3 all alternate this way).
 """

@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
+from agents.config import read_run_config
 from agents.evaluate import evaluate
-from agents.pipeline import PipelineConfig
 from agents.ppo import POLICY
 from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.config import from_dict
 from worldmodel.dataset import Dataset
 from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
@@ -39,20 +37,13 @@ class BaselineConfig:
     """Held-out episodes per scored policy (default: the run's `eval.episodes`)."""
 
 
-def run_config(run_dir: Path) -> PipelineConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found; `bench baseline` needs a run folder written by `worldmodel run`")
-    return from_dict(PipelineConfig, yaml.safe_load(path.read_text()), where=str(path))
-
-
 def _scores(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    pipeline = run_config(run_dir)
+    pipeline = read_run_config(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise CheckpointError(f"{summary_path} not found; finish the run (`worldmodel run`) before its baseline")

@@ -39,7 +39,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
-from agents.pipeline import load_pipeline_config
+from agents.config import load_pipeline_config
 from agents.ppo import PPOConfig
 from envs.dream import DreamVectorEnv
 from envs.sources import CARRACING_INTRO_STEPS, SourceConfig, make_source_env

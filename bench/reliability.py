@@ -136,7 +136,7 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     rows = []
     for seed in config.seeds:
         run = f"{name}-seed{seed}"
-        command = [sys.executable, "-m", "worldmodel.cli", "run", "--preset", config.preset, "--name", run]
+        command = [sys.executable, "-m", "pipeline", "run", "--preset", config.preset, "--name", run]
         if config.source:
             command += ["--source", config.source]
         command += [f"run.runs_dir={config.runs_dir}", *config.overrides, *seed_overrides(seed)]

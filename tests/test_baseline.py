@@ -19,7 +19,7 @@ from bench.reliability import (
     seed_overrides,
 )
 from envs.sources import SourceConfig
-from worldmodel.cli import build_parser
+from pipeline.cli import build_parser
 from worldmodel.logger import RunLogger
 
 

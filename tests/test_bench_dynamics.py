@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bench.dynamics import DynamicsBenchConfig, bench_dynamics, frame_psnr
-from worldmodel.cli import main
+from pipeline.cli import main
 from worldmodel.world_model import Sampling
 
 

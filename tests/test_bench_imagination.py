@@ -4,7 +4,7 @@ import math
 import pytest
 
 from bench.imagination import ImaginationBenchConfig, bench_imagination, step_flops
-from worldmodel.cli import main
+from pipeline.cli import main
 from worldmodel.dynamics import DynamicsConfig
 
 

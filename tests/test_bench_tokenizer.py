@@ -6,7 +6,7 @@ import pytest
 from conftest import BOX_SPACE, write_synthetic_dataset
 
 from bench.tokenizer import TokenizerBenchConfig, bench_tokenizer
-from worldmodel.cli import main
+from pipeline.cli import main
 from worldmodel.config import ConfigError
 from worldmodel.tokenizer import TokenizerConfig
 from worldmodel.train import TokenizerStage

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from agents.pipeline import PipelineConfig, load_pipeline_config
+from agents.config import PipelineConfig, load_pipeline_config
 from worldmodel.config import ConfigError, apply_override, from_dict, load_preset, preset_path, to_dict
 
 
@@ -164,7 +164,7 @@ def test_scientific_notation_override_is_a_float():
 
 
 def test_cli_overrides_may_follow_flags_and_strays_are_refused(capsys):
-    from worldmodel.cli import parse_args
+    from pipeline.cli import parse_args
 
     args = parse_args(["train", "tokenizer", "--preset", "tiny", "tokenizer.train.steps=5", "--name", "x", "a.b=1"])
     assert args.component == "tokenizer" and args.preset == "tiny" and args.name == "x"

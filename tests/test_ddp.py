@@ -135,7 +135,7 @@ def test_two_ranks_stay_in_step_write_once_and_resume(tmp_path):
 def test_killed_training_resumes_from_last_checkpoint(tmp_path):
     """The documented command, stopped by SIGTERM (as a scheduler would) mid-training, then launched again."""
     write_synthetic_dataset(tmp_path / "dataset", BOX_SPACE, episodes=4, steps=12, size=16)
-    command = [*TORCHRUN, "-m", "worldmodel.cli"]
+    command = [*TORCHRUN, "-m", "pipeline"]
     env = {**os.environ, **ENV}
     last = tmp_path / "runs" / "ddp" / "tokenizer_last.json"
     with open(tmp_path / "killed.log", "w") as log:
@@ -175,8 +175,8 @@ def _worker(argv: list[str]) -> None:
     """One rank of the `worldmodel` command, recording its checkpoint writes, batches and final weights."""
     import worldmodel.train
     import worldmodel.trainer
+    from pipeline.cli import main
     from worldmodel.checkpoint import fingerprint
-    from worldmodel.cli import main
     from worldmodel.dataset import FrameSampler
 
     record, rank = Path(os.environ["DDP_TEST_RECORD"]), os.environ["RANK"]

@@ -7,8 +7,8 @@ import torch
 
 from bench.codecs import CodecPoint
 from bench.tokenizer import load_frames, resize_frames, tokenizer_checkpoint, tokenizer_figures
+from pipeline.cli import main
 from worldmodel.checkpoint import save_checkpoint
-from worldmodel.cli import main
 from worldmodel.tokenizer import Tokenizer, TokenizerConfig
 from worldmodel.train import evaluate_reconstruction, load_tokenizer
 

@@ -376,7 +376,7 @@ LOOP = ["loop.iterations=2", "collect.workers=1"]  # on top of the micro run's l
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "SDL_VIDEODRIVER": "offscreen", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return subprocess.Popen(
-        [sys.executable, "-m", "worldmodel.cli", *args],
+        [sys.executable, "-m", "pipeline", *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,

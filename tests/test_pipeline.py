@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import BOX_SPACE, build_run
 
-from agents.pipeline import format_summary, load_pipeline_config, make_summary
+from agents.config import load_pipeline_config
+from pipeline.run import format_summary, make_summary
 from worldmodel.checkpoint import read_checkpoint
 from worldmodel.dataset import Dataset
 from worldmodel.rollout import RolloutConfig, dream_episode, write_rollout
@@ -61,7 +62,7 @@ def worldmodel_cli(
     env = {**os.environ, "SDL_VIDEODRIVER": "offscreen", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env.update(extra_env or {})
     return subprocess.run(
-        [sys.executable, "-m", "worldmodel.cli", *args],
+        [sys.executable, "-m", "pipeline", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -174,7 +174,7 @@ def test_each_refinement_round_costs_the_same_flops(refined_world):
     ],
 )
 def test_benches_refuse_sampling_the_model_cannot_do(box_run, target, args, message, capsys):
-    from worldmodel.cli import main
+    from pipeline.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", target, "--run", str(box_run), *args])

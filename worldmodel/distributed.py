@@ -2,8 +2,8 @@
 
 Launch any `worldmodel train` command with torchrun instead of python, e.g. two processes on one machine:
 
-    torchrun --standalone --nproc_per_node 2 -m worldmodel.cli train tokenizer --preset tiny
-    torchrun --standalone --nproc_per_node 8 -m worldmodel.cli train tokenizer --preset base run.device=cuda
+    torchrun --standalone --nproc_per_node 2 -m pipeline train tokenizer --preset tiny
+    torchrun --standalone --nproc_per_node 8 -m pipeline train tokenizer --preset base run.device=cuda
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process then trains on its own stream of batches (the seed
 offset by its rank) with `batch_size` frames per step, so the effective batch is `batch_size * WORLD_SIZE`. On CPU

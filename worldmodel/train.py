@@ -95,7 +95,7 @@ def train_tokenizer(
     """Train the tokenizer on the dataset's training episodes; returns validation metrics and the rate.
 
     Runs data-parallel when launched with torchrun (see `worldmodel.distributed`), e.g.
-    `torchrun --standalone --nproc_per_node 2 -m worldmodel.cli train tokenizer --preset tiny`.
+    `torchrun --standalone --nproc_per_node 2 -m pipeline train tokenizer --preset tiny`.
     """
     dev = resolve_device(device)
     dataset = Dataset.open(dataset_dir)

@@ -1,5 +1,5 @@
-"""The `worldmodel` command. It is the composition root: it may import `envs` and `agents` (lazily, per
-command); the library modules under `worldmodel/` never do."""
+"""The `worldmodel` command: it parses the user's request and hands it to the pipeline, a bench or one stage,
+importing each lazily so that `--help` and a refused setting answer at once."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from agents.pipeline import load_pipeline_config
+    from agents.config import load_pipeline_config
 
     config = load_pipeline_config(args.preset, args.overrides, args.source)
     if args.name:
@@ -44,7 +44,7 @@ def _logger(config):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from agents.pipeline import run_pipeline
+    from pipeline.run import run_pipeline
 
     run_pipeline(_config(args))
 
@@ -227,7 +227,7 @@ def _codec_qualities(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
 
 
 def cmd_bench_tokenizer(args: argparse.Namespace) -> None:
-    from agents.pipeline import load_pipeline_config
+    from agents.config import load_pipeline_config
     from bench.tokenizer import DEFAULT_RATES, TokenizerBenchConfig, bench_tokenizer, format_markdown
     from worldmodel.dataset import Dataset
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,20 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.evaluate import EvalConfig, evaluate
-from agents.loop import LoopConfig, collect_with_policy, dream_gap, plot_learning_curve, round_figures
-from agents.ppo import POLICY, PPOConfig, learn_from_episodes, load_policy, train_ppo
-from envs.collect import CollectConfig, collect
+from agents.config import PipelineConfig
+from agents.evaluate import evaluate
+from agents.loop import collect_with_policy, dream_gap, plot_learning_curve, round_figures
+from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
+from envs.collect import collect
 from worldmodel.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
-from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset
+from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
-from worldmodel.rollout import RolloutConfig, write_rollout
+from worldmodel.rollout import write_rollout
 from worldmodel.train import (
     DYNAMICS,
     TOKENIZER,
-    DynamicsStage,
-    TokenizerStage,
     tokens_for_run,
     train_dynamics,
     train_tokenizer,
@@ -53,49 +51,6 @@ STAGE_SECTIONS = {
     "evaluate": ("eval",),
     "rollout": ("rollout",),
 }
-
-
-@dataclass
-class PipelineConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
-    dynamics: DynamicsStage = field(default_factory=DynamicsStage)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.runs_dir) / self.run.name
-
-    @property
-    def dataset_dir(self) -> Path:
-        return self.run_dir / "dataset"
-
-
-def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overlay.items():
-        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
-
-
-def load_pipeline_config(
-    preset: str, overrides: list[str] | tuple[str, ...] = (), source: str | None = None
-) -> PipelineConfig:
-    """A preset, its per-source overlay (`sources.<name>` in the YAML) for `source`, then the overrides."""
-    raw = load_preset(preset)
-    overlays = raw.pop("sources", {}) or {}
-    if source is not None:
-        raw = _merge(raw, {"collect": {"source": {"name": source}}})
-    chosen = raw.get("collect", {}).get("source", {}).get("name", "carracing")
-    if chosen in overlays:
-        raw = _merge(raw, overlays[chosen])
-    for item in overrides:
-        apply_override(raw, item)
-    return from_dict(PipelineConfig, raw)
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
