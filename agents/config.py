@@ -14,7 +14,7 @@ from agents.loop import LoopConfig
 from agents.ppo import PPOConfig
 from envs.collect import CollectConfig
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.config import RunConfig, apply_override, from_dict, load_preset
+from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset
 from worldmodel.rollout import RolloutConfig
 from worldmodel.train import DynamicsStage, TokenizerStage
 
@@ -59,7 +59,9 @@ def load_pipeline_config(
         raw = _merge(raw, overlays[chosen])
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(PipelineConfig, raw)
+    config = from_dict(PipelineConfig, raw)
+    check_pipeline_config(config)
+    return config
 
 
 def read_run_config(run_dir: str | Path) -> PipelineConfig:
@@ -68,3 +70,155 @@ def read_run_config(run_dir: str | Path) -> PipelineConfig:
     if not path.is_file():
         raise CheckpointError(f"{path} not found; expected a run folder written by `worldmodel run`")
     return from_dict(PipelineConfig, yaml.safe_load(path.read_text()), where=str(path))
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return value >= 0
+
+
+def _fraction(value: Any) -> bool:
+    return 0 <= value <= 1
+
+
+def _optional_positive(value: Any) -> bool:
+    return value is None or value > 0
+
+
+# (keys, the test a value must pass, what the error says was expected)
+RULES: list[tuple[tuple[str, ...], Any, str]] = [
+    (
+        (
+            "collect.episodes",
+            "collect.workers",
+            "collect.source.frame_size",
+            "tokenizer.val_frames",
+            "dynamics.val_batches",
+            "dynamics.model.context_frames",
+            "dynamics.model.d_model",
+            "dynamics.model.layers",
+            "dynamics.model.heads",
+            "dynamics.model.patch",
+            "ppo.num_envs",
+            "ppo.rollout_steps",
+            "ppo.total_steps",
+            "ppo.horizon",
+            "ppo.epochs",
+            "ppo.minibatches",
+            "ppo.hidden",
+            "loop.episodes",
+            "loop.workers",
+            "loop.dynamics_steps",
+            "loop.ppo_steps",
+            "eval.episodes",
+            "eval.workers",
+            "rollout.steps",
+            "rollout.scale",
+            "rollout.fps",
+            *(
+                f"{stage}.train.{key}"
+                for stage in ("tokenizer", "dynamics")
+                for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every")
+            ),
+        ),
+        _positive,
+        "a number > 0",
+    ),
+    (
+        ("tokenizer.train.lr", "dynamics.train.lr", "ppo.lr", "ppo.clip", "ppo.reward_scale"),
+        _positive,
+        "a number > 0",
+    ),
+    (
+        (
+            "loop.iterations",
+            "loop.real_epochs",
+            "tokenizer.train.warmup_steps",
+            "dynamics.train.warmup_steps",
+            "ppo.refine_steps",
+            "ppo.temperature",
+            "ppo.ent_coef",
+            "ppo.vf_coef",
+            "collect.seed",
+            "eval.seed",
+        ),
+        _non_negative,
+        "a number >= 0",
+    ),
+    (
+        (
+            "tokenizer.train.max_minutes",
+            "dynamics.train.max_minutes",
+            "ppo.max_minutes",
+            "loop.max_minutes",
+            "loop.dynamics_minutes",
+            "loop.ppo_minutes",
+            "collect.source.action_repeat",
+            "collect.source.max_steps",
+            "loop.max_steps",
+            "eval.max_steps",
+        ),
+        _optional_positive,
+        "null or a number > 0",
+    ),
+    (
+        (
+            "collect.random_fraction",
+            "collect.action_noise",
+            "collect.perturb_prob",
+            "collect.start_perturb_prob",
+            "ppo.start_fraction",
+            "ppo.gae_lambda",
+            "loop.explore",
+            "loop.recent_share",
+            "loop.recent_starts",
+        ),
+        _fraction,
+        "a fraction in [0, 1]",
+    ),
+    (("run.val_fraction",), lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
+    (("ppo.gamma",), lambda v: 0 < v <= 1, "a discount in (0, 1]"),
+    (("dynamics.reward_smoothing",), lambda v: v >= 1 and v % 2 == 1, "an odd number of steps >= 1 (centred)"),
+    (("ppo.dtype",), lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    (("collect.perturb_steps",), lambda v: len(v) == 2 and 1 <= v[0] <= v[1], "[shortest, longest] with 1 <= both"),
+]
+
+
+def _value(config: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        config = getattr(config, key)
+    return config
+
+
+def check_pipeline_config(config: PipelineConfig) -> None:
+    """Refuse a setting no stage could run with, naming its key, before any work starts: values out of range, a
+    burn-in longer than the dynamics model's context, and evaluation seeds that collection (first episodes and
+    every loop round) would also drive."""
+    for keys, test, expected in RULES:
+        for key in keys:
+            value = _value(config, key)
+            try:
+                ok = bool(test(value))
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    context = config.dynamics.model.context_frames
+    for key in ("ppo.burn_in", "rollout.burn_in"):
+        if not 1 <= _value(config, key) <= context:
+            raise ConfigError(
+                f"{key}: expected 1 to dynamics.model.context_frames ({context}), got {_value(config, key)}"
+            )
+    # dataset episode i is driven on seed collect.seed + i; the loop appends (iterations + 1) rounds of episodes
+    loop = config.loop
+    collected = config.collect.episodes + (loop.iterations + 1) * loop.episodes * (loop.iterations > 0)
+    first, last = config.collect.seed, config.collect.seed + collected - 1
+    eval_first, eval_last = config.eval.seed, config.eval.seed + config.eval.episodes - 1
+    if eval_first <= last and first <= eval_last:
+        raise ConfigError(
+            f"eval.seed: expected evaluation seeds apart from the collection's {first}..{last} (collect.seed + each"
+            f" dataset episode, loop rounds included), got {eval_first}..{eval_last}"
+        )

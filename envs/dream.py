@@ -26,19 +26,26 @@ from worldmodel.world_model import Sampling, WorldModel, token_grid_space
 ObsMode = Literal["tokens", "pixels"]
 
 
-def check_actions(actions: Any, space: gym.Space, batch: int) -> np.ndarray:
-    """Validate a batch of `batch` actions for `space`; returns them as an array (Box actions clipped)."""
+def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarray:
+    """Validate `batch` actions for `space`, or one unbatched action when `batch` is None (the single env's); returns
+    them as an array (Box actions clipped). The error says what the caller's own space expects."""
+    array = np.asarray(actions)
     if isinstance(space, gym.spaces.Discrete):
-        expected = f"{batch} integer action(s) in [0, {space.n}) with shape ({batch},)"
-        array = np.asarray(actions)
-        if array.dtype.kind not in "iu" or array.shape != (batch,):
+        shape = () if batch is None else (batch,)
+        expected = (
+            f"one integer action in [0, {space.n})"
+            if batch is None
+            else f"{batch} integer action(s) in [0, {space.n}) with shape {shape}"
+        )
+        if array.dtype.kind not in "iu" or array.shape != shape:
             raise ValueError(f"expected {expected}, got {array.dtype} array of shape {array.shape}")
         if array.min() < 0 or array.max() >= space.n:
-            raise ValueError(f"expected {expected}, got values {array.tolist()}")
+            raise ValueError(f"expected {expected}, got {array.tolist()}")
         return array.astype(np.int64)
-    expected = f"float actions of shape ({batch}, {space.shape[0]}) within {space.low.tolist()}..{space.high.tolist()}"
-    array = np.asarray(actions)
-    if array.dtype.kind not in "fiu" or array.shape != (batch, *space.shape):
+    shape = space.shape if batch is None else (batch, *space.shape)
+    kind = "a float action" if batch is None else "float actions"
+    expected = f"{kind} of shape {shape} within {space.low.tolist()}..{space.high.tolist()}"
+    if array.dtype.kind not in "fiu" or array.shape != shape:
         raise ValueError(f"expected {expected}, got {array.dtype} array of shape {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError(f"expected {expected}, got NaN or infinite values")
@@ -56,7 +63,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         num_envs: int = 16,
         obs_mode: ObsMode = "tokens",
         horizon: int = 64,
-        burn_in: int = 4,
+        burn_in: int | None = None,
         temperature: float = 0.0,
         device: str = "cpu",
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
@@ -76,6 +83,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             raise ValueError("the dream env needs real context episodes (the run's tokens.npz)")
         if obs_mode not in ("tokens", "pixels"):
             raise ValueError(f"obs_mode must be 'tokens' or 'pixels', got {obs_mode!r}")
+        if burn_in is None:  # real frames fed before the policy acts: 4, or all the model sees if it sees fewer
+            burn_in = min(4, model.dynamics.config.context_frames)
         if burn_in < 1 or burn_in > model.dynamics.config.context_frames:
             raise ValueError(f"burn_in must be in [1, {model.dynamics.config.context_frames}], got {burn_in}")
         self.model = model
@@ -254,7 +263,7 @@ class DreamEnv(gym.Env):
         checkpoint: str | Path | WorldModel,
         obs_mode: ObsMode = "tokens",
         horizon: int = 64,
-        burn_in: int = 4,
+        burn_in: int | None = None,
         temperature: float = 0.0,
         device: str = "cpu",
         render_mode: str | None = None,
@@ -294,9 +303,7 @@ class DreamEnv(gym.Env):
         return vector._observe()[0], {}
 
     def step(self, action: Any):
-        batched = np.asarray(action)[None]
-        if isinstance(self.action_space, gym.spaces.Discrete) and np.asarray(action).ndim != 0:
-            raise ValueError(f"expected one integer action in [0, {self.action_space.n}), got shape {np.shape(action)}")
+        batched = check_actions(action, self.action_space, None)[None]
         obs, reward, terminated, truncated, _ = self._vector.step(batched)
         return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
 

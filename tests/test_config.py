@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -174,3 +175,40 @@ def test_cli_overrides_may_follow_flags_and_strays_are_refused(capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # commands without overrides take none
         parse_args(["eval", "tokenizer", "--checkpoint", "c", "--frames", "f.npy", "a.b=1"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "ppo.num_envs=0",
+        "dynamics.reward_smoothing=4",
+        "run.val_fraction=1.5",
+        "loop.explore=2",
+        "ppo.gamma=0",
+        "ppo.dtype=float16",
+        "ppo.burn_in=7",  # longer than the tiny dynamics model's 6 context frames
+        "rollout.burn_in=0",
+        "collect.perturb_steps=[5, 2]",
+        "tokenizer.train.max_minutes=0",
+        "eval.seed=50",  # the tiny preset collects 100 episodes from seed 0
+        "eval.seed=120",  # and its 3 loop rounds (and the scoring round) 8 more each, seeds 100 to 131
+    ],
+)
+def test_a_setting_no_stage_could_run_with_is_refused_at_load_naming_its_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected"):
+        load_pipeline_config("tiny", [override])
+
+
+def test_evaluation_seeds_just_past_every_collection_are_accepted():
+    assert load_pipeline_config("tiny", ["eval.seed=132"]).eval.seed == 132
+
+
+def test_a_refused_setting_is_one_line_and_exit_status_2_from_the_command(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--preset", "tiny", "dynamics.reward_smoothing=4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: dynamics.reward_smoothing: expected an odd number of steps >= 1 (centred), got 4\n"

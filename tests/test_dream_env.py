@@ -165,7 +165,8 @@ def test_bad_box_actions_raise(box_world, name):
 def test_bad_single_box_actions_raise(box_world, action):
     env = DreamEnv(box_world, burn_in=BURN_IN)
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="expected"):
+    # the single env's own shape, not the batch of one it steps inside
+    with pytest.raises(ValueError, match=r"expected a float action of shape \(3,\) within \[-1\.0, 0\.0, 0\.0\]"):
         env.step(action)
 
 
@@ -184,10 +185,15 @@ def test_out_of_bounds_box_actions_are_clipped(never_ends):
     b = rollout(DreamVectorEnv(never_ends, 2, burn_in=BURN_IN), 4, [clipped, clipped])
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
-    # and in the single env
-    single = DreamEnv(never_ends, burn_in=BURN_IN)
-    single.reset(seed=0)
-    single.step(np.array([100.0, 100.0, -100.0]))
+    # and in the single env: a wild action steps exactly as its clipped value
+    stepped = []
+    for action in ([100.0, 100.0, -100.0], [1.0, 1.0, 0.0]):
+        single = DreamEnv(never_ends, burn_in=BURN_IN)
+        single.reset(seed=0)
+        stepped.append([single.step(np.array(action))[:2] for _ in range(3)])
+    for (obs_wild, reward_wild), (obs_clipped, reward_clipped) in zip(*stepped, strict=True):
+        np.testing.assert_array_equal(obs_wild, obs_clipped)
+        assert reward_wild == reward_clipped
 
 
 def test_truncation_at_horizon(never_ends):
@@ -399,7 +405,7 @@ def test_bad_discrete_vector_actions(discrete_world, actions):
 def test_bad_discrete_single_actions(discrete_world, action):
     env = DreamEnv(discrete_world, burn_in=2)
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="integer action"):
+    with pytest.raises(ValueError, match=r"expected one integer action in \[0, 5\)"):
         env.step(action)
 
 

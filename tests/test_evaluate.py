@@ -1,3 +1,5 @@
+import json
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ def test_evaluation_refuses_collection_seeds(tmp_path):
 
 SCRIPT = textwrap.dedent(
     """
+    import json
     import os
     os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
     from agents.evaluate import EvalConfig, evaluate
@@ -24,18 +27,18 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         out = evaluate(
-            "unused", SourceConfig({source!r}), EvalConfig(episodes={episodes}, max_steps=2, workers=1), [],
+            "unused", SourceConfig({source!r}), EvalConfig(episodes={episodes}, max_steps={max_steps}, workers=1), [],
             kinds=("random", "expert"),
         )
-        print("RETURNS", out["random"]["returns"], out["expert"]["returns"])
+        print("RETURNS", json.dumps(out, default=float))
     """
 )
 
 
-def run_evaluate(source: str, tmp_path, timeout: float, episodes: int = 1) -> str:
+def run_evaluate(source: str, tmp_path, timeout: float, episodes: int = 1, max_steps: int | None = 2) -> dict:
     """evaluate() in its own process group, killed (with its pool workers) if it overruns `timeout`."""
     script = tmp_path / "evaluate_script.py"
-    script.write_text(SCRIPT.format(source=source, episodes=episodes))
+    script.write_text(SCRIPT.format(source=source, episodes=episodes, max_steps=max_steps))
     env = {**os.environ, "SDL_VIDEODRIVER": "offscreen", "OMP_NUM_THREADS": "1"}
     env.pop("SDL_NO_SIGNAL_HANDLERS", None)
     proc = subprocess.Popen(
@@ -54,16 +57,26 @@ def run_evaluate(source: str, tmp_path, timeout: float, episodes: int = 1) -> st
         proc.communicate()
         pytest.fail(f"evaluate() on {source} did not finish within {timeout} s")
     assert proc.returncode == 0, err[-3000:]
-    return out
+    (line,) = [line for line in out.splitlines() if line.startswith("RETURNS ")]
+    return json.loads(line.removeprefix("RETURNS "))
+
+
+def check_scores(out: dict, episodes: int) -> None:
+    """Each kind scored every episode with a finite return, and the scripted expert beat random on these seeds."""
+    for kind in ("random", "expert"):
+        returns = out[kind]["returns"]
+        assert len(returns) == episodes and all(math.isfinite(r) for r in returns), (kind, returns)
+    assert sum(out["expert"]["returns"]) > sum(out["random"]["returns"]) + 1.0, out
 
 
 @pytest.mark.slow
 def test_evaluate_carracing_random_and_expert(tmp_path):
-    out = run_evaluate("carracing", tmp_path, timeout=120)
-    assert "RETURNS" in out
+    # 40 steps of 4 frames: long enough for the expert to cross tiles where random only pays the time penalty
+    out = run_evaluate("carracing", tmp_path, timeout=120, episodes=2, max_steps=40)
+    check_scores(out, episodes=2)
 
 
 @pytest.mark.slow
 def test_evaluate_highway_finishes(tmp_path):
-    out = run_evaluate("highway", tmp_path, timeout=45, episodes=2)
-    assert "RETURNS" in out
+    out = run_evaluate("highway", tmp_path, timeout=120, episodes=2, max_steps=None)
+    check_scores(out, episodes=2)
