@@ -40,22 +40,6 @@ from worldmodel.config import from_dict
 from worldmodel.dataset import Dataset, DatasetError
 from worldmodel.world_model import Sampling, WorldModel
 
-# probe actions per source, in groups that are compared with each other
-PROBES: dict[str, dict[str, dict[str, Any]]] = {
-    "carracing": {
-        "steering": {"left": [-1.0, 0.3, 0.0], "straight": [0.0, 0.3, 0.0], "right": [1.0, 0.3, 0.0]},
-        "throttle": {"gas": [0.0, 1.0, 0.0], "brake": [0.0, 0.0, 0.8]},
-    },
-    "highway": {
-        "steering": {"lane_left": 0, "idle": 1, "lane_right": 2},
-        "throttle": {"faster": 3, "slower": 4},
-    },
-}
-
-
-# the probe group held from a standing start, per source (highway-env's cars start moving)
-STANDING_START_GROUP: dict[str, str | None] = {"carracing": "throttle", "highway": None}
-
 
 class ProbeUnavailable(DatasetError):
     """The dataset records no simulator to restore its states in (user-written or synthetic data)."""
@@ -217,7 +201,7 @@ def action_faithfulness(
     if "source" not in collect_meta:
         raise ProbeUnavailable(f"{dataset.root}/manifest.json records no collection source; cannot restore its states")
     source = from_dict(SourceConfig, collect_meta["source"])
-    groups = PROBES[source.name]
+    groups = source.source.probes
     held_out = world.meta.get("val_episodes") or list(range(len(dataset)))
     starts = _starts(dataset, held_out, world.dynamics.config.context_frames - 1, config)
     names = [name for group in groups.values() for name in group]
@@ -228,7 +212,7 @@ def action_faithfulness(
     for group_name, group in groups.items():
         index = [names.index(name) for name in group]
         figures[group_name] = _group_figures(real[:, index], dream[:, index])
-    standing = STANDING_START_GROUP[source.name]
+    standing = source.source.standing_start_group
     if standing and config.start_episodes > 0:
         figures["standing_start"] = _standing_start(world, dataset, source, held_out, groups[standing], config)
     return figures

@@ -2,10 +2,11 @@
 
 All figures are measured in one process on the machine it runs on:
 
-- The real simulator: `CarRacing-v3` (continuous) in a `gymnasium.vector.AsyncVectorEnv` with one process per
-  CPU core and random actions, timed after the reset and the zoom-in (`real_steps_per_s`), and the project's
-  recorded step (`make_source_env`: each action held for 4 simulator steps, only the last frame drawn and
-  shrunk to 64x64), which is what one dream step stands for (`real_recorded_steps_per_s`).
+- The run's own real simulator (its `collect.source`: `CarRacing-v3` or `highway-fast-v0`) in a
+  `gymnasium.vector.AsyncVectorEnv` with one process per CPU core and random actions, timed after the reset and
+  the intro (CarRacing's zoom-in; `real_steps_per_s`), and the project's recorded step (`make_source_env`: for
+  CarRacing each action held for 4 simulator steps, only the last frame drawn and shrunk to 64x64), which is
+  what one dream step stands for (`real_recorded_steps_per_s`).
 - The dream: `DreamVectorEnv` stepped with random actions, as PPO steps it (the run's horizon, burn-in,
   start fraction and temperature; dreams that end restart from real context inside `step`), with token-grid
   and with decoded-pixel observations, at each batch size. Steps per second count environment steps.
@@ -42,8 +43,8 @@ from tqdm.auto import tqdm
 from agents.config import load_pipeline_config
 from agents.ppo import PPOConfig
 from envs.dream import DreamVectorEnv
-from envs.sources import CARRACING_INTRO_STEPS, SourceConfig, make_source_env
-from worldmodel.config import ConfigError
+from envs.sources import SourceConfig, make_source_env
+from worldmodel.config import ConfigError, from_dict
 from worldmodel.dynamics import DynamicsModel
 from worldmodel.files import write_json_atomic
 from worldmodel.train import resolve_device
@@ -141,19 +142,27 @@ def timed_rate(step: Callable[[], Any], seconds: float) -> float:
             return calls / elapsed
 
 
-def real_steps_per_s(recorded: bool, num_envs: int, seconds: float, seed: int = 0) -> float:
-    """Environment steps per second of CarRacing-v3 in an AsyncVectorEnv, random actions, after the intro.
+def run_source(run_dir: Path) -> SourceConfig:
+    """The simulator a run was recorded from (`collect.source` of its `config.yaml`; CarRacing if it says none)."""
+    path = run_dir / "config.yaml"
+    raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    return from_dict(SourceConfig, (raw.get("collect") or {}).get("source"), where=f"{path}: collect.source")
+
+
+def real_steps_per_s(source: SourceConfig, recorded: bool, num_envs: int, seconds: float, seed: int = 0) -> float:
+    """Environment steps per second of the source's simulator in an AsyncVectorEnv, random actions, after the intro.
 
     `recorded`: the project's recorded step (`make_source_env`), whose reset already skips the intro.
     """
     if recorded:
-        make_env, intro_steps = partial(make_source_env, SourceConfig()), 0
+        make_env, intro_steps = partial(make_source_env, source), 0
     else:
-        make_env, intro_steps = partial(gym.make, "CarRacing-v3", continuous=True), CARRACING_INTRO_STEPS
+        make_env = partial(source.source.make_simulator, source.frame_size, None)
+        intro_steps = source.source.intro_steps
     envs = gym.vector.AsyncVectorEnv([make_env] * num_envs)
     try:
         envs.reset(seed=seed)
-        idle = np.zeros(envs.action_space.shape, np.float32)
+        idle = np.zeros(envs.action_space.shape, envs.action_space.dtype)
         for _ in range(intro_steps):  # the zoom-in: steps of the full cost that no recording keeps
             envs.step(idle)
         envs.action_space.seed(seed)
@@ -332,6 +341,7 @@ def bench_imagination(
     device = resolve_device(config.device)
     world = WorldModel.load(run_dir, device).with_dtype(config.dtype)
     settings = DreamSettings.for_run(run_dir)
+    source = run_source(run_dir)
     asked = {"temperature": config.temperature, "top_k": config.top_k, "refine_steps": config.refine_steps}
     settings = dataclasses.replace(settings, **{name: value for name, value in asked.items() if value is not None})
     world.check_sampling(settings.sampling)  # refused now, not after the real simulator's minutes
@@ -346,13 +356,13 @@ def bench_imagination(
             real = recorded = None
             if real_envs:
                 real = progress.measure(
-                    f"{tag} real CarRacing-v3",
-                    partial(real_steps_per_s, False, real_envs, config.seconds, config.seed),
+                    f"{tag} real {source.source.simulator}",
+                    partial(real_steps_per_s, source, False, real_envs, config.seconds, config.seed),
                     "steps/s",
                 )
                 recorded = progress.measure(
                     f"{tag} real recorded step",
-                    partial(real_steps_per_s, True, real_envs, config.seconds, config.seed),
+                    partial(real_steps_per_s, source, True, real_envs, config.seconds, config.seed),
                     "steps/s",
                 )
             rates = dream_rates(world, config, settings, progress, f"{tag} dream")
@@ -387,7 +397,8 @@ def bench_imagination(
         "config": dataclasses.asdict(config),
         "dream_settings": dataclasses.asdict(settings),
         "real_envs": real_envs,
-        "real_action_repeat": SourceConfig().repeat,
+        "real_simulator": source.source.simulator,
+        "real_action_repeat": source.repeat,
         "real_steps_per_s": real,
         "real_recorded_steps_per_s": recorded,
         **trained,
@@ -422,9 +433,10 @@ def format_table(figures: dict[str, Any]) -> str:
     ]
     if figures["real_steps_per_s"] is not None:
         lines.append(
-            f"real CarRacing-v3, {figures['real_envs']} processes: {_number(figures['real_steps_per_s'])} "
-            f"simulator steps/s; {_number(figures['real_recorded_steps_per_s'])} recorded steps/s "
-            f"({figures['real_action_repeat']} simulator steps, last frame drawn at 64x64)"
+            f"real {figures.get('real_simulator', 'CarRacing-v3')}, {figures['real_envs']} processes: "
+            f"{_number(figures['real_steps_per_s'])} simulator steps/s; "
+            f"{_number(figures['real_recorded_steps_per_s'])} recorded steps/s "
+            f"({figures['real_action_repeat']} simulator step(s) each)"
         )
     dream = figures["dream_settings"]
     sampling = "greedy" if dream["temperature"] == 0 else f"temperature {dream['temperature']}, top-k {dream['top_k']}"

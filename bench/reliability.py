@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from envs.sources import SOURCES
 from worldmodel.files import write_json_atomic, write_text_atomic
 
 SEED_STRIDE = 10_000
@@ -95,7 +96,7 @@ def format_markdown(results: dict[str, Any]) -> str:
         curve = ", ".join(f"{x:.0f}" if x is not None else "-" for x in row["loop_curve"]) or "-"
         kept = f" ({row['loop_chosen']})" if row["loop_chosen"] is not None else ""
         crashes = ""
-        if results["source"] == "highway":
+        if SOURCES[results["source"]].crashes:
             crashes = f", {row['policy_crashes']} crashed (expert {row['expert_crashes']})"
         lines.append(
             f"| {seed} | {row['policy_mean']:.1f} +- {row['policy_std']:.1f}{crashes} | "

@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-SOURCES = ("carracing", "highway")
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.train.steps=200 ppo.num_envs=32"
 
 
@@ -16,9 +15,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="preset name in configs/ or a path to a YAML file")
     parser.add_argument(
         "--source",
-        choices=SOURCES,
         default=None,
-        help="data source (default: the preset's, CarRacing-v3)",
+        help="data source, a registered simulator: carracing or highway (default: the preset's, CarRacing-v3)",
     )
     parser.add_argument("--name", default=None, help="run name (folder under runs/); default: <preset>-<source>")
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -233,6 +231,8 @@ def cmd_bench_tokenizer(args: argparse.Namespace) -> None:
 
     # the preset's tokenizer section, with its overlay for the dataset's source (as `worldmodel train` uses it)
     source = Dataset.open(args.data).manifest.source
+    from envs.sources import SOURCES
+
     pipeline = load_pipeline_config(args.preset, args.overrides, source if source in SOURCES else None)
     config = TokenizerBenchConfig(
         backbones=args.backbones,
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reliability", help="the whole pipeline on several seeds: held-out return per seed, mean, median, worst"
     )
     reliability.add_argument("--preset", default="tiny", help="preset name in configs/ or a path to a YAML file")
-    reliability.add_argument("--source", choices=SOURCES, default=None, help="data source (default: the preset's)")
+    reliability.add_argument("--source", default=None, help="data source: carracing or highway (default: the preset's)")
     reliability.add_argument("--seeds", type=_positive_int, default=5, help="how many seeds")
     reliability.add_argument("--first-seed", type=_non_negative_int, default=0, help="seeds run from this one up")
     reliability.add_argument(

@@ -26,6 +26,7 @@ from agents.evaluate import evaluate
 from agents.loop import collect_with_policy, dream_gap, plot_learning_curve, round_figures
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
+from envs.sources import SOURCES
 from worldmodel.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
 from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset
@@ -393,7 +394,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     n = summary["episodes_evaluated"]
     for name in ("policy", "random", "expert"):
         figures = summary[name]
-        crashes = f", {figures['crashes']} crashed" if summary["source"] == "highway" else ""
+        crashes = f", {figures['crashes']} crashed" if SOURCES[summary["source"]].crashes else ""
         rows.append(
             (
                 f"{name} (real)",

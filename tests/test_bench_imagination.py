@@ -1,9 +1,11 @@
 import json
 import math
+import shutil
 
 import pytest
+import yaml
 
-from bench.imagination import ImaginationBenchConfig, bench_imagination, step_flops
+from bench.imagination import ImaginationBenchConfig, bench_imagination, run_source, step_flops
 from pipeline.cli import main
 from worldmodel.dynamics import DynamicsConfig
 
@@ -99,3 +101,15 @@ def test_bench_imagination_command_refuses_bad_input(args, message, tmp_path, ca
         main(["bench", "imagination", "--run", str(tmp_path / "missing"), *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_highway_run_is_timed_against_highway_not_carracing(discrete_run, tmp_path):
+    run = tmp_path / "highway-run"
+    shutil.copytree(discrete_run, run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"collect": {"source": {"name": "highway"}}}))
+    assert run_source(run).name == "highway" and run_source(tmp_path).name == "carracing"  # a run that says none
+    config = ImaginationBenchConfig(batch_sizes=(2,), seconds=0.05, rounds=1, real_envs=1, matmul_size=64)
+    figures = bench_imagination(run, config)
+    assert figures["real_simulator"] == "highway-fast-v0" and figures["real_action_repeat"] == 1
+    assert math.isfinite(figures["real_steps_per_s"]) and figures["real_steps_per_s"] > 0

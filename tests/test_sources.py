@@ -6,8 +6,10 @@ import pytest
 
 import envs.collect as collect_module
 from envs.collect import CollectConfig, collect
-from envs.sources import CARRACING_INTRO_STEPS, SourceConfig, make_expert, make_source_env
+from envs.sources import SOURCES, SourceConfig, make_expert, make_source_env
 from worldmodel.dataset import Dataset
+
+CARRACING_INTRO_STEPS = SOURCES["carracing"].intro_steps
 
 pytestmark = pytest.mark.slow
 

@@ -82,7 +82,10 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a dataclass that checks its own values (`__post_init__`)
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

@@ -1,51 +1,83 @@
 """The real simulators used as data sources, behind one interface: small RGB or grayscale frames,
-an action repeat, the intro skipped, and a scripted expert that reads the simulator's state."""
+an action repeat, the intro skipped, and a scripted expert that reads the simulator's state.
+
+What is particular to one simulator is its `Source` (`base.py`), in a module of its own in this package
+(`carracing.py`, `highway.py`), found and registered when the package is imported."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from PIL import Image
 
-from envs.experts import CarRacingExpert, HighwayExpert
+from envs.sources.base import SOURCES, Expert, Source, register_source
 
 # highway-env renders through pygame; with the `dummy` driver its frames come back black without an error
 os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
 # SDL otherwise turns SIGTERM into a quit event, so a multiprocessing pool could never terminate its workers
 os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
 
-CARRACING_INTRO_STEPS = 50
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "SOURCES",
+    "DrivingFrames",
+    "Expert",
+    "Source",
+    "SourceConfig",
+    "get_source",
+    "make_expert",
+    "make_source_env",
+    "register_source",
+]
+
+
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; expected one of {sorted(SOURCES)}")
+    return SOURCES[name]
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    name: Literal["carracing", "highway"] = "carracing"
+    name: str = "carracing"
+    """A registered source (`envs/sources/`): carracing or highway."""
     frame_size: int = 64
     action_repeat: int | None = None
-    """Simulator steps per recorded step, rewards summed (None: 4 for CarRacing, 1 for highway-env)."""
+    """Simulator steps per recorded step, rewards summed (None: the source's own, 4 for CarRacing, 1 for highway)."""
     max_steps: int | None = None
     """Recorded steps per episode before it is truncated (None: the simulator's own limit)."""
+
+    def __post_init__(self) -> None:
+        get_source(self.name)
+
+    @property
+    def source(self) -> Source:
+        return SOURCES[self.name]
 
     @property
     def pedals(self) -> tuple[int, int] | None:
         """Indices of the (gas, brake) parts of a continuous action, or None for a source without pedals."""
-        return (1, 2) if self.name == "carracing" else None
+        return self.source.pedals
 
     @property
     def repeat(self) -> int:
-        if self.action_repeat is not None:
-            return self.action_repeat
-        return 4 if self.name == "carracing" else 1
+        return self.action_repeat if self.action_repeat is not None else self.source.action_repeat
 
 
 class DrivingFrames(gym.Wrapper):
-    """Observations become (S, S, C) uint8 frames; each action is repeated; CarRacing's zoom-in is skipped.
+    """Observations become (S, S, C) uint8 frames; each action is repeated; the source's intro (CarRacing's zoom-in)
+    is skipped.
 
     The reward of the skipped intro steps is reported as `info["intro_reward"]` at reset, so that the sum of
     rewards plus that figure is the simulator's own episode return.
@@ -71,10 +103,10 @@ class DrivingFrames(gym.Wrapper):
 
     @contextmanager
     def _physics_only(self) -> Iterator[None]:
-        """Skip CarRacing's frame rendering (99% of a step's cost) for steps whose frame nobody sees."""
+        """Skip frame drawing (99% of a CarRacing step's cost) for steps whose frame nobody sees."""
         unwrapped = self.env.unwrapped
-        if self.config.name != "carracing" or not hasattr(unwrapped, "_render") or "_render" in vars(unwrapped):
-            yield  # not CarRacing, or already skipping (nested)
+        if not self.config.source.draws_on_demand or "_render" in vars(unwrapped):
+            yield  # the simulator draws every step, or we are already skipping (nested)
             return
         unwrapped._render = lambda *args, **kwargs: None
         try:
@@ -85,10 +117,11 @@ class DrivingFrames(gym.Wrapper):
     def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)
         intro_reward = 0.0
-        if self.config.name == "carracing":
+        intro_steps = self.config.source.intro_steps
+        if intro_steps:
             idle = np.zeros(self.env.action_space.shape, np.float32)
             with self._physics_only():
-                for _ in range(CARRACING_INTRO_STEPS - 1):
+                for _ in range(intro_steps - 1):
                     intro_reward += float(self.env.step(idle)[1])
             obs, reward, _, _, info = self.env.step(idle)
             intro_reward += float(reward)
@@ -131,32 +164,9 @@ class DrivingFrames(gym.Wrapper):
 
 def make_source_env(config: SourceConfig, render_mode: str | None = None) -> DrivingFrames:
     """The real simulator named by `config`, producing frames of `config.frame_size`."""
-    if config.name == "carracing":
-        # the passive checker would see the skipped frames (None) of DrivingFrames' physics-only sub-steps
-        env = gym.make("CarRacing-v3", continuous=True, render_mode=render_mode, disable_env_checker=True)
-    elif config.name == "highway":
-        import highway_env  # noqa: F401  (registers the highway environments)
-
-        env = gym.make(
-            "highway-fast-v0",
-            render_mode=render_mode,
-            config={
-                "observation": {
-                    "type": "GrayscaleObservation",
-                    "observation_shape": (config.frame_size, config.frame_size),
-                    "stack_size": 1,
-                    "weights": [0.2989, 0.587, 0.114],
-                    "scaling": 1.75,
-                },
-            },
-        )
-    else:
-        raise ValueError(f"unknown source {config.name!r}; expected 'carracing' or 'highway'")
-    return DrivingFrames(env, config)
+    return DrivingFrames(config.source.make_simulator(config.frame_size, render_mode), config)
 
 
-def make_expert(config: SourceConfig) -> CarRacingExpert | HighwayExpert:
+def make_expert(config: SourceConfig) -> Expert:
     """The scripted driver for a source; `act(env)` reads the simulator state through `env.unwrapped`."""
-    if config.name == "carracing":
-        return CarRacingExpert(action_repeat=config.repeat)
-    return HighwayExpert()
+    return config.source.make_expert(config.repeat)

@@ -1,0 +1,54 @@
+"""What the project knows about one simulator, in one place: a `Source`. Each simulator is a module of this package
+that registers its `Source` (`carracing.py`, `highway.py`); adding a third is one new file there."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import gymnasium as gym
+
+
+class Expert(Protocol):
+    """A scripted driver: `act(env)` reads the simulator's state through `env.unwrapped`."""
+
+    def reset(self) -> None: ...
+
+    def act(self, env: gym.Env) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    """The name presets and `--source` use."""
+    simulator: str
+    """The simulator's own id, as tables and benches show it (`CarRacing-v3`)."""
+    make_simulator: Callable[[int, str | None], gym.Env]
+    """(frame_size, render_mode) -> the simulator, configured to draw frames near that size."""
+    make_expert: Callable[[int], Expert]
+    """(action_repeat) -> the scripted driver, which reads the simulator's state through `env.unwrapped`."""
+    action_repeat: int = 1
+    """Simulator steps per recorded step unless a preset says otherwise."""
+    intro_steps: int = 0
+    """Steps after reset that nobody records (CarRacing's zoom-in); their reward is `info["intro_reward"]`."""
+    pedals: tuple[int, int] | None = None
+    """Indices of the (gas, brake) parts of a continuous action, or None for a source without pedals."""
+    draws_on_demand: bool = False
+    """The simulator draws a frame only through `unwrapped._render`, so sub-steps nobody sees can skip it."""
+    crashes: bool = False
+    """Episodes can end in a crash, reported as `info["crashed"]`, which evaluation counts."""
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Probe actions in groups compared with each other (`bench dynamics`' action faithfulness)."""
+    standing_start_group: str | None = None
+    """The probe group also held from a standing start (None where the simulator's episodes start moving)."""
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(source: Source) -> Source:
+    if source.name in SOURCES:
+        raise ValueError(f"a source named {source.name!r} is already registered")
+    SOURCES[source.name] = source
+    return source
