@@ -182,7 +182,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("run.val_fraction",), lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
     (("ppo.gamma",), lambda v: 0 < v <= 1, "a discount in (0, 1]"),
     (("dynamics.reward_smoothing",), lambda v: v >= 1 and v % 2 == 1, "an odd number of steps >= 1 (centred)"),
-    (("ppo.dtype",), lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    (("ppo.dtype",), lambda v: v in (None, "float32", "bfloat16"), "'float32', 'bfloat16' or null (the model's)"),
     (("collect.perturb_steps",), lambda v: len(v) == 2 and 1 <= v[0] <= v[1], "[shortest, longest] with 1 <= both"),
 ]
 
@@ -208,7 +208,7 @@ def check_pipeline_config(config: PipelineConfig) -> None:
                 raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     context = config.dynamics.model.context_frames
     for key in ("ppo.burn_in", "rollout.burn_in"):
-        if not 1 <= _value(config, key) <= context:
+        if _value(config, key) is not None and not 1 <= _value(config, key) <= context:
             raise ConfigError(
                 f"{key}: expected 1 to dynamics.model.context_frames ({context}), got {_value(config, key)}"
             )

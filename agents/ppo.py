@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.policy import ActorCritic, PolicyConfig
-from envs.dream import DreamVectorEnv
+from envs.dream import DreamSettings, DreamVectorEnv
 from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 from worldmodel.logger import RunLogger
 from worldmodel.train import recent_weights, resolve_device
@@ -29,7 +29,15 @@ POLICY = "policy"
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(DreamSettings):
+    """PPO in the dream: the dream's settings (`DreamSettings`: horizon, burn-in, start fraction, sampling, dtype),
+    here with PPO's defaults, then PPO's own."""
+
+    horizon: int = 32
+    start_fraction: float = 0.25
+    dtype: str | None = "float32"
+    """The dream's precision: float32, or bfloat16 (docs/architecture.md has its speed); the policy and its
+    updates stay float32."""
     num_envs: int = 64
     """Dreams stepped together in one batched forward pass."""
     rollout_steps: int = 32
@@ -37,18 +45,6 @@ class PPOConfig:
     """Imagined environment steps in all."""
     max_minutes: float | None = None
     """Wall-clock budget; training stops at total_steps or after this long."""
-    horizon: int = 32
-    """Imagined steps before a dream is truncated and restarted from real context."""
-    burn_in: int = 4
-    start_fraction: float = 0.25
-    """Fraction of dreams that begin at an episode's first frame with no context, the policy in control from the
-    first step (real episodes all start there, standing still)."""
-    temperature: float = 0.0
-    refine_steps: int = 0
-    """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
-    dtype: str = "float32"
-    """The dream's precision: float32, or bfloat16 (`WorldModel.with_dtype`; on the 2-core CPU with AVX-512 BF16,
-    2,183 against 1,629 imagined steps/s of PPO with 64 dreams). The policy and its updates stay float32."""
     gamma: float = 0.97
     gae_lambda: float = 0.95
     lr: float = 3e-4
@@ -113,20 +109,9 @@ def train_ppo(
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     world = WorldModel.load(run_dir, resolve_device(device))
-    envs = DreamVectorEnv(
-        world,
-        config.num_envs,
-        "tokens",
-        config.horizon,
-        config.burn_in,
-        config.temperature,
-        autoreset_mode="SameStep",
-        start_fraction=config.start_fraction,
-        refine_steps=config.refine_steps,
-        dtype=config.dtype,
-    )
+    envs = DreamVectorEnv(world, config.num_envs, "tokens", config.dream(), autoreset_mode="SameStep")
     if recent is not None:
-        envs.context_weights = recent_weights(world.contexts, config.burn_in - 1, *recent)
+        envs.context_weights = recent_weights(world.contexts, envs.burn_in - 1, *recent)
     if init is None:
         policy = ActorCritic.for_spaces(
             envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden
@@ -225,6 +210,66 @@ def learn_from_episodes(
     return {"steps": float(len(batch["adv"])), **figures}
 
 
+class Rollout:
+    """PPO's experience of one iteration: `steps` steps of every env, what the policy saw and did, the reward it got
+    (plus, where a time limit cut an episode, the discounted value of its final observation), and the returns of the
+    episodes that finished."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, obs: torch.Tensor, steps: int):
+        n, dev = envs.num_envs, obs.device
+        self.obs = torch.zeros((steps, n, *obs.shape[1:]), dtype=torch.long, device=dev)
+        self.act = torch.zeros((steps, n, *envs.single_action_space.shape), device=dev)
+        self.logp, self.rew, self.done, self.val = (torch.zeros(steps, n, device=dev) for _ in range(4))
+        self.episode_returns = np.zeros(n)
+        self.finished: list[float] = []
+
+    def collect(
+        self,
+        envs: gym.vector.VectorEnv,
+        policy: ActorCritic,
+        obs: torch.Tensor,
+        config: PPOConfig,
+        observe: Callable[[np.ndarray], torch.Tensor],
+    ) -> tuple[torch.Tensor, float]:
+        """Step `envs` from `obs` for the buffer's length; returns the next observation and the mean reward per step."""
+        dev = obs.device
+        step_rewards = []
+        for t in range(len(self.obs)):
+            with torch.no_grad():
+                action, logp, _, value = policy.act(obs)
+            self.obs[t], self.act[t], self.logp[t], self.val[t] = obs, action, logp, value
+            next_obs, env_reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            self.episode_returns += env_reward
+            step_rewards.append(float(np.mean(env_reward)))
+            reward = torch.as_tensor(env_reward, device=dev, dtype=torch.float32) * config.reward_scale
+            cut = truncated & ~terminated
+            if cut.any():
+                # bootstrap through time-limit truncation with the value of the observation before the reset
+                final = observe(np.stack(info["final_obs"][cut]))
+                with torch.no_grad():
+                    reward[torch.as_tensor(cut, device=dev)] += config.gamma * policy.value(final)
+            self.rew[t] = reward
+            self.done[t] = torch.as_tensor(terminated | truncated, device=dev, dtype=torch.float32)
+            for i in np.flatnonzero(terminated | truncated):
+                self.finished.append(float(self.episode_returns[i]))
+                self.episode_returns[i] = 0
+            obs = observe(next_obs)
+        return obs, float(np.mean(step_rewards))
+
+    def batch(self, policy: ActorCritic, next_obs: torch.Tensor, config: PPOConfig) -> dict[str, torch.Tensor]:
+        """The flattened steps with their GAE advantages and returns, for `clipped_updates`."""
+        with torch.no_grad():
+            next_value = policy.value(next_obs)
+        advantages = compute_gae(self.rew, self.val, self.done, next_value, config.gamma, config.gae_lambda)
+        return {
+            "obs": self.obs.flatten(0, 1),
+            "act": self.act.flatten(0, 1),
+            "logp": self.logp.flatten(),
+            "adv": advantages.flatten(),
+            "ret": (advantages + self.val).flatten(),
+        }
+
+
 def optimise(
     envs: gym.vector.VectorEnv,
     policy: ActorCritic,
@@ -235,7 +280,8 @@ def optimise(
     after_update: Callable[[int], None] | None = None,
     log_prefix: str = "ppo/train",
 ) -> dict[str, float]:
-    """PPO on `envs` for `config.total_steps` steps or `config.max_minutes`, updating `policy` in place.
+    """PPO on `envs` for `config.total_steps` steps or `config.max_minutes`, updating `policy` in place: a rollout,
+    its advantages, the clipped updates, over and over.
 
     `envs` must autoreset in SAME_STEP mode (Gymnasium 1.x), reporting a finished episode's last observation in
     `info["final_obs"]`; `observe` turns a batch of its observations into the policy's token grids (default: they
@@ -244,63 +290,25 @@ def optimise(
     dev = next(policy.parameters()).device
     observe = observe or (lambda batch: torch.as_tensor(batch, device=dev))
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
-    n, steps = envs.num_envs, config.rollout_steps
     obs, _ = envs.reset(seed=config.seed)
     obs = observe(obs)
-    obs_buf = torch.zeros((steps, n, *obs.shape[1:]), dtype=torch.long, device=dev)
-    act_buf = torch.zeros((steps, n, *envs.single_action_space.shape), device=dev)
-    logp_buf, rew_buf, done_buf, val_buf = (torch.zeros(steps, n, device=dev) for _ in range(4))
-
-    iterations = max(1, config.total_steps // (n * steps))
+    rollout = Rollout(envs, obs, config.rollout_steps)
+    batch = envs.num_envs * config.rollout_steps
+    iterations = max(1, config.total_steps // batch)
     began = time.monotonic()
-    episode_returns = np.zeros(n)
-    finished: list[float] = []
     logs: dict[str, float] = {}
     step = 0
     progress = tqdm(range(iterations), desc="ppo", dynamic_ncols=True)
     for iteration in progress:
-        step_rewards = []
-        for t in range(steps):
-            with torch.no_grad():
-                action, logp, _, value = policy.act(obs)
-            obs_buf[t], act_buf[t], logp_buf[t], val_buf[t] = obs, action, logp, value
-            next_obs, env_reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-            episode_returns += env_reward
-            step_rewards.append(float(np.mean(env_reward)))
-            reward = torch.as_tensor(env_reward, device=dev, dtype=torch.float32) * config.reward_scale
-            cut = truncated & ~terminated
-            if cut.any():
-                # bootstrap through time-limit truncation with the value of the observation before the reset
-                final = observe(np.stack(info["final_obs"][cut]))
-                with torch.no_grad():
-                    reward[torch.as_tensor(cut, device=dev)] += config.gamma * policy.value(final)
-            rew_buf[t] = reward
-            done_buf[t] = torch.as_tensor(terminated | truncated, device=dev, dtype=torch.float32)
-            for i in np.flatnonzero(terminated | truncated):
-                finished.append(float(episode_returns[i]))
-                episode_returns[i] = 0
-            obs = observe(next_obs)
-
-        with torch.no_grad():
-            next_value = policy.value(obs)
-        advantages = compute_gae(rew_buf, val_buf, done_buf, next_value, config.gamma, config.gae_lambda)
-        returns = advantages + val_buf
-
-        flat = {
-            "obs": obs_buf.flatten(0, 1),
-            "act": act_buf.flatten(0, 1),
-            "logp": logp_buf.flatten(),
-            "adv": advantages.flatten(),
-            "ret": returns.flatten(),
-        }
-        batch = n * steps
-        update = clipped_updates(policy, optimizer, flat, config, batch // config.minibatches)
-
+        obs, reward_per_step = rollout.collect(envs, policy, obs, config, observe)
+        update = clipped_updates(
+            policy, optimizer, rollout.batch(policy, obs, config), config, batch // config.minibatches
+        )
         step = (iteration + 1) * batch
-        recent = finished[-100:]
+        recent = rollout.finished[-100:]
         logs = {
             "episode_return": float(np.mean(recent)) if recent else float("nan"),
-            "reward_per_step": float(np.mean(step_rewards)),
+            "reward_per_step": reward_per_step,
             **update,
         }
         logger.log({f"{log_prefix}/{k}": v for k, v in logs.items()}, step_offset + step)

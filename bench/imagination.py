@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from agents.config import load_pipeline_config
 from agents.ppo import PPOConfig
-from envs.dream import DreamVectorEnv
+from envs.dream import DreamSettings, DreamVectorEnv
 from envs.sources import SourceConfig, make_source_env
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dynamics import DynamicsModel
@@ -80,38 +80,16 @@ class ImaginationBenchConfig:
     seed: int = 0
 
 
-@dataclass
-class DreamSettings:
-    """How the dream is stepped: PPO's settings from the run's `config.yaml`."""
-
-    horizon: int
-    burn_in: int
-    start_fraction: float
-    temperature: float
-    source: str
-    top_k: int | None = None
-    refine_steps: int = 0
-    autoreset_mode: str = "SameStep"
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_k, self.refine_steps)
-
-    @classmethod
-    def for_run(cls, run_dir: Path) -> DreamSettings:
-        """From the `ppo` section of `<run>/config.yaml`, PPOConfig's defaults for what it does not say."""
-        path = run_dir / "config.yaml"
-        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-        ppo = (raw or {}).get("ppo") or {}
-        default = PPOConfig()
-        return cls(
-            horizon=int(ppo.get("horizon", default.horizon)),
-            burn_in=int(ppo.get("burn_in", default.burn_in)),
-            start_fraction=float(ppo.get("start_fraction", default.start_fraction)),
-            temperature=float(ppo.get("temperature", default.temperature)),
-            refine_steps=int(ppo.get("refine_steps", default.refine_steps)),
-            source=str(path) if ppo else "PPOConfig defaults (no ppo section in the run's config.yaml)",
-        )
+def run_dream_settings(run_dir: Path) -> tuple[DreamSettings, str]:
+    """The dream as the run's PPO stepped it (the `ppo` section of `<run>/config.yaml`, PPOConfig's defaults for
+    what it does not say), in the model's own precision (the bench's `dtype` decides that), and where it came from."""
+    path = run_dir / "config.yaml"
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    ppo = (raw or {}).get("ppo") or {}
+    dream_keys = {f.name for f in dataclasses.fields(DreamSettings)}
+    config = from_dict(PPOConfig, {key: value for key, value in ppo.items() if key in dream_keys}, f"{path}: ppo")
+    origin = str(path) if ppo else "PPOConfig defaults (no ppo section in the run's config.yaml)"
+    return dataclasses.replace(config.dream(), dtype=None), origin
 
 
 class Progress:
@@ -176,17 +154,10 @@ def dream_steps_per_s(
     world: WorldModel, obs_mode: str, batch_size: int, seconds: float, settings: DreamSettings, seed: int = 0
 ) -> float:
     """Environment steps per second of a `DreamVectorEnv` of `batch_size` dreams, random actions."""
+    context = world.dynamics.config.context_frames  # an untrained preset shape may see fewer frames
+    burn_in = None if settings.burn_in is None else min(settings.burn_in, context)
     envs = DreamVectorEnv(
-        world,
-        num_envs=batch_size,
-        obs_mode=obs_mode,
-        horizon=settings.horizon,
-        burn_in=min(settings.burn_in, world.dynamics.config.context_frames),
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        refine_steps=settings.refine_steps,
-        autoreset_mode=settings.autoreset_mode,
-        start_fraction=settings.start_fraction,
+        world, batch_size, obs_mode, dataclasses.replace(settings, burn_in=burn_in), autoreset_mode="SameStep"
     )
     envs.reset(seed=seed)
     envs.action_space.seed(seed)
@@ -340,7 +311,7 @@ def bench_imagination(
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     world = WorldModel.load(run_dir, device).with_dtype(config.dtype)
-    settings = DreamSettings.for_run(run_dir)
+    settings, settings_origin = run_dream_settings(run_dir)
     source = run_source(run_dir)
     asked = {"temperature": config.temperature, "top_k": config.top_k, "refine_steps": config.refine_steps}
     settings = dataclasses.replace(settings, **{name: value for name, value in asked.items() if value is not None})
@@ -395,7 +366,7 @@ def bench_imagination(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "config": dataclasses.asdict(config),
-        "dream_settings": dataclasses.asdict(settings),
+        "dream_settings": {**dataclasses.asdict(settings), "autoreset_mode": "SameStep", "source": settings_origin},
         "real_envs": real_envs,
         "real_simulator": source.source.simulator,
         "real_action_repeat": source.repeat,

@@ -11,6 +11,7 @@ context frames of the wrong size raise ValueError.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,47 @@ from worldmodel.runtime import keep_freed_memory
 from worldmodel.world_model import Sampling, WorldModel, token_grid_space
 
 ObsMode = Literal["tokens", "pixels"]
+
+
+@dataclass
+class DreamSettings:
+    """How a dream is stepped, declared once: the dream envs take these (as keywords, or as `settings`), PPO's
+    config extends them (`agents.ppo.PPOConfig`), and the benches step dreams with a run's own."""
+
+    horizon: int = 64
+    """Imagined steps before a dream is truncated (and, in PPO, restarted from real context)."""
+    burn_in: int | None = None
+    """Real frames fed before the policy acts (None: 4, or the model's context length if that is shorter)."""
+    start_fraction: float = 0.0
+    """Fraction of dreams that begin at an episode's first frame with no context, the policy in control from the
+    first step (real episodes all start there, standing still)."""
+    temperature: float = 0.0
+    """0: the likeliest token everywhere; above 0: tokens drawn from the softmax at this temperature."""
+    top_k: int | None = None
+    """With a temperature above 0, draw among the `top_k` likeliest tokens only (None: all)."""
+    refine_steps: int = 0
+    """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
+    dtype: str | None = None
+    """The dream's precision: None keeps the model's own (float32 for a loaded checkpoint), or bfloat16
+    (`WorldModel.with_dtype`)."""
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.refine_steps)
+
+    def dream(self) -> DreamSettings:
+        """Just the dream's settings (of a config that extends them, such as PPO's)."""
+        return DreamSettings(**{f.name: getattr(self, f.name) for f in fields(DreamSettings)})
+
+
+def dream_settings(settings: DreamSettings | None, overrides: dict[str, Any]) -> DreamSettings:
+    """`settings` (or the defaults) with keyword `overrides`; an unknown keyword is refused, naming the known."""
+    base = settings.dream() if settings is not None else DreamSettings()
+    known = {f.name for f in fields(DreamSettings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown dream setting(s) {unknown}; expected some of {sorted(known)}")
+    return replace(base, **overrides)
 
 
 def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarray:
@@ -62,39 +104,38 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         checkpoint: str | Path | WorldModel,
         num_envs: int = 16,
         obs_mode: ObsMode = "tokens",
-        horizon: int = 64,
-        burn_in: int | None = None,
-        temperature: float = 0.0,
+        settings: DreamSettings | None = None,
+        *,
         device: str = "cpu",
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
-        start_fraction: float = 0.0,
-        top_k: int | None = None,
-        dtype: str | None = None,
-        refine_steps: int = 0,
+        **dream: Any,
     ):
+        """`dream` keywords are `DreamSettings` fields (horizon, burn_in, temperature, ...), over `settings`."""
+        settings = dream_settings(settings, dream)
         model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
-        if dtype is not None:  # None keeps the model's own precision (float32 for a checkpoint loaded here)
-            model = model.with_dtype(dtype)
+        if settings.dtype is not None:
+            model = model.with_dtype(settings.dtype)
         if model.device.type == "cpu":
             keep_freed_memory()  # a step's activations are MBs: without it each step page-faults them in again
         if model.contexts is None:
             raise ValueError("the dream env needs real context episodes (the run's tokens.npz)")
         if obs_mode not in ("tokens", "pixels"):
             raise ValueError(f"obs_mode must be 'tokens' or 'pixels', got {obs_mode!r}")
-        if burn_in is None:  # real frames fed before the policy acts: 4, or all the model sees if it sees fewer
-            burn_in = min(4, model.dynamics.config.context_frames)
-        if burn_in < 1 or burn_in > model.dynamics.config.context_frames:
-            raise ValueError(f"burn_in must be in [1, {model.dynamics.config.context_frames}], got {burn_in}")
+        context = model.dynamics.config.context_frames
+        burn_in = min(4, context) if settings.burn_in is None else settings.burn_in
+        if burn_in < 1 or burn_in > context:
+            raise ValueError(f"burn_in must be in [1, {context}], got {burn_in}")
         self.model = model
+        self.settings = settings
         self.num_envs = num_envs
         self.obs_mode = obs_mode
-        self.horizon = max_episode_steps or horizon
+        self.horizon = max_episode_steps or settings.horizon
         self.burn_in = burn_in
-        self.sampling = Sampling(temperature, top_k, refine_steps)
+        self.sampling = settings.sampling
         model.check_sampling(self.sampling)  # refuses bad options now, not mid-step
-        self.start_fraction = start_fraction
+        self.start_fraction = settings.start_fraction
         self.context_weights: np.ndarray | None = None
         """Per episode of the model's contexts, how likely a dream starts there (None: uniformly over windows)."""
         self.render_mode = render_mode
@@ -254,7 +295,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
 
 class DreamEnv(gym.Env):
-    """One dream: the single-environment view of `DreamVectorEnv` (same arguments, `num_envs=1`)."""
+    """One dream: the single-environment view of `DreamVectorEnv` (same arguments, `num_envs=1`, no autoreset)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 12}
 
@@ -262,32 +303,23 @@ class DreamEnv(gym.Env):
         self,
         checkpoint: str | Path | WorldModel,
         obs_mode: ObsMode = "tokens",
-        horizon: int = 64,
-        burn_in: int | None = None,
-        temperature: float = 0.0,
+        settings: DreamSettings | None = None,
+        *,
         device: str = "cpu",
         render_mode: str | None = None,
         max_episode_steps: int | None = None,
-        start_fraction: float = 0.0,
-        top_k: int | None = None,
-        dtype: str | None = None,
-        refine_steps: int = 0,
+        **dream: Any,
     ):
         self._vector = DreamVectorEnv(
             checkpoint,
-            num_envs=1,
-            obs_mode=obs_mode,
-            horizon=horizon,
-            burn_in=burn_in,
-            temperature=temperature,
+            1,
+            obs_mode,
+            settings,
             device=device,
             autoreset_mode=AutoresetMode.DISABLED,
             render_mode=render_mode,
             max_episode_steps=max_episode_steps,
-            start_fraction=start_fraction,
-            top_k=top_k,
-            dtype=dtype,
-            refine_steps=refine_steps,
+            **dream,
         )
         self.observation_space = self._vector.single_observation_space
         self.action_space = self._vector.single_action_space

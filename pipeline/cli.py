@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 OVERRIDES_HELP = "config overrides as section.key=value, e.g. tokenizer.train.steps=200 ppo.num_envs=32"
 
@@ -274,12 +275,46 @@ def _codec_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _sampling_flags(parser: argparse.ArgumentParser, from_run: bool) -> None:
+    """How the dream draws its tokens: by default the run's own (its `ppo` section) where `from_run`, else greedy."""
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None if from_run else 0.0,
+        help="dream sampling temperature (default: " + ("the run's ppo.temperature)" if from_run else "0, greedy)"),
+    )
+    parser.add_argument(
+        "--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens (temperature > 0)"
+    )
+    parser.add_argument(
+        "--refine-steps",
+        type=_non_negative_int,
+        default=None if from_run else 0,
+        help="MaskGIT-style refinement rounds per imagined frame (needs dynamics.model.refine_layers > 0; default: "
+        + ("the run's ppo.refine_steps)" if from_run else "0)"),
+    )
+
+
+def _real_ppo_flags(parser: argparse.ArgumentParser, note: str) -> None:
+    """PPO in the real simulator (`train policy --real`, `bench baseline`)."""
+    parser.add_argument("--minutes", type=float, default=17.0, help=f"{note}the real-simulator PPO's wall-clock budget")
+    parser.add_argument("--envs", type=_positive_int, default=8, help=f"{note}real simulators, one process each")
+    parser.add_argument("--snapshot-minutes", type=float, default=2.0, help=f"{note}keep a policy snapshot this often")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldmodel", description="Driving world model: collect, train, dream, evaluate."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _pipeline_commands(commands)
+    _bench_commands(commands.add_parser("bench", help="measure trained models against their references"))
+    _eval_commands(commands.add_parser("eval", help="measure one component on your own data"))
+    return parser
 
+
+def _pipeline_commands(commands: Any) -> None:
+    """The run and its stages, one at a time."""
     run = commands.add_parser("run", help="the whole pipeline: collect, train, dream PPO, evaluate, video")
     _common(run)
     run.set_defaults(func=cmd_run)
@@ -298,9 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="policy: train PPO in the real simulator instead of the dream (on the run's tokens; RUN/real_ppo/)",
     )
-    train.add_argument("--minutes", type=float, default=17.0, help="--real: wall-clock budget in minutes")
-    train.add_argument("--envs", type=_positive_int, default=8, help="--real: real simulators, one process each")
-    train.add_argument("--snapshot-minutes", type=float, default=2.0, help="--real: keep a policy snapshot this often")
+    _real_ppo_flags(train, "--real: ")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score policy, random and expert in the real simulator")
@@ -314,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--out", default=None, help="output path without suffix (default: runs/<name>/rollout)")
     rollout.set_defaults(func=cmd_rollout)
 
-    bench = commands.add_parser("bench", help="measure trained models against their references")
+
+def _bench_commands(bench: argparse.ArgumentParser) -> None:
+    """Measurements of a trained run, or of several, against their references."""
     targets = bench.add_subparsers(dest="target", required=True)
 
     dynamics = targets.add_parser("dynamics", help="open-loop fidelity and action faithfulness of a run's dream")
@@ -324,16 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     dynamics.add_argument("--plot", default=None, help="write the PSNR-by-horizon plot to this PNG file")
     dynamics.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
     dynamics.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
-    dynamics.add_argument("--temperature", type=float, default=0.0, help="dream sampling temperature (0: greedy)")
-    dynamics.add_argument(
-        "--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens (temperature > 0)"
-    )
-    dynamics.add_argument(
-        "--refine-steps",
-        type=_non_negative_int,
-        default=0,
-        help="MaskGIT-style refinement rounds per imagined frame (needs dynamics.model.refine_layers > 0)",
-    )
+    _sampling_flags(dynamics, from_run=False)
     dynamics.set_defaults(func=cmd_bench_dynamics)
 
     imagination = targets.add_parser("imagination", help="dream steps per second beside the real simulator")
@@ -358,27 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     imagination.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="the dream's precision"
     )
-    imagination.add_argument(
-        "--temperature", type=float, default=None, help="dream sampling temperature (default: the run's ppo section)"
-    )
-    imagination.add_argument(
-        "--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens (temperature > 0)"
-    )
-    imagination.add_argument(
-        "--refine-steps",
-        type=_non_negative_int,
-        default=None,
-        help="MaskGIT-style refinement rounds per imagined frame (default: the run's ppo.refine_steps)",
-    )
+    _sampling_flags(imagination, from_run=True)
     imagination.set_defaults(func=cmd_bench_imagination)
 
     baseline = targets.add_parser(
         "baseline", help="a finished run's dream pipeline against PPO trained in the real simulator"
     )
     baseline.add_argument("--run", required=True, help="run folder written by `worldmodel run`")
-    baseline.add_argument("--minutes", type=float, default=17.0, help="the real-simulator PPO's wall-clock budget")
-    baseline.add_argument("--envs", type=_positive_int, default=8, help="real simulators, one process each")
-    baseline.add_argument("--snapshot-minutes", type=float, default=2.0, help="score a policy snapshot this often")
+    _real_ppo_flags(baseline, "")
     baseline.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per policy")
     baseline.add_argument("--out", default=None, help="folder of baseline.json, .md and .png (default: RUN/real_ppo)")
     baseline.set_defaults(func=cmd_bench_baseline)
@@ -437,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     tokenizer.set_defaults(func=cmd_bench_tokenizer)
 
-    evaluation = commands.add_parser("eval", help="measure one component on your own data")
+
+def _eval_commands(evaluation: argparse.ArgumentParser) -> None:
+    """One component measured on the user's own data."""
     components = evaluation.add_subparsers(dest="component", required=True)
     eval_tokenizer = components.add_parser(
         "tokenizer", help="a tokenizer's rate and distortion on a .npy of frames, beside WebP and JPEG"
@@ -459,7 +474,6 @@ def build_parser() -> argparse.ArgumentParser:
     eval_tokenizer.add_argument("--device", default="auto", help="cpu, cuda or auto")
     _codec_flags(eval_tokenizer)
     eval_tokenizer.set_defaults(func=cmd_eval_tokenizer)
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
