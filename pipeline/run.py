@@ -60,6 +60,14 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
+def _changed(previous: Any, now: Any) -> bool:
+    """Whether a setting differs from the one a stage finished with; a key the earlier config did not have yet (a
+    setting added to the project since) is not a change."""
+    if isinstance(previous, dict) and isinstance(now, dict):
+        return any(_changed(value, now.get(key)) for key, value in previous.items())
+    return previous != now
+
+
 class Results:
     """`<run>/results.json`: each finished stage's figures, rewritten atomically after every stage."""
 
@@ -91,7 +99,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         previous = yaml.safe_load(config_path.read_text()) or {}
         for stage_name, keys in STAGE_SECTIONS.items():
             for key in keys:
-                if results.done(stage_name) and _lookup(previous, key) != _lookup(resolved, key):
+                if results.done(stage_name) and _changed(_lookup(previous, key), _lookup(resolved, key)):
                     raise ConfigError(
                         f"{run_dir}: stage {stage_name!r} finished with other `{key}` settings than "
                         f"now (see {config_path}); choose a new run.name, or delete the run folder"

@@ -293,3 +293,12 @@ def test_highway_micro_run(tmp_path):
     assert dataset.frame_shape == (64, 64, 1)
     assert dataset.manifest.action_space == {"type": "discrete", "n": 5}
     assert Path(summary["rollout_video"]).stat().st_size > 0
+
+
+def test_a_setting_added_to_the_project_since_a_stage_finished_does_not_block_its_resume():
+    from pipeline.run import _changed
+
+    assert not _changed({"lr": 1e-3, "horizon": 32}, {"lr": 1e-3, "horizon": 32, "top_k": None})
+    assert _changed({"lr": 1e-3}, {"lr": 2e-3, "top_k": None})
+    assert _changed({"model": {"layers": 3}}, {"model": {"layers": 4}})
+    assert _changed({"lr": 1e-3, "gone": 1}, {"lr": 1e-3})
