@@ -16,6 +16,7 @@ from envs.collect import CollectConfig
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset
 from worldmodel.rollout import RolloutConfig
+from worldmodel.run_dir import RunDir
 from worldmodel.train import DynamicsStage, TokenizerStage
 
 
@@ -36,7 +37,7 @@ class PipelineConfig:
 
     @property
     def dataset_dir(self) -> Path:
-        return self.run_dir / "dataset"
+        return RunDir(self.run_dir).dataset
 
 
 def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def load_pipeline_config(
 
 def read_run_config(run_dir: str | Path) -> PipelineConfig:
     """The settings a run folder was made with (its `config.yaml`, written by `worldmodel run`)."""
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise CheckpointError(f"{path} not found; expected a run folder written by `worldmodel run`")
     return from_dict(PipelineConfig, yaml.safe_load(path.read_text()), where=str(path))
@@ -93,7 +94,6 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (
         (
             "collect.episodes",
-            "collect.workers",
             "collect.source.frame_size",
             "tokenizer.val_frames",
             "dynamics.val_batches",
@@ -110,11 +110,9 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
             "ppo.minibatches",
             "ppo.hidden",
             "loop.episodes",
-            "loop.workers",
             "loop.dynamics_steps",
             "loop.ppo_steps",
             "eval.episodes",
-            "eval.workers",
             "rollout.steps",
             "rollout.scale",
             "rollout.fps",
@@ -136,6 +134,9 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
         (
             "loop.iterations",
             "loop.real_epochs",
+            "collect.workers",  # 0 or 1: in this process
+            "loop.workers",
+            "eval.workers",
             "tokenizer.train.warmup_steps",
             "dynamics.train.warmup_steps",
             "ppo.refine_steps",

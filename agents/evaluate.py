@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from envs.sources import SourceConfig, make_expert, make_source_env
 from worldmodel.checkpoint import load_module
 from worldmodel.parallel import imap_unordered
-from worldmodel.train import TOKENIZER, load_tokenizer
+from worldmodel.run_dir import RunDir
+from worldmodel.train import load_tokenizer
 
 POLICIES = ("policy", "random", "expert")
 
@@ -39,8 +40,8 @@ class TokenPolicy:
         from agents.policy import ActorCritic, PolicyConfig
         from agents.ppo import POLICY
 
-        self.tokenizer, _ = load_tokenizer(run_dir / TOKENIZER)
-        self.policy, _, _ = load_module(policy or run_dir / POLICY, POLICY, ActorCritic, PolicyConfig)
+        self.tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)
+        self.policy, _, _ = load_module(policy or RunDir(run_dir).policy, POLICY, ActorCritic, PolicyConfig)
         self.policy.eval()
         self.deterministic = deterministic
 

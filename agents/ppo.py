@@ -22,6 +22,7 @@ from agents.policy import ActorCritic, PolicyConfig
 from envs.dream import DreamSettings, DreamVectorEnv
 from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 from worldmodel.logger import RunLogger
+from worldmodel.run_dir import RunDir
 from worldmodel.train import recent_weights, resolve_device
 from worldmodel.world_model import WorldModel
 
@@ -135,7 +136,7 @@ def train_ppo(
         "dream_return": figures["dream_return"],
         **(extra_meta or {}),
     }
-    save_checkpoint(out or run_dir / POLICY, policy, POLICY, meta)
+    save_checkpoint(out or RunDir(run_dir).policy, policy, POLICY, meta)
     return figures
 
 

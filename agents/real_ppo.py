@@ -26,7 +26,8 @@ from envs.sources import SourceConfig, make_source_env
 from worldmodel.checkpoint import save_checkpoint
 from worldmodel.files import write_json_atomic
 from worldmodel.logger import RunLogger
-from worldmodel.train import TOKENIZER, load_tokenizer
+from worldmodel.run_dir import RunDir
+from worldmodel.train import load_tokenizer
 from worldmodel.world_model import token_grid_space
 
 REAL_PPO = "real_ppo"
@@ -54,10 +55,10 @@ def train_real_ppo(
     """Train PPO in the real simulator on the run's tokens; writes snapshots and `snapshots.json` to `out`
     (default `<run>/real_ppo`). Returns the steps taken, their rate and the snapshots."""
     run_dir = Path(run_dir)
-    out = out or run_dir / REAL_PPO
+    out = out or RunDir(run_dir).real_ppo
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(ppo.seed)
-    tokenizer, _ = load_tokenizer(run_dir / TOKENIZER)
+    tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)
     full_episodes = dataclasses.replace(source, max_steps=None)
     began = time.monotonic()
     envs = gym.vector.AsyncVectorEnv(

@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from agents.config import read_run_config
 from agents.evaluate import evaluate
-from agents.ppo import POLICY
 from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.dataset import Dataset
 from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
+from worldmodel.run_dir import RunDir
 
 
 @dataclass
@@ -44,11 +44,11 @@ def _scores(path: Path) -> dict[str, Any]:
 def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     pipeline = read_run_config(run_dir)
-    summary_path = run_dir / "summary.json"
+    summary_path = RunDir(run_dir).summary
     if not summary_path.is_file():
         raise CheckpointError(f"{summary_path} not found; finish the run (`worldmodel run`) before its baseline")
     summary = json.loads(summary_path.read_text())
-    folder = run_dir / REAL_PPO
+    folder = RunDir(run_dir).real_ppo
     trained = folder / "training.json"
     if not trained.is_file():
         logger = RunLogger(folder)
@@ -85,7 +85,7 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     loop = summary.get("loop")
     if loop:
         for row in tqdm(loop["curve"], desc="score the loop's policies"):
-            held_out = score(f"loop/{row['policy']:02d}", run_dir / "loop" / f"{row['policy']:02d}" / POLICY)
+            held_out = score(f"loop/{row['policy']:02d}", RunDir(run_dir).loop_round(row["policy"]).policy)
             dream_curve.append(
                 {"policy": row["policy"], "wall_s": row["wall_s"], "real_steps": row["real_steps"], **held_out}
             )

@@ -26,6 +26,7 @@ from einops import rearrange
 from bench.faithfulness import ProbeConfig, ProbeUnavailable, action_faithfulness
 from worldmodel.dataset import Dataset, DatasetError
 from worldmodel.files import save_figure_atomic, write_json_atomic
+from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import frames_to_float, image_psnr
 from worldmodel.tokens import TokenizedDataset
 from worldmodel.world_model import Sampling, WorldModel
@@ -196,16 +197,17 @@ def bench_dynamics(
     """All figures of the module docstring for the run in `run_dir`, optionally written as JSON and a PNG plot."""
     config = config or DynamicsBenchConfig()
     run_dir = Path(run_dir)
-    dataset_dir = Path(dataset_dir) if dataset_dir else run_dir / "dataset"
+    dataset_dir = Path(dataset_dir) if dataset_dir else RunDir(run_dir).dataset
     world = WorldModel.load(run_dir, with_contexts=False)
     world.check_sampling(config.sampling)
     world.check_sampling(config.faithfulness.sampling)
     world.dynamics.eval()
     world.tokenizer.eval()
-    tokens = TokenizedDataset.load(run_dir / "tokens.npz")
+    tokens = TokenizedDataset.load(RunDir(run_dir).tokens)
     held_out_ids = world.meta.get("val_episodes") or []
     if not held_out_ids:
-        raise DatasetError(f"{run_dir / 'dynamics.json'} records no held-out episodes to measure on")
+        sidecar = RunDir(run_dir).dynamics.with_suffix(".json")
+        raise DatasetError(f"{sidecar} records no held-out episodes to measure on")
     held_out = tokens.select(held_out_ids)
     dataset = Dataset.open(dataset_dir)
     figures: dict[str, Any] = {

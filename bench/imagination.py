@@ -47,6 +47,7 @@ from envs.sources import SourceConfig, make_source_env
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dynamics import DynamicsModel
 from worldmodel.files import write_json_atomic
+from worldmodel.run_dir import RunDir
 from worldmodel.train import resolve_device
 from worldmodel.world_model import Sampling, WorldModel
 
@@ -83,7 +84,7 @@ class ImaginationBenchConfig:
 def run_dream_settings(run_dir: Path) -> tuple[DreamSettings, str]:
     """The dream as the run's PPO stepped it (the `ppo` section of `<run>/config.yaml`, PPOConfig's defaults for
     what it does not say), in the model's own precision (the bench's `dtype` decides that), and where it came from."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     raw = yaml.safe_load(path.read_text()) if path.is_file() else None
     ppo = (raw or {}).get("ppo") or {}
     dream_keys = {f.name for f in dataclasses.fields(DreamSettings)}
@@ -122,7 +123,7 @@ def timed_rate(step: Callable[[], Any], seconds: float) -> float:
 
 def run_source(run_dir: Path) -> SourceConfig:
     """The simulator a run was recorded from (`collect.source` of its `config.yaml`; CarRacing if it says none)."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
     return from_dict(SourceConfig, (raw.get("collect") or {}).get("source"), where=f"{path}: collect.source")
 

@@ -137,7 +137,8 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     rows = []
     for seed in config.seeds:
         run = f"{name}-seed{seed}"
-        command = [sys.executable, "-m", "pipeline", "run", "--preset", config.preset, "--name", run]
+        # -P: the working directory does not come first on the import path (a pipeline.py there would run instead)
+        command = [sys.executable, "-P", "-m", "pipeline", "run", "--preset", config.preset, "--name", run]
         if config.source:
             command += ["--source", config.source]
         command += [f"run.runs_dir={config.runs_dir}", *config.overrides, *seed_overrides(seed)]

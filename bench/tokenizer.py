@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 
 from bench.codecs import QUALITIES, CodecPoint, compare, measure_codec
 from bench.imagination import timed_rate
-from worldmodel.checkpoint import read_checkpoint
+from worldmodel.checkpoint import read_checkpoint, resumable
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
 from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rate import token_rate
+from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import Tokenizer, TokenizerConfig
 from worldmodel.train import (
     TOKENIZER,
@@ -67,7 +68,7 @@ def tokenizer_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
-    return path / TOKENIZER if path.is_dir() else path
+    return RunDir(path).tokenizer if path.is_dir() else path
 
 
 def load_frames(path: str | Path, channels: int, max_frames: int | None = None) -> np.ndarray:
@@ -362,7 +363,7 @@ def trained_tokenizer(
     dataset, batch size or learning rate, or of more steps, is refused rather than silently reused.
     """
     path, record_path = folder / TOKENIZER, folder / "train.json"
-    last = path.with_name(f"{TOKENIZER}_last")
+    last = resumable(path)
     expected = json.loads(json.dumps(dataclasses.asdict(stage.model)))
     steps = stage.train.steps
     budget = {"steps": steps, "batch_size": stage.train.batch_size, "lr": stage.train.lr}

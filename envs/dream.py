@@ -81,7 +81,7 @@ def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarr
         )
         if array.dtype.kind not in "iu" or array.shape != shape:
             raise ValueError(f"expected {expected}, got {array.dtype} array of shape {array.shape}")
-        if array.min() < 0 or array.max() >= space.n:
+        if array.size and (array.min() < 0 or array.max() >= space.n):  # none at all: a context of one frame
             raise ValueError(f"expected {expected}, got {array.tolist()}")
         return array.astype(np.int64)
     shape = space.shape if batch is None else (batch, *space.shape)

@@ -27,15 +27,15 @@ from agents.loop import collect_with_policy, dream_gap, plot_learning_curve, rou
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
 from envs.sources import SOURCES
-from worldmodel.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
+from worldmodel.checkpoint import copy_checkpoint, read_checkpoint, resumable, save_checkpoint
 from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rollout import write_rollout
+from worldmodel.run_dir import RunDir
 from worldmodel.train import (
     DYNAMICS,
-    TOKENIZER,
     tokens_for_run,
     train_dynamics,
     train_tokenizer,
@@ -72,7 +72,7 @@ class Results:
     """`<run>/results.json`: each finished stage's figures, rewritten atomically after every stage."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "results.json"
+        self.path = RunDir(run_dir).results
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def done(self, stage: str) -> bool:
@@ -94,7 +94,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = json.loads(json.dumps(dataclasses.asdict(config)))
     results = Results(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = RunDir(run_dir).config
     if config_path.is_file():
         previous = yaml.safe_load(config_path.read_text()) or {}
         for stage_name, keys in STAGE_SECTIONS.items():
@@ -141,14 +141,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     logger.close()
     summary = make_summary(config, results.data)
     if summary["loop"]:
-        plot_learning_curve(summary["loop"]["curve"], run_dir / "loop.png")
-    write_json_atomic(run_dir / "summary.json", summary)
+        plot_learning_curve(summary["loop"]["curve"], RunDir(run_dir).loop_plot)
+    write_json_atomic(RunDir(run_dir).summary, summary)
     print(format_summary(summary))
     return summary
-
-
-def _round_dir(run_dir: Path, iteration: int) -> Path:
-    return run_dir / "loop" / f"{iteration:02d}"
 
 
 def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger) -> None:
@@ -163,15 +159,16 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
     if loop.iterations <= 0:
         return
     run_dir, data_dir, device = config.run_dir, config.dataset_dir, config.run.device
-    initial = _round_dir(run_dir, 0) / POLICY
+    run = RunDir(run_dir)
+    initial = run.loop_round(0).policy
     if not initial.with_suffix(".safetensors").is_file():
-        copy_checkpoint(run_dir / POLICY, initial, POLICY)
+        copy_checkpoint(run.policy, initial, POLICY)
 
     def seconds(prefix: str) -> float:
         return sum(v for k, v in results.data.get("timings", {}).items() if k.startswith(prefix))
 
     def collect_round(iteration: int) -> dict[str, Any]:
-        policy = _round_dir(run_dir, iteration - 1) / POLICY
+        policy = run.loop_round(iteration - 1).policy
         first = config.collect.episodes + (iteration - 1) * loop.episodes
         collected = collect_with_policy(
             run_dir, data_dir, config.collect.source, loop, policy, iteration, first, config.collect.seed
@@ -204,13 +201,13 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         )
         if iteration == 1:
             previous, offset = (
-                run_dir / f"{DYNAMICS}_last",
-                int(read_checkpoint(run_dir / DYNAMICS, DYNAMICS)[0]["step"]),
+                resumable(run.dynamics),
+                int(read_checkpoint(run.dynamics, DYNAMICS)[0]["step"]),
             )
         else:
-            previous = _round_dir(run_dir, iteration - 1) / f"{DYNAMICS}_last"
+            previous = resumable(run.loop_round(iteration - 1).dynamics)
             offset = int(results.data[f"loop/{iteration - 1:02d}/dynamics"]["steps_total"])
-        target = _round_dir(run_dir, iteration) / DYNAMICS
+        target = run.loop_round(iteration).dynamics
         figures = train_dynamics(
             data_dir,
             run_dir,
@@ -223,7 +220,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             recent=(recent, loop.recent_share),
             step_offset=offset,
         )
-        copy_checkpoint(target, run_dir / DYNAMICS, DYNAMICS)
+        copy_checkpoint(target, run.dynamics, DYNAMICS)
         steps = int(read_checkpoint(target, DYNAMICS)[0]["step"])
         return {**figures, "steps": steps, "steps_total": offset + steps}
 
@@ -232,11 +229,9 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             config.ppo, total_steps=loop.ppo_steps, max_minutes=loop.ppo_minutes, seed=config.ppo.seed + iteration
         )
         start = best_so_far(iteration) if loop.continue_from == "best" else iteration - 1
-        before = _round_dir(run_dir, start) / POLICY
-        offset = int(
-            read_checkpoint(_round_dir(run_dir, iteration - 1) / POLICY, POLICY)[0].get("imagined_steps_total", 0)
-        )
-        target = _round_dir(run_dir, iteration) / POLICY
+        before = run.loop_round(start).policy
+        offset = int(read_checkpoint(run.loop_round(iteration - 1).policy, POLICY)[0].get("imagined_steps_total", 0))
+        target = run.loop_round(iteration).policy
         episodes = Dataset.open(data_dir).episodes
         recent = [i for i, e in enumerate(episodes) if e.iteration == iteration]
         real: dict[str, Any] = {}
@@ -248,13 +243,13 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
                 real = learn_from_episodes(
                     policy, [tokenized.episode(i) for i in range(len(sampled))], ppo, loop.real_epochs
                 )
-                before = _round_dir(run_dir, iteration) / f"{POLICY}_real"
+                before = run.loop_round(iteration).policy_real
                 save_checkpoint(before, policy, POLICY, {"real_steps": int(real["steps"])})
                 at = results.data[f"loop/{iteration:02d}/collect"]["real_steps_total"]
                 logger.log({f"loop/real_update/{k}": v for k, v in real.items()}, at)
         starts = (recent, loop.recent_starts) if loop.recent_starts > 0 else None
         figures = train_ppo(run_dir, ppo, logger, device, init=before, out=target, step_offset=offset, recent=starts)
-        copy_checkpoint(target, run_dir / POLICY, POLICY)
+        copy_checkpoint(target, run.policy, POLICY)
         return {
             **figures,
             "imagined_steps_total": offset + int(figures["imagined_steps"]),
@@ -297,7 +292,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         # policy j drove round j + 1; its score is the mean return of that round's deterministic episodes
         ranked = scores(final)
         chosen = best_so_far(final) if loop.keep_best else rounds
-        copy_checkpoint(_round_dir(run_dir, chosen) / POLICY, run_dir / POLICY, POLICY)
+        copy_checkpoint(run.loop_round(chosen).policy, run.policy, POLICY)
         tqdm.write(f"loop: keeping the policy of round {chosen} (real collection return {ranked[chosen]:.1f})")
         return {"rounds": rounds, "chosen": chosen, "scores": [None if x == float("-inf") else x for x in ranked]}
 
@@ -361,7 +356,10 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
         ),
         "loop": loop_curve(results),
         "timings_s": results.get("timings", {}),
-        "checkpoints": {name: str(config.run_dir / f"{name}.safetensors") for name in (TOKENIZER, DYNAMICS, POLICY)},
+        "checkpoints": {
+            name: str(getattr(RunDir(config.run_dir), name).with_suffix(".safetensors"))
+            for name in ("tokenizer", "dynamics", "policy")
+        },
     }
 
 

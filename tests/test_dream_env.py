@@ -501,6 +501,15 @@ def test_a_bad_context_at_reset_says_what_was_expected(never_ends, change, messa
         env.reset(options={"frames": frames, "actions": actions})
 
 
+def test_a_discrete_dream_resets_from_a_single_frame_with_no_actions(discrete_world):
+    frames, _ = real_context(discrete_world, 1)
+    env = DreamVectorEnv(discrete_world, 2, burn_in=2, horizon=5)
+    obs, _ = env.reset(seed=0, options={"frames": frames[:1]})  # numpy's min of no actions raised here
+    assert env.observation_space.contains(obs)
+    obs, reward, *_ = env.step(np.array([1, 3]))
+    assert env.observation_space.contains(obs) and np.isfinite(reward).all()
+
+
 def test_a_pickled_dream_goes_on_where_it_was(never_ends):
     import pickle
 

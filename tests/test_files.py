@@ -1,4 +1,5 @@
 import json
+import os
 import stat
 
 import numpy as np
@@ -16,7 +17,11 @@ def mode(path):
 
 @pytest.fixture
 def umask_022(monkeypatch):
+    """The usual umask, for this process (files written by numpy or matplotlib) and for the helper."""
+    before = os.umask(0o022)
     monkeypatch.setattr(files, "UMASK", 0o022)
+    yield
+    os.umask(before)
 
 
 def test_json_is_written_atomically_with_nan_and_infinity_as_null(tmp_path):
@@ -84,3 +89,24 @@ def test_a_figure_is_saved_as_png_and_closed(tmp_path, umask_022):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert mode(tmp_path / "curve.png") == 0o644
     assert not plt.fignum_exists(fig.number)
+
+
+def test_a_folder_whose_replacement_fails_is_put_back(tmp_path):
+    old = tmp_path / "000000"
+    old.mkdir()
+    (old / "frames.npy").write_bytes(b"old")
+    with pytest.raises(FileNotFoundError):
+        files._replace_folder(tmp_path / "never-written", old)
+    assert (old / "frames.npy").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["000000"]  # nothing left aside
+
+
+def test_a_figure_path_without_a_suffix_is_still_a_png(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, _ = plt.subplots()
+    save_figure_atomic(fig, tmp_path / "psnr", dpi=30)
+    assert (tmp_path / "psnr").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

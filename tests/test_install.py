@@ -39,13 +39,26 @@ def test_the_wheel_installs_and_its_command_finds_the_presets_outside_the_checko
     # them the checkout's editable install, are not read, so only the wheel provides the project's packages
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "-q",
+            wheel,
+        ],
         check=True,
         cwd=tmp_path,
     )
 
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    (elsewhere / "configs").mkdir(parents=True)  # a user's own folder of that name must not hide the presets
+    (elsewhere / "configs" / "notes.yaml").write_text("mine: true\n")
     where = subprocess.check_output(
         [python, "-c", "import worldmodel.config as c, agents, envs; print(c.__file__); print(c.CONFIG_DIR)"],
         text=True,
@@ -56,8 +69,8 @@ def test_the_wheel_installs_and_its_command_finds_the_presets_outside_the_checko
 
     command = env_dir / "bin" / "worldmodel"
     short = ["collect.episodes=1", "collect.workers=1", "collect.source.max_steps=4"]
-    by_name = subprocess.run(
-        [command, "collect", "--preset", "tiny", "--name", "installed", *short],
+    by_name = subprocess.run(  # as torchrun starts it: python -m, the working directory first on the import path
+        [python, "-m", "pipeline", "collect", "--preset", "tiny", "--name", "installed", *short],
         cwd=elsewhere,
         capture_output=True,
         text=True,

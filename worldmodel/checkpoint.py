@@ -37,6 +37,13 @@ def fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def resumable(path: str | Path) -> Path:
+    """The checkpoint a training stage keeps as it goes (`<stem>_last`), with its optimizer moments, to resume from
+    or to continue training on."""
+    path = Path(path)
+    return path.with_name(path.name + "_last")
+
+
 def save_checkpoint(
     path: str | Path,
     module: nn.Module,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -11,8 +10,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-# the presets ship as the `configs` package's data, so an installed wheel finds them without the source tree
-CONFIG_DIR = Path(str(importlib.resources.files("configs")))
+# the presets ship as the `configs` package's data, beside this package in a source tree and in an installed wheel
+# alike; found by this file's place, never through the import path, where a `configs` folder of the user's own
+# working directory would come first
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 T = TypeVar("T")
 

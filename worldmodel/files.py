@@ -1,7 +1,8 @@
 """Atomic writes: every file or folder the project saves is written under a temporary name in its own folder and
 renamed into place, so a reader (or a run resumed after a crash) sees the old version or the new one, never half of
-one. The one helper, `atomic_path`, also gives the result the permissions an ordinary `open()` would have (the
-umask's), where `tempfile` would leave them readable by their owner only.
+one (a folder being replaced is moved aside for the instant between two renames, and an error puts it back). The
+one helper, `atomic_path`, also gives the result the permissions of what it replaces, or those an ordinary
+`open()` would give (the umask's), where `tempfile` would leave them readable by their owner only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,13 +34,44 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_folder(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX; where a folder cannot be opened for it, nothing to do)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Rename `new` to `path`; an existing `path` is moved aside first and removed once `new` is in its place, or
+    put back if that rename fails, so an error never loses both."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    os.replace(path, aside / path.name)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside / path.name, path)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path` (a file, or an empty folder with `folder=True`) for the caller to fill;
-    on a clean exit its contents are flushed to disk, it gets the permissions a new file or folder would get from
-    the umask (or those of the file it replaces), and it is renamed over `path`. On an error it is removed and
-    `path` is left as it was. The temporary name keeps `path`'s suffix, so writers that choose the format by the
-    extension (matplotlib, imageio) write the right one."""
+    on a clean exit its contents are flushed to disk, it gets the permissions of what it replaces (or those a new
+    file or folder gets from the umask), and it is renamed over `path`. On an error it is removed and `path` is
+    left as it was. The temporary name keeps `path`'s suffix, so writers that choose the format by the extension
+    (imageio, PIL) write the right one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."
@@ -54,14 +87,13 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
             for child in tmp.rglob("*"):
                 if child.is_file():
                     _fsync(child)
-            os.chmod(tmp, 0o777 & ~UMASK)
-            if path.exists():
-                shutil.rmtree(path)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_dir() else 0o777 & ~UMASK)
+            _replace_folder(tmp, path)
         else:
             _fsync(tmp)
-            mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~UMASK
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~UMASK)
+            os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,6 +128,8 @@ def save_figure_atomic(fig: Any, path: str | Path, **savefig: Any) -> None:
     """Save a matplotlib figure atomically and close it."""
     import matplotlib.pyplot as plt
 
+    path = Path(path)
+    savefig.setdefault("format", path.suffix[1:] or "png")  # the temporary name ends in .tmp without a suffix
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, **savefig)

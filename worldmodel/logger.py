@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+from worldmodel.run_dir import RunDir
+
 WandbMode = Literal["disabled", "offline", "online"]
 
 
@@ -20,7 +22,7 @@ class RunLogger:
         config: dict[str, Any] | None = None,
         project: str = "driving-worldmodel",
     ):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._wandb = None
         if wandb_mode != "disabled":

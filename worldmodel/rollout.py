@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from worldmodel.dataset import Dataset
 from worldmodel.files import atomic_path
+from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import psnr
 from worldmodel.world_model import WorldModel
 
@@ -96,7 +97,7 @@ def write_rollout(
     )
     real = np.asarray(episode.frames[: len(dream)])
     frames = compose(real, recon, dream, config.scale, config.burn_in)
-    base = Path(out) if out is not None else Path(run_dir) / "rollout"
+    base = Path(out) if out is not None else RunDir(run_dir).rollout
     base.parent.mkdir(parents=True, exist_ok=True)
     mp4, gif = base.with_suffix(".mp4"), base.with_suffix(".gif")
     _write_atomic(mp4, frames, config.fps)

@@ -16,6 +16,7 @@ from worldmodel.config import from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
 from worldmodel.dynamics import DynamicsConfig, DynamicsModel
 from worldmodel.logger import RunLogger
+from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import Tokenizer, TokenizerConfig, psnr, ssim
 from worldmodel.tokens import TokenizedDataset, tokenize_dataset
 from worldmodel.trainer import TrainConfig, train
@@ -109,7 +110,7 @@ def train_tokenizer(
     val_frames = val_all[np.linspace(0, len(val_all) - 1, min(stage.val_frames, len(val_all))).astype(int)]
     torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
     tokenizer = Tokenizer(config).to(dev)
-    path = Path(run_dir) / TOKENIZER
+    path = RunDir(run_dir).tokenizer
 
     def sample(step: int) -> dict[str, torch.Tensor]:
         return {"frames": torch.from_numpy(sampler.sample(stage.train.batch_size)).to(dev)}
@@ -140,9 +141,9 @@ def tokens_for_run(dataset_dir: str | Path, run_dir: str | Path, device: str = "
     same content and tokenizer are reused, new or changed ones are tokenized, and the cache is rewritten when
     anything changed (see `tokenize_dataset`)."""
     run_dir = Path(run_dir)
-    tokenizer, _ = load_tokenizer(run_dir / TOKENIZER, resolve_device(device))
+    tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer, resolve_device(device))
     current = fingerprint(tokenizer)
-    path = run_dir / "tokens.npz"
+    path = RunDir(run_dir).tokens
     cached = None
     if path.is_file():
         try:
@@ -204,7 +205,7 @@ def train_dynamics(
     dev = resolve_device(device)
     run_dir = Path(run_dir)
     dataset = Dataset.open(dataset_dir)
-    tokenizer_meta, _ = read_checkpoint(run_dir / TOKENIZER, TOKENIZER)
+    tokenizer_meta, _ = read_checkpoint(RunDir(run_dir).tokenizer, TOKENIZER)
     tokenizer_config = from_dict(TokenizerConfig, tokenizer_meta["config"])
     tokenized = tokens_for_run(dataset_dir, run_dir, device)
     train_ids, val_ids = dataset.split(val_fraction)
@@ -244,7 +245,7 @@ def train_dynamics(
         model,
         lambda step: _to_tensors(train_set.sample(window, stage.train.batch_size, rng, weights=weights), dev),
         stage.train,
-        checkpoint or run_dir / DYNAMICS,
+        checkpoint or RunDir(run_dir).dynamics,
         DYNAMICS,
         logger,
         evaluate=evaluate,

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from worldmodel import distributed
-from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
+from worldmodel.checkpoint import CheckpointError, load_module, resumable, save_checkpoint
 from worldmodel.logger import RunLogger
 
 
@@ -82,7 +82,7 @@ def train(
     with distributed.process_group(device):
         main = distributed.is_main()
         torch.manual_seed(config.seed + distributed.rank())
-        last = checkpoint_path.with_name(checkpoint_path.name + "_last")
+        last = resumable(checkpoint_path)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         start = 0
         if last.with_suffix(".safetensors").is_file():

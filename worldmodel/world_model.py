@@ -16,9 +16,10 @@ from worldmodel.checkpoint import CheckpointError, fingerprint
 from worldmodel.config import ConfigError
 from worldmodel.dataset import space_from_dict
 from worldmodel.dynamics import DynamicsModel, KVCache
+from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import Tokenizer
 from worldmodel.tokens import TokenizedDataset
-from worldmodel.train import DYNAMICS, TOKENIZER, load_dynamics, load_tokenizer
+from worldmodel.train import load_dynamics, load_tokenizer
 
 
 @dataclass
@@ -138,23 +139,21 @@ class WorldModel:
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", with_contexts: bool = True) -> WorldModel:
         """Read `<run>/tokenizer.*`, `<run>/dynamics.*` and (for resets) `<run>/tokens.npz`."""
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CheckpointError(f"{run_dir} is not a run folder (expected tokenizer and dynamics checkpoints in it)")
-        tokenizer, _ = load_tokenizer(run_dir / TOKENIZER, device)
+        run = RunDir(run_dir)
+        if not run.root.is_dir():
+            raise CheckpointError(f"{run.root} is not a run folder (expected tokenizer and dynamics checkpoints in it)")
+        tokenizer, _ = load_tokenizer(run.tokenizer, device)
         current = fingerprint(tokenizer)
-        dynamics, meta = load_dynamics(run_dir / DYNAMICS, current, device)
+        dynamics, meta = load_dynamics(run.dynamics, current, device)
         contexts = None
         if with_contexts:
-            contexts = TokenizedDataset.load(run_dir / "tokens.npz")
+            contexts = TokenizedDataset.load(run.tokens)
             if contexts.tokenizer_fingerprint != current:
-                raise CheckpointError(
-                    f"{run_dir / 'tokens.npz'} was made by another tokenizer; delete it to re-tokenize"
-                )
+                raise CheckpointError(f"{run.tokens} was made by another tokenizer; delete it to re-tokenize")
             held_out = set(meta.get("val_episodes", []))
             train_ids = [int(e) for e in contexts.episode_ids if int(e) not in held_out]
             if not train_ids:
-                raise CheckpointError(f"{run_dir / 'tokens.npz'} holds no training episodes to start dreams from")
+                raise CheckpointError(f"{run.tokens} holds no training episodes to start dreams from")
             contexts = contexts.select(train_ids)
         return cls(tokenizer, dynamics, space_from_dict(meta["action_space"]), contexts, meta)
 
