@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     from worldmodel.dataset import DatasetError
     from worldmodel.runtime import keep_freed_memory
 
-    keep_freed_memory()  # a batch-256 bf16 dream step took 75 ms without it, 40 with (runtime.py)
+    keep_freed_memory()  # a dream step would page-fault its activations in again each time (docs/architecture.md)
     try:
         args.func(args)
     except (ConfigError, DatasetError, CheckpointError) as err:

@@ -122,7 +122,7 @@ def train(
             model.train()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * schedule(step)
-            # bf16 autocast on GPU only: on CPU it made training about 3x slower in our measurements
+            # bf16 autocast on GPU only: on a CPU without bf16 instructions it makes training several times slower
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, logs = forward_batch(sample_batch(step))
             optimizer.zero_grad(set_to_none=True)

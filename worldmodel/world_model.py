@@ -60,8 +60,8 @@ def sample_tokens(
     indices = None
     if top_k is not None and top_k < logits.shape[-1]:
         logits, indices = logits.topk(top_k, dim=-1)  # draw among the k, then map back to token ids
-    # inverse-CDF draw, one uniform per token against the cumulative softmax: on (256, 64, 240) logits on the
-    # 2-core CPU it took 12 ms where torch.multinomial took 93 (and 140 with top-k over a -inf-filled copy)
+    # inverse-CDF draw, one uniform per token against the cumulative softmax: several times faster than
+    # torch.multinomial on the CPU (docs/bench_dynamics.md has the figures)
     cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
     uniform = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=cdf.dtype)
     drawn = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
