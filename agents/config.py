@@ -161,6 +161,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
             "collect.source.max_steps",
             "loop.max_steps",
             "eval.max_steps",
+            "ppo.top_k",
         ),
         _optional_positive,
         "null or a number > 0",

@@ -35,6 +35,7 @@ class PPOConfig(DreamSettings):
     here with PPO's defaults, then PPO's own."""
 
     horizon: int = 32
+    burn_in: int | None = 4
     start_fraction: float = 0.25
     dtype: str | None = "float32"
     """The dream's precision: float32, or bfloat16 (docs/architecture.md has its speed); the policy and its

@@ -367,7 +367,12 @@ def bench_imagination(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "config": dataclasses.asdict(config),
-        "dream_settings": {**dataclasses.asdict(settings), "autoreset_mode": "SameStep", "source": settings_origin},
+        "dream_settings": {
+            **dataclasses.asdict(settings),
+            "dtype": config.dtype,  # the bench's own, applied to the model it loads
+            "autoreset_mode": "SameStep",
+            "source": settings_origin,
+        },
         "real_envs": real_envs,
         "real_simulator": source.source.simulator,
         "real_action_repeat": source.repeat,
@@ -413,8 +418,8 @@ def format_table(figures: dict[str, Any]) -> str:
     dream = figures["dream_settings"]
     sampling = "greedy" if dream["temperature"] == 0 else f"temperature {dream['temperature']}, top-k {dream['top_k']}"
     lines.append(
-        f"dream stepped as PPO steps it: horizon {dream['horizon']}, burn-in {dream['burn_in']}, start fraction "
-        f"{dream['start_fraction']}, {sampling}, {dream['refine_steps']} refinement rounds"
+        f"dream stepped as PPO steps it: horizon {dream['horizon']}, burn-in {dream['burn_in'] or 'up to 4'}, "
+        f"start fraction {dream['start_fraction']}, {sampling}, {dream['refine_steps']} refinement rounds"
     )
     peak = figures["matmul_peak_gflops"]
     lines.append(

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.config import load_pipeline_config
 from envs.sources import SOURCES
 from worldmodel.files import write_json_atomic, write_text_atomic
 
@@ -134,6 +135,8 @@ def reliability_command(config: ReliabilityConfig) -> str:
 def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     """Run (or resume) every seed's pipeline, then write `<out>/reliability.json` and `reliability.md`."""
     source, name = config.source or "carracing", config.run_name
+    for seed in config.seeds:  # every seed's settings checked before the first starts, not after its minutes
+        load_pipeline_config(config.preset, [*config.overrides, *seed_overrides(seed)], config.source)
     rows = []
     for seed in config.seeds:
         run = f"{name}-seed{seed}"

@@ -60,6 +60,8 @@ class DreamSettings:
 
 def dream_settings(settings: DreamSettings | None, overrides: dict[str, Any]) -> DreamSettings:
     """`settings` (or the defaults) with keyword `overrides`; an unknown keyword is refused, naming the known."""
+    if settings is not None and not isinstance(settings, DreamSettings):
+        raise TypeError(f"settings must be a DreamSettings, got {settings!r}; pass horizon, burn_in, ... as keywords")
     base = settings.dream() if settings is not None else DreamSettings()
     known = {f.name for f in fields(DreamSettings)}
     unknown = sorted(set(overrides) - known)

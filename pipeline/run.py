@@ -60,11 +60,15 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def _changed(previous: Any, now: Any) -> bool:
-    """Whether a setting differs from the one a stage finished with; a key the earlier config did not have yet (a
-    setting added to the project since) is not a change."""
+def _changed(previous: Any, now: Any, default: Any) -> bool:
+    """Whether a setting differs from the one a stage finished with. A key the earlier config did not have yet (a
+    setting added to the project since) counts as its default then: a change only if it is set otherwise now."""
     if isinstance(previous, dict) and isinstance(now, dict):
-        return any(_changed(value, now.get(key)) for key, value in previous.items())
+        default = default if isinstance(default, dict) else {}
+        return any(
+            _changed(previous[key], now.get(key), default.get(key)) if key in previous else now[key] != default.get(key)
+            for key in previous.keys() | now.keys()
+        )
     return previous != now
 
 
@@ -93,13 +97,16 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     run_dir, data_dir = config.run_dir, config.dataset_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = json.loads(json.dumps(dataclasses.asdict(config)))
+    defaults = json.loads(json.dumps(dataclasses.asdict(PipelineConfig())))
     results = Results(run_dir)
     config_path = RunDir(run_dir).config
     if config_path.is_file():
         previous = yaml.safe_load(config_path.read_text()) or {}
         for stage_name, keys in STAGE_SECTIONS.items():
             for key in keys:
-                if results.done(stage_name) and _changed(_lookup(previous, key), _lookup(resolved, key)):
+                if results.done(stage_name) and _changed(
+                    _lookup(previous, key), _lookup(resolved, key), _lookup(defaults, key)
+                ):
                     raise ConfigError(
                         f"{run_dir}: stage {stage_name!r} finished with other `{key}` settings than "
                         f"now (see {config_path}); choose a new run.name, or delete the run folder"

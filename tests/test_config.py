@@ -212,3 +212,15 @@ def test_a_refused_setting_is_one_line_and_exit_status_2_from_the_command(capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err == "error: dynamics.reward_smoothing: expected an odd number of steps >= 1 (centred), got 4\n"
+
+
+@pytest.mark.parametrize("source, overrides", [("kart", []), (None, ["ppo.num_envs=0"])])
+def test_bench_reliability_refuses_a_bad_setting_before_any_seed_runs(tmp_path, monkeypatch, source, overrides):
+    import subprocess
+
+    from bench.reliability import ReliabilityConfig, bench_reliability
+
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("a seed's run started"))
+    config = ReliabilityConfig(source=source, seeds=(0, 1), runs_dir=str(tmp_path), overrides=overrides)
+    with pytest.raises(ConfigError):
+        bench_reliability(config, tmp_path)

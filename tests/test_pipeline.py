@@ -298,7 +298,9 @@ def test_highway_micro_run(tmp_path):
 def test_a_setting_added_to_the_project_since_a_stage_finished_does_not_block_its_resume():
     from pipeline.run import _changed
 
-    assert not _changed({"lr": 1e-3, "horizon": 32}, {"lr": 1e-3, "horizon": 32, "top_k": None})
-    assert _changed({"lr": 1e-3}, {"lr": 2e-3, "top_k": None})
-    assert _changed({"model": {"layers": 3}}, {"model": {"layers": 4}})
-    assert _changed({"lr": 1e-3, "gone": 1}, {"lr": 1e-3})
+    defaults = {"lr": 3e-4, "horizon": 32, "top_k": None, "model": {"layers": 3}}
+    assert not _changed({"lr": 1e-3, "horizon": 32}, {"lr": 1e-3, "horizon": 32, "top_k": None}, defaults)
+    assert _changed({"lr": 1e-3}, {"lr": 1e-3, "top_k": 8}, defaults)  # a new setting set otherwise than its default
+    assert _changed({"lr": 1e-3}, {"lr": 2e-3, "top_k": None}, defaults)
+    assert _changed({"model": {"layers": 3}}, {"model": {"layers": 4}}, defaults)
+    assert _changed({"lr": 1e-3, "gone": 1}, {"lr": 1e-3}, defaults)
