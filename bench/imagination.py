@@ -81,12 +81,17 @@ class ImaginationBenchConfig:
     seed: int = 0
 
 
+def _run_yaml(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """A run's `config.yaml` as written (older runs may lack settings added since), or {} without one."""
+    path = RunDir(run_dir).config
+    return path, (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+
+
 def run_dream_settings(run_dir: Path) -> tuple[DreamSettings, str]:
     """The dream as the run's PPO stepped it (the `ppo` section of `<run>/config.yaml`, PPOConfig's defaults for
     what it does not say), in the model's own precision (the bench's `dtype` decides that), and where it came from."""
-    path = RunDir(run_dir).config
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-    ppo = (raw or {}).get("ppo") or {}
+    path, raw = _run_yaml(run_dir)
+    ppo = raw.get("ppo") or {}
     dream_keys = {f.name for f in dataclasses.fields(DreamSettings)}
     config = from_dict(PPOConfig, {key: value for key, value in ppo.items() if key in dream_keys}, f"{path}: ppo")
     origin = str(path) if ppo else "PPOConfig defaults (no ppo section in the run's config.yaml)"
@@ -123,8 +128,7 @@ def timed_rate(step: Callable[[], Any], seconds: float) -> float:
 
 def run_source(run_dir: Path) -> SourceConfig:
     """The simulator a run was recorded from (`collect.source` of its `config.yaml`; CarRacing if it says none)."""
-    path = RunDir(run_dir).config
-    raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    path, raw = _run_yaml(run_dir)
     return from_dict(SourceConfig, (raw.get("collect") or {}).get("source"), where=f"{path}: collect.source")
 
 

@@ -246,7 +246,10 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         return self._observe(), {}
 
     def step(self, actions: Any):
-        actions = check_actions(actions, self.single_action_space, self.num_envs)
+        return self._step(check_actions(actions, self.single_action_space, self.num_envs))
+
+    def _step(self, actions: np.ndarray):
+        """`step` of actions already checked (`check_actions`)."""
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
@@ -338,7 +341,7 @@ class DreamEnv(gym.Env):
 
     def step(self, action: Any):
         batched = check_actions(action, self.action_space, None)[None]
-        obs, reward, terminated, truncated, _ = self._vector.step(batched)
+        obs, reward, terminated, truncated, _ = self._vector._step(batched)  # checked once, as a single action
         return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
 
     def render(self) -> np.ndarray | None:
