@@ -60,7 +60,7 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     eval_config = pipeline.eval
     if config.episodes is not None:
         eval_config.episodes = config.episodes
-    used = [e.seed for e in Dataset.open(pipeline.dataset_dir).episodes if e.seed is not None]
+    used = [e.seed for e in Dataset.open(RunDir(run_dir).dataset).episodes if e.seed is not None]
     scores_path = folder / "scores.json"
     scores = _scores(scores_path)
 
