@@ -21,10 +21,29 @@ import torch
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
+from worldmodel.checkpoint import CheckpointError
 from worldmodel.runtime import keep_freed_memory
 from worldmodel.world_model import Sampling, WorldModel, token_grid_space
 
 ObsMode = Literal["tokens", "pixels"]
+
+SHIPPED_MODEL = Path(__file__).parent / "shipped" / "carracing"
+"""The CarRacing world model installed with the package (`worldmodel export`, docs/shipped_model.md): what the
+dream envs load when no checkpoint is given."""
+
+
+def load_world_model(checkpoint: str | Path | WorldModel | None, device: str = "cpu") -> WorldModel:
+    """`checkpoint` as a world model: a run folder is loaded, None loads the shipped model."""
+    if isinstance(checkpoint, WorldModel):
+        return checkpoint
+    if checkpoint is None:
+        if not (SHIPPED_MODEL / "dynamics.json").is_file():
+            raise CheckpointError(
+                f"no checkpoint given and the shipped world model is missing ({SHIPPED_MODEL}); "
+                "reinstall the package, or pass checkpoint=RUN_DIR"
+            )
+        checkpoint = SHIPPED_MODEL
+    return WorldModel.load(checkpoint, device)
 
 
 @dataclass
@@ -103,7 +122,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
     def __init__(
         self,
-        checkpoint: str | Path | WorldModel,
+        checkpoint: str | Path | WorldModel | None = None,
         num_envs: int = 16,
         obs_mode: ObsMode = "tokens",
         settings: DreamSettings | None = None,
@@ -114,9 +133,10 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         max_episode_steps: int | None = None,
         **dream: Any,
     ):
-        """`dream` keywords are `DreamSettings` fields (horizon, burn_in, temperature, ...), over `settings`."""
+        """`checkpoint`: a run folder, a loaded `WorldModel`, or None for the shipped CarRacing model. `dream`
+        keywords are `DreamSettings` fields (horizon, burn_in, temperature, ...), over `settings`."""
         settings = dream_settings(settings, dream)
-        model = checkpoint if isinstance(checkpoint, WorldModel) else WorldModel.load(checkpoint, device)
+        model = load_world_model(checkpoint, device)
         if settings.dtype is not None:
             model = model.with_dtype(settings.dtype)
         if model.device.type == "cpu":
@@ -306,7 +326,7 @@ class DreamEnv(gym.Env):
 
     def __init__(
         self,
-        checkpoint: str | Path | WorldModel,
+        checkpoint: str | Path | WorldModel | None = None,
         obs_mode: ObsMode = "tokens",
         settings: DreamSettings | None = None,
         *,

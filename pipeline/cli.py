@@ -347,6 +347,61 @@ def _pipeline_commands(commands: Any) -> None:
     rollout.add_argument("--out", default=None, help="output path without suffix (default: runs/<name>/rollout)")
     rollout.set_defaults(func=cmd_rollout)
 
+    export = commands.add_parser(
+        "export", help="a run cut down to what dreams need (weights, a few real contexts), to ship or hand on"
+    )
+    export.add_argument("run", help="run folder written by `worldmodel run`")
+    export.add_argument("--out", required=True, help="folder to write (replaced whole)")
+    export.add_argument(
+        "--episodes", type=_positive_int, default=32, help="real episodes kept for dreams to start from"
+    )
+    export.add_argument("--note", default="", help="recorded in its model.json, e.g. the command that made the run")
+    export.set_defaults(func=cmd_export)
+
+    play = commands.add_parser(
+        "play", help="drive inside the dream in a window: arrows or WASD, P for the policy, R restarts, Esc quits"
+    )
+    play.add_argument("--run", default=None, help="run folder to play (default: the shipped CarRacing model)")
+    play.add_argument("--side-by-side", action="store_true", help="the real simulator beside the dream, same keys")
+    play.add_argument("--policy", action="store_true", help="the run's policy drives; P hands control back and forth")
+    play.add_argument("--record", default=None, help="save what the window shows to this .mp4")
+    play.add_argument(
+        "--keys", default=None, help="scripted keys instead of the keyboard, KEYS:FRAMES,..., e.g. up:20,up+left:10"
+    )
+    play.add_argument("--seed", type=_non_negative_int, default=0, help="first episode's seed (dream start, track)")
+    play.add_argument("--scale", type=_positive_int, default=6, help="frame scaled up this many times")
+    play.add_argument("--fps", type=float, default=12.0, help="frames per second (0: as fast as it runs)")
+    play.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
+    play.set_defaults(func=cmd_play)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from worldmodel.export import export_model
+
+    manifest = export_model(args.run, args.out, args.episodes, args.note)
+    print(f"exported {args.run} to {args.out}: {len(manifest['episodes'])} context episodes")
+
+
+def cmd_play(args: argparse.Namespace) -> None:
+    from pipeline.play import PlayConfig, parse_keys, play
+
+    config = PlayConfig(
+        run=Path(args.run) if args.run else None,
+        side_by_side=args.side_by_side,
+        policy=args.policy,
+        record=Path(args.record) if args.record else None,
+        keys=parse_keys(args.keys) if args.keys is not None else None,
+        seed=args.seed,
+        scale=args.scale,
+        fps=args.fps,
+        max_steps=args.max_steps,
+    )
+    result = play(config)
+    print(
+        f"{result['steps']} steps, {result['episodes']} episode(s)"
+        + (f"; saved {result['record']}" if result["record"] else "")
+    )
+
 
 def _bench_commands(bench: argparse.ArgumentParser) -> None:
     """Measurements of a trained run, or of several, against their references."""

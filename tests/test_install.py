@@ -101,3 +101,21 @@ def test_the_wheel_installs_and_its_command_finds_the_presets_outside_the_checko
     )
     assert by_path.returncode == 0, by_path.stderr[-2000:]
     assert "2 episodes" in by_path.stdout
+
+    # the shipped world model dreams right after the install, with no run folder
+    dream = subprocess.run(
+        [
+            python,
+            "-c",
+            "import gymnasium as gym, envs, envs.dream as d; env = gym.make('WorldModel/Dream-v0'); env.reset(seed=0);"
+            " env.step(env.action_space.sample()); print(d.SHIPPED_MODEL)",
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert dream.returncode == 0, dream.stderr[-2000:]
+    assert Path(dream.stdout.strip()).is_relative_to(site)
+    shipped = sum(f.stat().st_size for f in Path(dream.stdout.strip()).iterdir())
+    assert shipped <= 15 * 2**20, f"the shipped model is {shipped / 2**20:.1f} MB, more than the 15 MB promised"

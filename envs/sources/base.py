@@ -42,6 +42,9 @@ class Source:
     """Probe actions in groups compared with each other (`bench dynamics`' action faithfulness)."""
     standing_start_group: str | None = None
     """The probe group also held from a standing start (None where the simulator's episodes start moving)."""
+    controls: Callable[[frozenset[str]], Any] | None = None
+    """The keys a person holds (names among "left", "right", "up", "down") -> the action they mean
+    (`worldmodel play`); None where nobody can drive the simulator by hand."""
 
 
 SOURCES: dict[str, Source] = {}

@@ -21,6 +21,14 @@ def _simulator(frame_size: int, render_mode: str | None) -> gym.Env:
     return gym.make("highway-fast-v0", render_mode=render_mode, config={"observation": observation})
 
 
+def _controls(keys: frozenset[str]) -> int:
+    """highway-env's meta-actions: left and right change lane, up is faster, down slower, no key keeps going."""
+    for key, action in (("left", 0), ("right", 2), ("up", 3), ("down", 4)):
+        if key in keys:
+            return action
+    return 1  # IDLE
+
+
 HIGHWAY = register_source(
     Source(
         name="highway",
@@ -33,5 +41,6 @@ HIGHWAY = register_source(
             "throttle": {"faster": 3, "slower": 4},
         },
         standing_start_group=None,  # its cars start moving
+        controls=_controls,
     )
 )

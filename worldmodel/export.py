@@ -1,0 +1,79 @@
+"""A trained run cut down to what a dream needs, to be shipped or handed on: `worldmodel export RUN --out DIR`.
+
+The exported folder is itself a run folder (`RunDir` layout), so everything that reads a run reads it:
+`WorldModel.load`, the dream envs, `worldmodel play`. It holds the tokenizer and the dynamics model without their
+optimizer moments, the run's policy when it has one, the run's settings (`config.yaml`), and the token cache cut to
+a few training episodes: the real contexts dreams start from. `model.json` says what it was made from, the figures
+the run measured, and each kept episode's collection seed (so the real simulator can replay it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worldmodel.checkpoint import CheckpointError, copy_checkpoint
+from worldmodel.dataset import Dataset
+from worldmodel.files import atomic_path, write_json_atomic
+from worldmodel.run_dir import RunDir
+from worldmodel.world_model import WorldModel
+
+MANIFEST = "model.json"
+CHECKPOINTS = (("tokenizer", "tokenizer"), ("dynamics", "dynamics"), ("policy", "policy"))  # (RunDir name, kind)
+
+
+def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note: str = "") -> dict[str, Any]:
+    """Write `out` (replacing it whole, atomically) from the run in `run_dir`; returns the manifest."""
+    run, out = RunDir(run_dir), Path(out)
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1 (real contexts for dreams to start from), got {episodes}")
+    if out.resolve() == run.root.resolve():
+        raise ValueError(f"export to a folder other than the run's own ({out})")
+    model = WorldModel.load(run.root, with_contexts=True)  # refuses a run whose files do not belong together
+    ids = model.contexts.episode_ids
+    kept = [int(i) for i in ids[np.linspace(0, len(ids) - 1, min(episodes, len(ids))).round().astype(int)]]
+    contexts = model.contexts.select(kept)
+
+    seeds: dict[str, int | None] = {}
+    if run.dataset.is_dir():
+        records = Dataset.open(run.dataset).episodes
+        seeds = {str(i): records[i].seed for i in kept if i < len(records)}
+    summary = json.loads(run.summary.read_text()) if run.summary.is_file() else {}
+    manifest = {
+        "made_from": run.root.resolve().name,
+        "note": note,
+        "episodes": kept,
+        "seeds": seeds,
+        "source": summary.get("source"),
+        "figures": {
+            key: summary[key] for key in ("tokenizer", "dynamics", "policy", "random", "expert") if key in summary
+        },
+        "episodes_evaluated": summary.get("episodes_evaluated"),
+    }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, folder=True) as tmp:
+        target = RunDir(tmp)
+        for name, kind in CHECKPOINTS:
+            source = getattr(run, name)
+            if name == "policy" and not source.with_suffix(".json").is_file():
+                continue  # a run stopped before its policy still dreams
+            try:
+                copy_checkpoint(source, getattr(target, name), kind)
+            except CheckpointError as err:
+                raise CheckpointError(f"cannot export {run.root}: {err}") from None
+        contexts.save(target.tokens)
+        if run.config.is_file():
+            shutil.copyfile(run.config, target.config)
+        write_json_atomic(target.root / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    """The `model.json` of an exported model (empty for an ordinary run folder)."""
+    path = Path(model_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
