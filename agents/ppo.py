@@ -300,8 +300,15 @@ def optimise(
     began = time.monotonic()
     logs: dict[str, float] = {}
     step = 0
-    progress = tqdm(range(iterations), desc="ppo", dynamic_ncols=True)
-    for iteration in progress:
+    # a wall-clock budget shows as seconds of it (a step count of 10**12 would show an ETA of centuries)
+    timed = config.max_minutes is not None
+    progress = tqdm(
+        total=round(60 * config.max_minutes) if timed else iterations,
+        unit="s" if timed else "it",
+        desc="ppo",
+        dynamic_ncols=True,
+    )
+    for iteration in range(iterations):
         obs, reward_per_step = rollout.collect(envs, policy, obs, config, observe)
         update = clipped_updates(
             policy, optimizer, rollout.batch(policy, obs, config), config, batch // config.minibatches
@@ -316,7 +323,8 @@ def optimise(
         logger.log({f"{log_prefix}/{k}": v for k, v in logs.items()}, step_offset + step)
         if after_update is not None:
             after_update(step)
-        progress.set_postfix(ret=f"{logs['episode_return']:.1f}", r=f"{logs['reward_per_step']:.3f}")
+        progress.set_postfix(steps=step, ret=f"{logs['episode_return']:.1f}", r=f"{logs['reward_per_step']:.3f}")
+        progress.update(min(round(time.monotonic() - began), progress.total) - progress.n if timed else 1)
         if config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes:
             tqdm.write(f"ppo: stopping after {step} steps at the {config.max_minutes} minute budget")
             break

@@ -158,7 +158,11 @@ def cmd_bench_dynamics(args: argparse.Namespace) -> None:
     config = DynamicsBenchConfig(
         episodes=args.episodes, sampling=sampling, faithfulness=ProbeConfig(states=args.states, sampling=sampling)
     )
-    figures = bench_dynamics(args.run, args.data, config, args.json, args.plot)
+    from worldmodel.run_dir import RunDir
+
+    fidelity = RunDir(args.run).fidelity  # where the run's report finds them
+    json_path = args.json or fidelity.with_suffix(".json")
+    figures = bench_dynamics(args.run, args.data, config, json_path, args.plot or fidelity.with_suffix(".png"))
     print(json.dumps(figures, indent=2))
 
 
@@ -358,6 +362,11 @@ def _pipeline_commands(commands: Any) -> None:
     export.add_argument("--note", default="", help="recorded in its model.json, e.g. the command that made the run")
     export.set_defaults(func=cmd_export)
 
+    report = commands.add_parser("report", help="a run's self-contained HTML page (RUN/report.html)")
+    report.add_argument("run", help="run folder written by `worldmodel run`")
+    report.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
+    report.set_defaults(func=cmd_report)
+
     play = commands.add_parser(
         "play", help="drive inside the dream in a window: arrows or WASD, P for the policy, R restarts, Esc quits"
     )
@@ -380,6 +389,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     manifest = export_model(args.run, args.out, args.episodes, args.note)
     print(f"exported {args.run} to {args.out}: {len(manifest['episodes'])} context episodes")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pipeline.report import write_report
+
+    print(write_report(args.run, args.out))
 
 
 def cmd_play(args: argparse.Namespace) -> None:
@@ -410,8 +425,12 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     dynamics = targets.add_parser("dynamics", help="open-loop fidelity and action faithfulness of a run's dream")
     dynamics.add_argument("--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`")
     dynamics.add_argument("--data", default=None, help="dataset folder (default: RUN/dataset)")
-    dynamics.add_argument("--json", default=None, help="write the figures to this JSON file")
-    dynamics.add_argument("--plot", default=None, help="write the PSNR-by-horizon plot to this PNG file")
+    dynamics.add_argument(
+        "--json", default=None, help="write the figures to this JSON file (default: RUN/fidelity.json)"
+    )
+    dynamics.add_argument(
+        "--plot", default=None, help="the PSNR-by-horizon plot, a PNG file (default: RUN/fidelity.png)"
+    )
     dynamics.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
     dynamics.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
     _sampling_flags(dynamics, from_run=False)

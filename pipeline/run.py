@@ -151,6 +151,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         plot_learning_curve(summary["loop"]["curve"], RunDir(run_dir).loop_plot)
     write_json_atomic(RunDir(run_dir).summary, summary)
     print(format_summary(summary))
+    from pipeline.report import write_report
+
+    print(f"report: {write_report(run_dir)}")
     return summary
 
 

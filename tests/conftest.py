@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import gymnasium as gym
@@ -133,3 +135,19 @@ def discrete_world(discrete_run):
     from worldmodel.world_model import WorldModel
 
     return WorldModel.load(discrete_run)
+
+
+def open_in_chromium(page):
+    """(DOM after load, console messages) of `page` in headless Chromium; .ci/run installs it."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("headless Chromium is not installed: .ci/run installs Debian's chromium")
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium)")
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout, [line for line in result.stderr.splitlines() if ":CONSOLE" in line]

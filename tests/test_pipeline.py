@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BOX_SPACE, build_run
+from conftest import BOX_SPACE, build_run, open_in_chromium
 
 from agents.config import load_pipeline_config
 from pipeline.run import format_summary, make_summary
@@ -187,6 +187,12 @@ def test_micro_run_writes_summary(micro_run):
     # the loop round's PPO began with an update on the one episode its policy drove sampling (20 recorded steps)
     assert results["loop/01/policy"]["real_update_steps"] == 20
     assert (run_dir / "loop" / "01" / "policy_real.safetensors").is_file()
+    # the run's report: written at its end, opened in a headless browser without a console error or a broken asset
+    assert "report.html" in result.stdout
+    page = (run_dir / "report.html").read_text()
+    assert 'src="data:video/mp4;base64,' in page and "The dream-to-real loop" in page
+    dom, console = open_in_chromium(run_dir / "report.html")
+    assert console == [] and '<p id="missing"></p>' in dom
 
 
 @pytest.mark.slow
@@ -249,6 +255,8 @@ def test_bench_baseline_scores_real_ppo_against_the_run(micro_run, tmp_path):
     assert figures["time_ratio"]["bound"] in ("<=", ">") and figures["time_ratio"]["value"] > 0
     assert (run / "real_ppo" / "baseline.md").read_text().count("real-simulator PPO") >= 2
     assert (run / "real_ppo" / "baseline.png").stat().st_size > 0
+    report = worldmodel_cli(["report", str(run)], cwd=tmp_path)
+    assert report.returncode == 0 and "The baseline: PPO in the real simulator" in (run / "report.html").read_text()
     # scored policies are kept: a second call trains and evaluates nothing again
     before = (run / "real_ppo" / "scores.json").read_text()
     again = worldmodel_cli(args, cwd=tmp_path, timeout=120)

@@ -69,6 +69,16 @@ class RunDir:
         return self.root / "rollout"
 
     @property
+    def fidelity(self) -> Path:
+        """`bench dynamics`' figures (`.json`) and PSNR-by-horizon plot (`.png`) of this run."""
+        return self.root / "fidelity"
+
+    @property
+    def report(self) -> Path:
+        """The run's self-contained HTML page (`worldmodel report`)."""
+        return self.root / "report.html"
+
+    @property
     def loop_plot(self) -> Path:
         return self.root / "loop.png"
 
