@@ -145,7 +145,6 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     used_seeds = [e.seed for e in Dataset.open(data_dir).episodes if e.seed is not None]
     stage("evaluate", lambda: evaluate(run_dir, config.collect.source, config.eval, used_seeds))
     stage("rollout", lambda: write_rollout(run_dir, data_dir, config.rollout))
-    logger.close()
     summary = make_summary(config, results.data)
     if summary["loop"]:
         plot_learning_curve(summary["loop"]["curve"], RunDir(run_dir).loop_plot)
@@ -153,7 +152,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     print(format_summary(summary))
     from pipeline.report import write_report
 
-    print(f"report: {write_report(run_dir)}")
+    report = write_report(run_dir)
+    print(f"report: {report}")
+    logger.media({"rollout/video": RunDir(run_dir).rollout.with_suffix(".mp4"), "report": report})
+    logger.close()
     return summary
 
 

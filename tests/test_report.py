@@ -103,3 +103,20 @@ def test_headless_chromium_shows_the_report_without_a_console_error_or_a_missing
     broken.write_text(text[:start] + "AAAA" + text[start + 64 :])
     dom, console = open_in_chromium(broken)
     assert any("missing asset" in line for line in console) and "could not be shown" in dom
+
+
+@pytest.mark.slow
+def test_wandb_offline_receives_the_rollout_video_and_the_report(tmp_path, box_run):
+    from worldmodel.logger import RunLogger
+    from worldmodel.rollout import RolloutConfig, write_rollout
+
+    run = make_run(tmp_path / "run")
+    video = write_rollout(box_run, box_run.parent / "dataset", RolloutConfig(), tmp_path / "rollout")["video"]
+    logger = RunLogger(run, "offline")
+    logger.log({"ppo/train/episode_return": 1.0}, 0)
+    sent = logger.media({"rollout/video": video, "report": write_report(run), "absent": tmp_path / "none.mp4"})
+    logger.close()
+    assert sent == ["report", "rollout/video"]
+    media = [p.suffix for p in (run / "wandb").rglob("media/**/*") if p.is_file()]
+    assert ".mp4" in media and ".html" in media
+    assert RunLogger(tmp_path / "quiet").media({"rollout/video": video}) == []  # wandb disabled: nothing sent

@@ -47,6 +47,22 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
+    def media(self, files: dict[str, str | Path], step: int | None = None) -> list[str]:
+        """Videos (`.mp4`, `.gif`) and pages (`.html`) to wandb, when it is enabled, under their keys; returns the keys
+        sent (`metrics.jsonl` keeps numbers only; the files stay in the run folder)."""
+        if self._wandb is None:
+            return []
+        import wandb
+
+        items: dict[str, Any] = {}
+        for key, path in files.items():
+            path = Path(path)
+            if path.is_file():
+                items[key] = wandb.Html(path.read_text()) if path.suffix == ".html" else wandb.Video(str(path))
+        if items:
+            self._wandb.log(items, step=step)
+        return sorted(items)
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
