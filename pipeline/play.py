@@ -179,9 +179,9 @@ def play(config: PlayConfig) -> dict[str, Any]:
     import pygame
 
     model_dir = Path(config.run) if config.run is not None else SHIPPED_MODEL
-    session = Session(model_dir, config.side_by_side, config.policy, config.seed)
     actions: list[Any] = []
     with ExitStack() as stack:  # closed in reverse: the recording is saved, then the window and the envs close
+        session = Session(model_dir, config.side_by_side, config.policy, config.seed)
         stack.callback(session.close)
         stack.callback(pygame.quit)
         pygame.display.init()  # not pygame.init(): no sound, so no audio device is looked for
@@ -266,7 +266,10 @@ def _draw(screen: Any, font: Any, session: Session, side: int, bar: int, held: s
     import pygame
 
     screen.fill((20, 20, 20))
-    driver = "policy drives (P: you)" if session.policy_drives else "you drive (P: policy)"
+    if session.policy is None:
+        driver = "you drive (no policy in this run)"
+    else:
+        driver = "policy drives (P: you)" if session.policy_drives else "you drive (P: policy)"
     for index, panel in enumerate(session.panels):
         frame = panel.frame if panel.frame.shape[-1] == 3 else np.repeat(panel.frame, 3, axis=-1)
         surface = pygame.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))

@@ -33,15 +33,12 @@ img, video { max-width: 100%; } video { width: 720px; image-rendering: pixelated
 .note { color: #666; font-size: 0.92em; } #missing { color: #b00; }
 """
 
-# a broken embedded asset shows on the page and in the browser's console (the report's browser test reads it there)
+# a broken embedded asset shows on the page and in the browser's console (the report's browser test reads it there):
+# each <img> and <video> calls it from its own onerror attribute, so no failure can come before a listener exists
 CHECK_ASSETS = """
 function missing(el) {
   console.error("missing asset: " + el.title);
   document.getElementById("missing").textContent = "Some figures could not be shown.";
-}
-for (const el of document.querySelectorAll("img, video")) {
-  if (el.tagName === "IMG" && el.complete && el.naturalWidth === 0) missing(el);  // failed before this ran
-  el.addEventListener("error", () => missing(el));
 }
 """
 
@@ -51,7 +48,8 @@ def _data_url(data: bytes, mime: str) -> str:
 
 
 def _image(data: bytes, title: str) -> str:
-    return f'<img src="{_data_url(data, "image/png")}" alt="{html.escape(title)}" title="{html.escape(title)}">'
+    title = html.escape(title)
+    return f'<img src="{_data_url(data, "image/png")}" alt="{title}" title="{title}" onerror="missing(this)">'
 
 
 def _figure_png(fig: Any) -> bytes:
@@ -178,7 +176,7 @@ def _curves(series: dict[str, list[tuple[float, float]]], loop: dict[str, Any] |
 
 
 def _reliability_folder(run: RunDir) -> Path | None:
-    """The `bench reliability` output this run is a seed of (`RUNS/NAME-seedS` -> `RUNS/NAME/reliability.json`)."""
+    """The `bench reliability` output this run is a seed of (`RUNS/NAME-seedS` -> `RUNS/NAME/reliability.md`)."""
     match = re.fullmatch(r"(.+)-seed\d+", run.root.resolve().name)
     folder = run.root.resolve().parent / match.group(1) if match else None
     return folder if folder is not None and (folder / "reliability.md").is_file() else None
@@ -209,7 +207,7 @@ def build_report(run_dir: str | Path) -> str:
         rollout = summary.get("rollout", {})
         if rollout:
             body.append(
-                f'<p class="note">Held-out episode {html.escape(str(rollout.get("episode")))}, '
+                f'<p class="note">Episode {html.escape(str(rollout.get("episode")))}, '
                 f"{rollout.get('frames')} frames: the tokenizer's reconstruction "
                 f"{_number(rollout.get('tokenizer_psnr'))} dB, the dream from the same start with the recorded "
                 f"actions {_number(rollout.get('dream_psnr'))} dB"
@@ -217,7 +215,7 @@ def build_report(run_dir: str | Path) -> str:
             )
         body.append(
             f'<video controls loop muted autoplay src="{_data_url(video.read_bytes(), "video/mp4")}" '
-            'title="rollout video"></video>'
+            'title="rollout video" onerror="missing(this)"></video>'
         )
 
     curves = _curves(read_metrics(run.metrics), summary.get("loop"))
@@ -270,8 +268,8 @@ def build_report(run_dir: str | Path) -> str:
 
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(name)}: world model report</title><style>{STYLE}</style></head>"
-        f"<body>\n{chr(10).join(body)}\n<script>{CHECK_ASSETS}</script></body></html>\n"
+        f"<title>{html.escape(name)}: world model report</title><style>{STYLE}</style><script>{CHECK_ASSETS}</script>"
+        f"</head><body>\n{chr(10).join(body)}\n</body></html>\n"
     )
 
 

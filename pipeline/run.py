@@ -152,10 +152,14 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     print(format_summary(summary))
     from pipeline.report import write_report
 
-    report = write_report(run_dir)
-    print(f"report: {report}")
-    logger.media({"rollout/video": RunDir(run_dir).rollout.with_suffix(".mp4"), "report": report})
-    logger.close()
+    try:  # the run's results are saved: a page that cannot be drawn is a warning, not a failed run
+        report = write_report(run_dir)
+        print(f"report: {report}")
+        logger.media({"rollout/video": RunDir(run_dir).rollout.with_suffix(".mp4"), "report": report})
+    except Exception as err:
+        print(f"warning: the report was not written ({type(err).__name__}: {err}); try `worldmodel report {run_dir}`")
+    finally:
+        logger.close()
     return summary
 
 

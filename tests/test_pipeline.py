@@ -301,6 +301,13 @@ def test_highway_micro_run(tmp_path):
     assert dataset.frame_shape == (64, 64, 1)
     assert dataset.manifest.action_space == {"type": "discrete", "n": 5}
     assert Path(summary["rollout_video"]).stat().st_size > 0
+    # played by hand, side by side: the keys are highway's meta-actions, the grayscale frames drawn as they come
+    from pipeline.play import Session
+
+    session = Session(tmp_path / "hw", side_by_side=True)
+    assert [session.step(frozenset(keys)) for keys in ((), ("left",), ("up",))] == [1, 0, 3]
+    assert [panel.frame.shape for panel in session.panels] == [(64, 64, 1), (64, 64, 1)]
+    session.close()
 
 
 def test_a_setting_added_to_the_project_since_a_stage_finished_does_not_block_its_resume():

@@ -1,6 +1,5 @@
 """The shipped world model, `worldmodel export` that makes it, and `worldmodel play` that drives it by hand."""
 
-import json
 import shutil
 
 import gymnasium as gym
@@ -65,8 +64,16 @@ def test_export_keeps_what_a_dream_needs_and_dreams_as_the_run_does(box_run, tmp
     with pytest.raises(CheckpointError):
         export_model(tmp_path / "not-a-run", tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()
-    with pytest.raises(ValueError, match="other than the run's own"):
-        export_model(box_run, box_run)
+    for inside in (box_run, box_run.parent):  # the export replaces its folder: never the run's, nor one holding it
+        with pytest.raises(ConfigError, match="outside the run"):
+            export_model(box_run, inside)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an exported model"):
+        export_model(box_run, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    export_model(box_run, out, episodes=1)  # an earlier export is replaced
+    assert len(read_manifest(out)["episodes"]) == 1
 
 
 def test_key_scripts_parse_and_bad_ones_say_what_is_expected():
@@ -135,7 +142,7 @@ def test_play_side_by_side_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert frames[:, :128, 128:].std() > 10  # the real panel shows a frame, not a blank
 
 
-def test_play_refuses_what_it_cannot_do_before_opening_a_window(tmp_path, box_run):
+def test_play_refuses_what_it_cannot_do_before_opening_a_window(tmp_path):
     with pytest.raises(ConfigError, match=r"\.mp4"):
         play(PlayConfig(record=tmp_path / "out.gif", keys=[]))
     run = tmp_path / "run"
@@ -143,4 +150,3 @@ def test_play_refuses_what_it_cannot_do_before_opening_a_window(tmp_path, box_ru
     (run / "policy.json").unlink()
     with pytest.raises(CheckpointError, match="no policy"):
         Session(run, policy_drives=True)
-    assert json.loads((run / "model.json").read_text())["source"] == "carracing"

@@ -1,7 +1,8 @@
 """A trained run cut down to what a dream needs, to be shipped or handed on: `worldmodel export RUN --out DIR`.
 
-The exported folder is itself a run folder (`RunDir` layout), so everything that reads a run reads it:
-`WorldModel.load`, the dream envs, `worldmodel play`. It holds the tokenizer and the dynamics model without their
+The exported folder has a run folder's layout (`RunDir`), so what reads a trained model reads it: `WorldModel.load`,
+the dream envs, `worldmodel play`. It has no dataset, metrics or summary, so the benches and `worldmodel report`
+need the run itself. It holds the tokenizer and the dynamics model without their
 optimizer moments, the run's policy when it has one, the run's settings (`config.yaml`), and the token cache cut to
 a few training episodes: the real contexts dreams start from. `model.json` says what it was made from, the figures
 the run measured, and each kept episode's collection seed (so the real simulator can replay it).
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from worldmodel.checkpoint import CheckpointError, copy_checkpoint
+from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset
 from worldmodel.files import atomic_path, write_json_atomic
 from worldmodel.run_dir import RunDir
@@ -27,12 +29,15 @@ CHECKPOINTS = (("tokenizer", "tokenizer"), ("dynamics", "dynamics"), ("policy", 
 
 
 def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note: str = "") -> dict[str, Any]:
-    """Write `out` (replacing it whole, atomically) from the run in `run_dir`; returns the manifest."""
+    """Write `out` (replacing it whole, atomically: a folder that is not an earlier export is refused) from the run
+    in `run_dir`; returns the manifest."""
     run, out = RunDir(run_dir), Path(out)
     if episodes < 1:
-        raise ValueError(f"episodes must be at least 1 (real contexts for dreams to start from), got {episodes}")
-    if out.resolve() == run.root.resolve():
-        raise ValueError(f"export to a folder other than the run's own ({out})")
+        raise ConfigError(f"episodes must be at least 1 (real contexts for dreams to start from), got {episodes}")
+    if run.root.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"export to a folder outside the run, not {out}: the export replaces its folder whole")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ConfigError(f"{out} holds files that are not an exported model; export to a new or empty folder")
     model = WorldModel.load(run.root, with_contexts=True)  # refuses a run whose files do not belong together
     ids = model.contexts.episode_ids
     kept = [int(i) for i in ids[np.linspace(0, len(ids) - 1, min(episodes, len(ids))).round().astype(int)]]
