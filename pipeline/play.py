@@ -184,11 +184,17 @@ def play(config: PlayConfig) -> dict[str, Any]:
         session = Session(model_dir, config.side_by_side, config.policy, config.seed)
         stack.callback(session.close)
         stack.callback(pygame.quit)
-        pygame.display.init()  # not pygame.init(): no sound, so no audio device is looked for
-        pygame.font.init()
         side = session.panels[0].frame.shape[0] * config.scale
         bar = 56
-        screen = pygame.display.set_mode((side * len(session.panels), side + bar))
+        try:
+            pygame.display.init()  # not pygame.init(): no sound, so no audio device is looked for
+            pygame.font.init()
+            screen = pygame.display.set_mode((side * len(session.panels), side + bar))
+        except pygame.error as err:
+            raise ConfigError(
+                f"no window can be opened ({err}): play on a machine with a display, under Xvfb (xvfb-run), or "
+                "headless with SDL_VIDEODRIVER=dummy and --keys/--record"
+            ) from None
         pygame.display.set_caption(f"worldmodel play: {model_dir.name}")
         writer = None
         if config.record is not None:

@@ -142,6 +142,13 @@ def test_play_side_by_side_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert frames[:, :128, 128:].std() > 10  # the real panel shows a frame, not a blank
 
 
+def test_play_without_a_display_says_how_to_play_headless(monkeypatch, capsys):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "no-such-driver")
+    with pytest.raises(SystemExit) as exit_:
+        main(["play", "--keys", "up:2"])
+    assert exit_.value.code == 2 and "SDL_VIDEODRIVER=dummy" in capsys.readouterr().err
+
+
 def test_play_refuses_what_it_cannot_do_before_opening_a_window(tmp_path):
     with pytest.raises(ConfigError, match=r"\.mp4"):
         play(PlayConfig(record=tmp_path / "out.gif", keys=[]))
