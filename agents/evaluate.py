@@ -48,11 +48,7 @@ class TokenPolicy:
     @torch.no_grad()
     def __call__(self, frame: np.ndarray, space: gym.Space) -> np.ndarray | int:
         tokens = self.tokenizer.encode(torch.from_numpy(np.array(frame))[None]).tokens
-        bounds = None if isinstance(space, gym.spaces.Discrete) else (torch.tensor(space.low), torch.tensor(space.high))
-        action, *_ = self.policy.act(tokens, deterministic=self.deterministic, bounds=bounds)
-        if isinstance(space, gym.spaces.Discrete):
-            return int(action[0])
-        return np.clip(action[0].numpy(), space.low, space.high).astype(np.float32)
+        return self.policy.action_for(tokens[0], space, self.deterministic)
 
 
 def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int, str | None]) -> tuple[str, int, float, int, bool]:

@@ -102,6 +102,17 @@ class ActorCritic(nn.Module):
     def value(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.critic(self.features(tokens)).squeeze(-1)
 
+    @torch.no_grad()
+    def action_for(self, tokens: torch.Tensor, space: gym.Space, deterministic: bool = True) -> np.ndarray | int:
+        """The action one (h, w) token grid asks of `space`, as an environment takes it: an int, or a clipped
+        float32 array (deterministic: the likeliest, or the mean of the clipped Gaussian)."""
+        discrete = isinstance(space, gym.spaces.Discrete)
+        bounds = None if discrete else (torch.tensor(space.low), torch.tensor(space.high))
+        action, *_ = self.act(tokens[None], deterministic=deterministic, bounds=bounds)
+        if discrete:
+            return int(action[0])
+        return np.clip(action[0].cpu().numpy(), space.low, space.high).astype(np.float32)
+
     def act(
         self,
         tokens: torch.Tensor,

@@ -112,17 +112,6 @@ class Session:
             self._tokens, _ = self.dream.reset(seed=seed)
             self.panels = [Panel("dream", self.dream.render())]
 
-    @torch.no_grad()
-    def _policy_action(self) -> Any:
-        space = self.action_space
-        tokens = torch.as_tensor(self._tokens)[None]
-        if isinstance(space, gym.spaces.Discrete):
-            action, *_ = self.policy.act(tokens, deterministic=True)
-            return int(action[0])
-        bounds = (torch.tensor(space.low), torch.tensor(space.high))
-        action, *_ = self.policy.act(tokens, deterministic=True, bounds=bounds)
-        return np.clip(action[0].numpy(), space.low, space.high).astype(np.float32)
-
     def toggle_policy(self) -> None:
         if self.policy is not None:
             self.policy_drives = not self.policy_drives
@@ -130,7 +119,11 @@ class Session:
     def step(self, keys: frozenset[str]) -> Any:
         """One step of every panel with the action the keys mean (or the policy's); returns the action. An episode
         that ends in either panel restarts both."""
-        action = self._policy_action() if self.policy_drives else self.controls(keys)
+        action = (
+            self.policy.action_for(torch.as_tensor(self._tokens), self.action_space)
+            if self.policy_drives
+            else self.controls(keys)
+        )
         self._tokens, reward, terminated, truncated, _ = self.dream.step(action)
         dream = self.panels[0]
         dream.frame, dream.reward, dream.ret = self.dream.render(), float(reward), dream.ret + float(reward)

@@ -175,11 +175,11 @@ def _curves(series: dict[str, list[tuple[float, float]]], loop: dict[str, Any] |
     return _figure_png(fig)
 
 
-def _reliability_folder(run: RunDir) -> Path | None:
-    """The `bench reliability` output this run is a seed of (`RUNS/NAME-seedS` -> `RUNS/NAME/reliability.md`)."""
+def _reliability_md(run: RunDir) -> Path | None:
+    """The `bench reliability` table this run is a seed of (`RUNS/NAME-seedS` -> `RUNS/NAME/reliability.md`)."""
     match = re.fullmatch(r"(.+)-seed\d+", run.root.resolve().name)
-    folder = run.root.resolve().parent / match.group(1) if match else None
-    return folder if folder is not None and (folder / "reliability.md").is_file() else None
+    path = run.root.resolve().parent / match.group(1) / "reliability.md" if match else None
+    return path if path is not None and path.is_file() else None
 
 
 def build_report(run_dir: str | Path) -> str:
@@ -271,11 +271,6 @@ def build_report(run_dir: str | Path) -> str:
         f"<title>{html.escape(name)}: world model report</title><style>{STYLE}</style><script>{CHECK_ASSETS}</script>"
         f"</head><body>\n{chr(10).join(body)}\n</body></html>\n"
     )
-
-
-def _reliability_md(run: RunDir) -> Path | None:
-    folder = _reliability_folder(run)
-    return folder / "reliability.md" if folder is not None else None
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
