@@ -8,7 +8,16 @@ from torch import nn
 
 from worldmodel.checkpoint import load_module, save_checkpoint
 from worldmodel.config import ConfigError, from_dict, load_preset
-from worldmodel.tokenizer import BACKBONES, Tokenizer, TokenizerConfig, frames_to_float, psnr, ssim
+from worldmodel.tokenizer import (
+    BACKBONES,
+    Tokenizer,
+    TokenizerConfig,
+    box_mean,
+    box_mean_reference,
+    frames_to_float,
+    psnr,
+    ssim,
+)
 
 # transformer blocks small enough that every backbone runs in milliseconds
 TINY_ATTENTION = {"attention_width": 16, "attention_layers": 1, "attention_heads": 2}
@@ -146,6 +155,37 @@ def test_bottom_rows_weight_the_gauge_strip():
     assert loss.item() == pytest.approx(plain_loss.item() + extra.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize(("shape", "window"), [((2, 3, 64, 64), 7), ((1, 1, 5, 9), 7), ((2, 2, 3, 3), 3), ((1, 3, 12, 40), 5)])
+def test_box_mean_is_the_padded_average_pool_forward_and_backward(shape, window):
+    # the fast path (cumulative sums) against the plain one (avg_pool2d without the padding in the count), windows
+    # wider than the image included
+    torch.manual_seed(0)
+    x = torch.rand(shape, dtype=torch.float64, requires_grad=True)
+    fast, plain = box_mean(x, window), box_mean_reference(x, window)
+    torch.testing.assert_close(fast, plain)
+    weights = torch.rand(shape, dtype=torch.float64)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), x)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), x)
+    torch.testing.assert_close(grad_fast, grad_plain)
+
+
+def test_squared_error_term_is_weighted_like_the_l1_term():
+    torch.manual_seed(0)
+    base = {"image_size": 16, "channels": 3, "widths": (8, 16), "levels": (4, 3), "bottom_rows": 0.25}
+    l1_only = Tokenizer(TokenizerConfig(**base, bottom_weight=5.0))
+    both = Tokenizer(TokenizerConfig(**base, bottom_weight=5.0, l1_weight=0.5, mse_weight=20.0))
+    both.load_state_dict(l1_only.state_dict())
+    frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    error = l1_only.decode_codes(l1_only.encode(frames).z_quantized) - frames.permute(0, 3, 1, 2).float() / 255
+    weights = torch.ones(16, 1)
+    weights[-4:] = 5.0  # the 4 bottom rows count 5 times in both terms
+    l1, mse = (error.abs() * weights).mean(), (error.square() * weights).mean()
+    loss_l1, logs = l1_only(frames)
+    loss_both, logs_both = both(frames)
+    assert logs_both["l1"] == pytest.approx(logs["l1"])  # the logged error is the plain one
+    assert loss_both.item() - loss_l1.item() == pytest.approx((-0.5 * l1 + 20 * mse).item(), rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("size", "widths", "levels"), [(64, (16, 32, 64, 96), (8, 6, 5)), (32, (8, 16), (4, 3)), (128, (8, 8, 16), (5,))]
 )
@@ -244,6 +284,8 @@ def test_unknown_backbone_names_the_valid_ones():
         {"backbone": "hybrid", "attention_width": 32, "attention_heads": 3},  # not a multiple of the heads
         {"backbone": "vit", "attention_layers": 0},
         {"adversarial_weight": -1.0},
+        {"mse_weight": -1.0},
+        {"l1_weight": 0.0},  # no pixel loss at all
         {"adversarial_weight": 0.1, "discriminator_widths": (12, 24)},
     ],
 )

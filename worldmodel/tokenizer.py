@@ -33,6 +33,12 @@ class TokenizerConfig:
     the resolution, so the number of stages fixes the grid for every backbone (`vit` uses only that number)."""
     levels: tuple[int, ...] = (8, 6, 5)
     """FSQ levels per latent channel; the codebook has prod(levels) codes."""
+    l1_weight: float = 1.0
+    """Weight of the mean absolute pixel error in the loss."""
+    mse_weight: float = 0.0
+    """Weight of the mean squared pixel error. L1 alone is slow to draw what is absent from most frames, such as
+    CarRacing's red gyroscope bar: L1's best guess for a pixel that is lit in fewer than half the frames is dark,
+    and its gradient does not grow with the error; the squared error's does (docs/tokenizers.md)."""
     ssim_weight: float = 0.1
     bottom_rows: float = 0.0
     """Fraction of the frame's rows, from the bottom, whose pixel error is weighted by `bottom_weight`: CarRacing
@@ -88,6 +94,11 @@ class TokenizerConfig:
                     f"attention_width {width} must be a multiple of 4 (2-D sine-cosine positions) and of"
                     f" attention_heads {heads}, and attention_heads and attention_layers at least 1"
                 )
+        if min(self.l1_weight, self.mse_weight, self.ssim_weight) < 0 or not (self.l1_weight or self.mse_weight):
+            raise ValueError(
+                f"l1_weight {self.l1_weight}, mse_weight {self.mse_weight} and ssim_weight {self.ssim_weight} must be"
+                " >= 0, and l1_weight or mse_weight > 0 (a pixel loss)"
+            )
         if self.adversarial_weight < 0 or self.adversarial_start < 0:
             raise ValueError("adversarial_weight and adversarial_start must be >= 0")
         if self.adversarial_weight > 0 and (
@@ -397,15 +408,35 @@ class PatchDiscriminator(nn.Module):
         return self.net(images * 2 - 1)
 
 
+def box_mean(x: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Mean of each (B, C, H, W) pixel's window x window neighbourhood, counting only pixels inside the image: the
+    same as `F.avg_pool2d(x, window, 1, window // 2, count_include_pad=False)` (`box_mean_reference`), computed
+    as differences of cumulative sums along each axis, which on a CPU is several times faster forward and backward
+    (at 64x64: 10 against 26 ms for the five maps of one SSIM at batch 8, forward and backward)."""
+    pad = window // 2
+    for dim in (3, 2):
+        size = x.shape[dim]
+        sums = F.pad(torch.cumsum(x, dim), (1, 0) if dim == 3 else (0, 0, 1, 0))  # a leading 0 along `dim`
+        index = torch.arange(size, device=x.device)
+        high, low = (index + pad + 1).clamp(max=size), (index - pad).clamp(min=0)
+        shape = [1, 1, 1, 1]
+        shape[dim] = size
+        x = (sums.index_select(dim, high) - sums.index_select(dim, low)) / (high - low).to(x.dtype).view(shape)
+    return x
+
+
+def box_mean_reference(x: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """The plain definition of `box_mean`."""
+    return F.avg_pool2d(x, window, 1, window // 2, count_include_pad=False)
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
     """Mean structural similarity of (B, C, H, W) images in [0, 1] over a uniform window."""
     c1, c2 = 0.01**2, 0.03**2
-    pad = window // 2
-    mu_x = F.avg_pool2d(x, window, 1, pad, count_include_pad=False)
-    mu_y = F.avg_pool2d(y, window, 1, pad, count_include_pad=False)
-    var_x = F.avg_pool2d(x * x, window, 1, pad, count_include_pad=False) - mu_x**2
-    var_y = F.avg_pool2d(y * y, window, 1, pad, count_include_pad=False) - mu_y**2
-    cov = F.avg_pool2d(x * y, window, 1, pad, count_include_pad=False) - mu_x * mu_y
+    mu_x, mu_y = box_mean(x, window), box_mean(y, window)
+    var_x = box_mean(x * x, window) - mu_x**2
+    var_y = box_mean(y * y, window) - mu_y**2
+    cov = box_mean(x * y, window) - mu_x * mu_y
     score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return score.mean()
 
@@ -477,15 +508,22 @@ class Tokenizer(nn.Module):
         out = self.encode(frames)
         target = frames_to_float(frames)
         recon = self.decode_codes(out.z_quantized)
-        error = (recon - target).abs()
-        l1 = error.mean()
-        weighted = l1
+        error = recon - target
         rows = round(self.config.bottom_rows * target.shape[-2])
-        if rows and self.config.bottom_weight != 1.0:
-            weighted = l1 + (self.config.bottom_weight - 1) * error[..., -rows:, :].sum() / error.numel()
+
+        def weighted_mean(values: torch.Tensor) -> torch.Tensor:  # the gauge strip's pixels count bottom_weight times
+            mean = values.mean()
+            if rows and self.config.bottom_weight != 1.0:
+                mean = mean + (self.config.bottom_weight - 1) * values[..., -rows:, :].sum() / values.numel()
+            return mean
+
+        l1 = error.abs().mean()
+        loss = self.config.l1_weight * weighted_mean(error.abs())
+        if self.config.mse_weight:
+            loss = loss + self.config.mse_weight * weighted_mean(error.square())
         structural = 1 - ssim(recon.clamp(0, 1), target)
         overflow = F.relu(out.z.abs() - 2).pow(2).mean()
-        loss = weighted + self.config.ssim_weight * structural + self.config.latent_penalty * overflow
+        loss = loss + self.config.ssim_weight * structural + self.config.latent_penalty * overflow
         adversarial_logs = {}
         if self.discriminator is not None:
             generator, discriminator, adversarial_logs = self.adversarial_losses(recon, target)
