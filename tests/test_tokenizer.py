@@ -155,7 +155,9 @@ def test_bottom_rows_weight_the_gauge_strip():
     assert loss.item() == pytest.approx(plain_loss.item() + extra.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize(("shape", "window"), [((2, 3, 64, 64), 7), ((1, 1, 5, 9), 7), ((2, 2, 3, 3), 3), ((1, 3, 12, 40), 5)])
+@pytest.mark.parametrize(
+    ("shape", "window"), [((2, 3, 64, 64), 7), ((1, 1, 5, 9), 7), ((2, 2, 3, 3), 3), ((1, 3, 12, 40), 5)]
+)
 def test_box_mean_is_the_padded_average_pool_forward_and_backward(shape, window):
     # the fast path (cumulative sums) against the plain one (avg_pool2d without the padding in the count), windows
     # wider than the image included
