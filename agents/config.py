@@ -157,6 +157,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
             "loop.max_minutes",
             "loop.dynamics_minutes",
             "loop.ppo_minutes",
+            "collect.source.frame_width",
             "collect.source.action_repeat",
             "collect.source.max_steps",
             "loop.max_steps",

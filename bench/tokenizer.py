@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from bench.codecs import QUALITIES, CodecPoint, compare, measure_codec
 from bench.imagination import timed_rate
+from envs.sources import fit_frame
 from worldmodel.checkpoint import read_checkpoint, resumable
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
@@ -95,16 +95,17 @@ def load_frames(path: str | Path, channels: int, max_frames: int | None = None) 
     return np.array(frames)  # a writable copy in memory, not the read-only memory map
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, size, size, C) uint8 with Pillow's bilinear filter, which widens to an
-    antialiasing triangle filter when shrinking: the resize `make_source_env` records frames with. Frames already
+def resize_frames(frames: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, height, width, C) uint8 (width defaults to height) the way `make_source_env`
+    records frames (`envs.sources.fit_frame`): cropped to the aspect ratio, keeping the bottom rows, then resized
+    with Pillow's bilinear filter, which widens to an antialiasing triangle filter when shrinking. Frames already
     that size come back as they are."""
-    if frames.shape[1:3] == (size, size):
+    width = width or height
+    if frames.shape[1:3] == (height, width):
         return frames
-    out = np.empty((len(frames), size, size, frames.shape[-1]), np.uint8)
+    out = np.empty((len(frames), height, width, frames.shape[-1]), np.uint8)
     for i, frame in enumerate(frames):
-        image = Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame)
-        out[i] = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR)).reshape(size, size, -1)
+        out[i] = fit_frame(frame, height, width)
     return out
 
 
@@ -164,6 +165,7 @@ def tokenizer_figures(
     figures: dict[str, Any] = {
         "backbone": config.backbone,
         "image_size": config.image_size,
+        "image_shape": list(config.image_shape),
         "levels": list(config.levels),
         "tokens_per_frame": config.tokens_per_frame,
         "codebook_size": config.codebook_size,
@@ -209,7 +211,7 @@ def eval_tokenizer(
     tokenizer, meta = load_tokenizer(path, device)
     model = tokenizer.config
     frames = load_frames(frames_path, model.channels, config.max_frames)
-    resized = resize_frames(frames, model.image_size)
+    resized = resize_frames(frames, *model.image_shape)
     codecs = measure_codecs(resized, {codec: config.qualities[codec] for codec in CODECS})
     figures = {
         "checkpoint": str(path),
@@ -500,8 +502,7 @@ def bench_tokenizer(
     device = resolve_device(config.device)
     dataset = Dataset.open(dataset_dir)
     height, width, channels = dataset.frame_shape
-    if height != width:
-        raise DatasetError(f"the tokenizer needs square frames, {dataset_dir} has {height}x{width}")
+    shape = {"image_size": height, "image_width": None if width == height else width, "channels": channels}
     train_ids, _ = dataset.split(config.val_fraction)
     frames, val_ids = held_out_frames(dataset, config.val_fraction, config.eval_frames)
     train = dataclasses.replace(
@@ -512,7 +513,7 @@ def bench_tokenizer(
         f"{train.steps} steps at batch {train.batch_size} on {len(train_ids)} episodes"
     )
     jobs = [
-        (backbone, rate, model_config(stage.model, backbone, rate, image_size=height, channels=channels))
+        (backbone, rate, model_config(stage.model, backbone, rate, **shape))
         for backbone in config.backbones
         for rate in config.rates
     ]  # every rate setting checked before any work

@@ -168,7 +168,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             self.single_observation_space = token_grid_space(grid, model.dynamics.config.vocab_size)
         else:
             c = model.tokenizer.config
-            self.single_observation_space = gym.spaces.Box(0, 255, (c.image_size, c.image_size, c.channels), np.uint8)
+            self.single_observation_space = gym.spaces.Box(0, 255, (*c.image_shape, c.channels), np.uint8)
         self.single_action_space = model.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -216,7 +216,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         context for every env) or (num_envs, C, H, W, ch), and `options["actions"]` the C - 1 actions taken
         between them ((C - 1, ...) or (num_envs, C - 1, ...)); C may be 1 to the model's context length."""
         tokenizer, limit = self.model.tokenizer.config, self.model.dynamics.config.context_frames
-        frame = (tokenizer.image_size, tokenizer.image_size, tokenizer.channels)
+        frame = (*tokenizer.image_shape, tokenizer.channels)
         frames = np.asarray(options["frames"])
         if frames.ndim == 4:
             frames = np.broadcast_to(frames, (self.num_envs, *frames.shape))

@@ -92,6 +92,12 @@ class Results:
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage that has not finished yet; write and return `<run>/summary.json`."""
+    height, width = config.collect.source.frame_shape
+    if height != width:
+        raise ConfigError(
+            f"collect.source: the dynamics model, the dream and the policy take square frames, not {height}x{width};"
+            " non-square frames are for `worldmodel collect`, `train tokenizer`, `eval tokenizer` and `bench tokenizer`"
+        )
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     run_dir, data_dir = config.run_dir, config.dataset_dir

@@ -80,3 +80,24 @@ def test_the_two_simulators_know_their_own_particulars():
     )
     assert (highway.action_repeat, highway.intro_steps, highway.pedals, highway.crashes) == (1, 0, None, True)
     assert carracing.standing_start_group in carracing.probes and highway.standing_start_group is None
+
+
+def test_fit_frame_crops_to_the_aspect_keeping_the_bottom_and_the_middle():
+    from envs.sources import fit_frame
+
+    rows = np.repeat(np.arange(8, dtype=np.uint8)[:, None, None], 16, axis=1).repeat(3, axis=2)  # pixel = its row
+    wide = fit_frame(rows, 4, 16)  # 8x16 -> 4x16: the top 4 rows go, nothing is resized
+    assert wide.shape == (4, 16, 3) and wide[:, 0, 0].tolist() == [4, 5, 6, 7]
+    cols = np.repeat(np.arange(16, dtype=np.uint8)[None, :, None], 8, axis=0)  # pixel = its column, one channel
+    square = fit_frame(cols, 8, 8)  # 8x16 -> 8x8: the middle columns
+    assert square.shape == (8, 8, 1) and square[0, :, 0].tolist() == list(range(4, 12))
+    assert fit_frame(cols, 8, 16) is cols  # already that shape
+    halved = fit_frame(rows, 4, 8)  # same aspect: only resized
+    assert halved.shape == (4, 8, 3) and halved[0, 0, 0] < halved[-1, 0, 0]
+
+
+def test_frame_shape_and_bad_sizes():
+    assert SourceConfig("carracing").frame_shape == (64, 64)
+    assert SourceConfig("carracing", frame_size=128, frame_width=256).frame_shape == (128, 256)
+    with pytest.raises(ValueError, match="frame_width"):
+        SourceConfig("carracing", frame_size=64, frame_width=0)

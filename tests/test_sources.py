@@ -123,6 +123,25 @@ def test_collect_writes_a_dataset_and_resumes(tmp_path):
     assert set(after) == {"000000", "000001", "000002"}
 
 
+def test_road_camera_frames_come_from_the_full_drawing(tmp_path):
+    # 128x256 frames are drawn from CarRacing's 600x400 view (its 96x96 observation would be upsampled), cropped to
+    # 2:1 from the top so that the car and the gauges stay; the dataset records them in the documented format
+    config = CollectConfig(source=SourceConfig("carracing", frame_size=128, frame_width=256, max_steps=4), episodes=1)
+    dataset = collect(dataclasses.replace(config, workers=1), tmp_path / "road")
+    reopened = Dataset.open(tmp_path / "road")
+    assert reopened.frame_shape == dataset.frame_shape == (128, 256, 3)
+    frames = np.load(tmp_path / "road" / "episodes" / "000000" / "frames.npy")
+    assert frames.shape == (5, 128, 256, 3) and frames.dtype == np.uint8
+    env = make_source_env(config.source)
+    assert env.observation_space.shape == (128, 256, 3)
+    first, _ = env.reset(seed=config.seed)
+    assert np.array_equal(first, frames[0])  # the same state drawn the same way
+    full = env.unwrapped._render("rgb_array")  # (400, 600, 3)
+    # the bottom rows of the full drawing hold the gauges' black panel; they are the bottom of the frame too
+    assert full[-20:].mean() < 30 and first[-6:].mean() < 30 and first[:60].mean() > 60
+    env.close()
+
+
 def test_collect_twice_in_one_process_uses_each_config(tmp_path):
     first = CollectConfig(source=SourceConfig("carracing", max_steps=3), episodes=1, workers=1)
     second = CollectConfig(source=SourceConfig("carracing", max_steps=6), episodes=1, workers=1)

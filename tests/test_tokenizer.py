@@ -78,8 +78,10 @@ def test_bytes_per_frame_of_tiny_preset():
 
 
 def test_image_size_must_divide():
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="multiples of 2\\*\\*3 = 8"):
         Tokenizer(TokenizerConfig(image_size=36, widths=(8, 16, 16, 16)))
+    with pytest.raises(ValueError, match="image_width 100"):
+        Tokenizer(TokenizerConfig(image_size=64, image_width=100, widths=(8, 16, 16, 16)))
 
 
 @pytest.mark.parametrize(
@@ -206,6 +208,35 @@ def test_every_backbone_gives_the_same_token_grid(size, widths, levels):
         assert out.tokens.shape == (2, grid, grid) and out.z.shape == (2, len(levels), grid, grid)
         assert out.tokens.max() < config.codebook_size
         assert tokenizer.tokens_to_frames(out.tokens).shape == frames.shape
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_backbone_trains_at_the_road_camera_size(backbone):
+    # 128x256 frames, five stages: an 8x16 grid of 1,000-code tokens, 160 bytes a frame (commaVQ's budget)
+    torch.manual_seed(0)
+    config = tiny_config(backbone, image_size=128, image_width=256, widths=(8, 8, 16, 16, 16), levels=(8, 5, 5, 5))
+    assert config.image_shape == (128, 256) and config.grid_shape == (8, 16) and config.tokens_per_frame == 128
+    assert config.bytes_per_frame == pytest.approx(128 * math.log2(1000) / 8)
+    with pytest.raises(ValueError, match="not square"):
+        config.grid_size  # noqa: B018  (the dynamics model's square grid does not exist here)
+    tokenizer = Tokenizer(config)
+    frames = torch.randint(0, 256, (4, 128, 256, 3), dtype=torch.uint8)
+    frames[:, 64:] = 40  # a frame half flat, half noise: something to learn in a few steps
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss, _ = tokenizer(frames)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    with torch.no_grad():
+        out = tokenizer.encode(frames)
+    assert out.tokens.shape == (4, 8, 16)
+    assert tokenizer.tokens_to_frames(out.tokens).shape == frames.shape
+    with pytest.raises(ValueError, match=r"\(B, 128, 256, 3\)"):
+        tokenizer.encode(frames.transpose(1, 2).contiguous())  # 256x128: the other way round
 
 
 def test_vit_projects_patches_linearly_with_no_convolution():

@@ -27,6 +27,9 @@ class TokenizerConfig:
     backbone: Literal["conv", "vit", "hybrid"] = "conv"
     """How pixels map to the latent grid and back: `conv`, `vit` or `hybrid` (see the module docstring)."""
     image_size: int = 64
+    """Frame height in pixels, and width too unless `image_width` is set."""
+    image_width: int | None = None
+    """Frame width of frames that are not square (road-camera frames, 128 x 256); the grid then has that shape."""
     channels: int = 3
     widths: tuple[int, ...] = (32, 64, 96, 96)
     """Channel width per resolution stage of the convolutions (`conv`, `hybrid`); each stage after the first halves
@@ -62,8 +65,22 @@ class TokenizerConfig:
     """Channels of the discriminator's stride-2 convolutions (multiples of 8), one per halving of the resolution."""
 
     @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of the frames."""
+        return self.image_size, self.image_width or self.image_size
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(h, w) of the token grid: the frame's shape over `patch_size`."""
+        return self.image_shape[0] // self.patch_size, self.image_shape[1] // self.patch_size
+
+    @property
     def grid_size(self) -> int:
-        return self.image_size // 2 ** (len(self.widths) - 1)
+        """Side of a square token grid (what the dynamics model, the dream and the policy take)."""
+        h, w = self.grid_shape
+        if h != w:
+            raise ValueError(f"the token grid is {h}x{w}, not square; the dynamics model and the dream need square")
+        return h
 
     @property
     def patch_size(self) -> int:
@@ -72,7 +89,7 @@ class TokenizerConfig:
 
     @property
     def tokens_per_frame(self) -> int:
-        return self.grid_size**2
+        return math.prod(self.grid_shape)
 
     @property
     def codebook_size(self) -> int:
@@ -85,8 +102,11 @@ class TokenizerConfig:
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown tokenizer backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}")
-        if self.image_size % 2 ** (len(self.widths) - 1):
-            raise ValueError(f"image_size {self.image_size} must be divisible by 2**{len(self.widths) - 1}")
+        if any(side % self.patch_size for side in self.image_shape) or min(self.image_shape) < 1:
+            raise ValueError(
+                f"image_size {self.image_size} and image_width {self.image_width} must be multiples of"
+                f" 2**{len(self.widths) - 1} = {self.patch_size} (one halving per stage after the first)"
+            )
         if self.backbone != "conv":
             width, heads = self.attention_width, self.attention_heads
             if heads < 1 or self.attention_layers < 1 or width % heads or width % 4:
@@ -317,9 +337,9 @@ class GridTransformer(nn.Module):
 
     def __init__(self, config: TokenizerConfig, in_dim: int, out_dim: int):
         super().__init__()
-        width, grid = config.attention_width, config.grid_size
+        width = config.attention_width
         self.embed = nn.Linear(in_dim, width)
-        self.register_buffer("positions", sincos_positions(grid, grid, width), persistent=False)
+        self.register_buffer("positions", sincos_positions(*config.grid_shape, width), persistent=False)
         blocks = (AttentionBlock(width, config.attention_heads) for _ in range(config.attention_layers))
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(width)
@@ -475,10 +495,10 @@ class Tokenizer(nn.Module):
 
     def _check_frames(self, frames: torch.Tensor) -> None:
         c = self.config
-        expected = (c.image_size, c.image_size, c.channels)
+        expected = (*c.image_shape, c.channels)
         if frames.ndim != 4 or tuple(frames.shape[1:]) != expected or frames.dtype != torch.uint8:
             raise ValueError(
-                f"tokenizer expects (B, {c.image_size}, {c.image_size}, {c.channels}) uint8 frames,"
+                f"tokenizer expects (B, {expected[0]}, {expected[1]}, {c.channels}) uint8 frames,"
                 f" got {tuple(frames.shape)} {frames.dtype}"
             )
 

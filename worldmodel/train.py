@@ -101,9 +101,10 @@ def train_tokenizer(
     dev = resolve_device(device)
     dataset = Dataset.open(dataset_dir)
     height, width, channels = dataset.frame_shape
-    if height != width:
-        raise DatasetError(f"the tokenizer needs square frames, {dataset_dir} has {height}x{width}")
-    config = dataclasses.replace(stage.model, image_size=height, channels=channels)
+    config = dataclasses.replace(
+        stage.model, image_size=height, image_width=None if width == height else width, channels=channels
+    )
+    config.validate()  # frames the stages cannot halve are refused before any work
     train_ids, val_ids = dataset.split(val_fraction)
     sampler = FrameSampler(dataset, dataset.usable(train_ids), seed=stage.train.seed + distributed.rank())
     val_all = FrameSampler(dataset, dataset.usable(val_ids)).all_frames()
@@ -207,6 +208,12 @@ def train_dynamics(
     dataset = Dataset.open(dataset_dir)
     tokenizer_meta, _ = read_checkpoint(RunDir(run_dir).tokenizer, TOKENIZER)
     tokenizer_config = from_dict(TokenizerConfig, tokenizer_meta["config"])
+    (grid_h, grid_w), (height, width) = tokenizer_config.grid_shape, tokenizer_config.image_shape
+    if grid_h != grid_w:
+        raise DatasetError(
+            f"the dynamics model needs a square token grid; {run_dir}'s tokenizer makes {grid_h}x{grid_w} tokens of"
+            f" {height}x{width} frames (non-square frames are for `train tokenizer` and `eval tokenizer` so far)"
+        )
     tokenized = tokens_for_run(dataset_dir, run_dir, device)
     train_ids, val_ids = dataset.split(val_fraction)
     train_set, val_set = tokenized.select(train_ids).smoothed_rewards(stage.reward_smoothing), tokenized.select(val_ids)

@@ -10,7 +10,7 @@ import importlib
 import os
 import pkgutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "Expert",
     "Source",
     "SourceConfig",
+    "fit_frame",
     "get_source",
     "make_expert",
     "make_source_env",
@@ -53,6 +54,10 @@ class SourceConfig:
     name: str = "carracing"
     """A registered source (`envs/sources/`): carracing or highway."""
     frame_size: int = 64
+    """Frame height in pixels, and width too unless `frame_width` is set."""
+    frame_width: int | None = None
+    """Frame width for frames that are not square (road-camera frames: `frame_size` 128, `frame_width` 256). The
+    simulator's view is cropped to that shape, keeping its bottom (CarRacing's car and gauges), then resized."""
     action_repeat: int | None = None
     """Simulator steps per recorded step, rewards summed (None: the source's own, 4 for CarRacing, 1 for highway)."""
     max_steps: int | None = None
@@ -60,6 +65,13 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         get_source(self.name)
+        if self.frame_size < 1 or (self.frame_width is not None and self.frame_width < 1):
+            raise ValueError(f"frame_size {self.frame_size} and frame_width {self.frame_width} must be >= 1")
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of the recorded frames."""
+        return self.frame_size, self.frame_width or self.frame_size
 
     @property
     def source(self) -> Source:
@@ -75,8 +87,26 @@ class SourceConfig:
         return self.action_repeat if self.action_repeat is not None else self.source.action_repeat
 
 
+def fit_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (height, width, C): cropped to the target's aspect ratio, keeping the bottom rows (where
+    CarRacing draws the car and its gauges) and the middle columns, then resized bilinearly."""
+    rows, cols = image.shape[:2]
+    if rows * width > cols * height:  # too tall: drop rows from the top
+        image = image[rows - round(cols * height / width) :]
+    elif rows * width < cols * height:  # too wide: drop columns from both sides
+        keep = round(rows * width / height)
+        image = image[:, (cols - keep) // 2 : (cols - keep) // 2 + keep]
+    if image.shape[:2] != (height, width):
+        channels = image.shape[-1]
+        resized = Image.fromarray(image.squeeze(-1) if channels == 1 else image).resize(
+            (width, height), Image.Resampling.BILINEAR
+        )
+        image = np.asarray(resized).reshape(height, width, channels)
+    return image
+
+
 class DrivingFrames(gym.Wrapper):
-    """Observations become (S, S, C) uint8 frames; each action is repeated; the source's intro (CarRacing's zoom-in)
+    """Observations become (H, W, C) uint8 frames; each action is repeated; the source's intro (CarRacing's zoom-in)
     is skipped.
 
     The reward of the skipped intro steps is reported as `info["intro_reward"]` at reset, so that the sum of
@@ -86,20 +116,28 @@ class DrivingFrames(gym.Wrapper):
     def __init__(self, env: gym.Env, config: SourceConfig):
         super().__init__(env)
         self.config = config
-        probe = self._frame(np.zeros(env.observation_space.shape, env.observation_space.dtype))
+        probe = self._fit(np.zeros(env.observation_space.shape, env.observation_space.dtype))
         self.observation_space = gym.spaces.Box(0, 255, probe.shape, np.uint8)
+        height, width = config.frame_shape
+        observed = env.observation_space.shape
+        # frames larger than the observation come from the source's full-size drawing, so the observation's own
+        # drawing is skipped on every sub-step
+        self._draws_full = config.source.draw_full is not None and (height > observed[0] or width > observed[1])
         self._steps = 0
 
-    def _frame(self, obs: np.ndarray) -> np.ndarray:
-        size = self.config.frame_size
+    def _fit(self, obs: np.ndarray) -> np.ndarray:
         if obs.ndim == 3 and obs.shape[0] in (1, 3, 4) and obs.shape[-1] not in (1, 3):
             obs = obs[-1:].transpose(1, 2, 0)  # highway: (stack, H, W) -> last frame as (H, W, 1)
-        if obs.shape[:2] != (size, size):
-            channels = obs.shape[-1]
-            image = Image.fromarray(obs.squeeze(-1) if channels == 1 else obs)
-            obs = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
-            obs = obs[..., None] if channels == 1 else obs
-        return np.ascontiguousarray(obs, dtype=np.uint8)
+        return np.ascontiguousarray(fit_frame(obs, *self.config.frame_shape), dtype=np.uint8)
+
+    def _frame(self, obs: np.ndarray | None) -> np.ndarray:
+        """The recorded frame of the step that returned `obs`: the observation, or, for frames larger than it,
+        the source's full-size drawing of the same state (`Source.draw_full`), fitted to the frame shape."""
+        if self._draws_full:
+            return self._fit(self.config.source.draw_full(self.env))
+        if obs is None:  # ended on a sub-step whose frame was skipped: draw it now
+            obs = self.env.unwrapped._render("state_pixels")
+        return self._fit(obs)
 
     @contextmanager
     def _physics_only(self) -> Iterator[None]:
@@ -123,7 +161,8 @@ class DrivingFrames(gym.Wrapper):
             with self._physics_only():
                 for _ in range(intro_steps - 1):
                     intro_reward += float(self.env.step(idle)[1])
-            obs, reward, _, _, info = self.env.step(idle)
+            with self._physics_only() if self._draws_full else nullcontext():
+                obs, reward, _, _, info = self.env.step(idle)
             intro_reward += float(reward)
         self._steps = 0
         return self._frame(obs), {**info, "intro_reward": intro_reward}
@@ -131,15 +170,11 @@ class DrivingFrames(gym.Wrapper):
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         total = 0.0
         for repeat in range(self.config.repeat):
-            if repeat < self.config.repeat - 1:
-                with self._physics_only():
-                    obs, reward, terminated, truncated, info = self.env.step(action)
-            else:
+            drawn = repeat == self.config.repeat - 1 and not self._draws_full
+            with nullcontext() if drawn else self._physics_only():
                 obs, reward, terminated, truncated, info = self.env.step(action)
             total += float(reward)
             if terminated or truncated:
-                if obs is None:  # ended on a sub-step whose frame was skipped: draw it now
-                    obs = self.env.unwrapped._render("state_pixels")
                 break
         self._steps += 1
         if self.config.max_steps is not None and self._steps >= self.config.max_steps:
@@ -163,8 +198,8 @@ class DrivingFrames(gym.Wrapper):
 
 
 def make_source_env(config: SourceConfig, render_mode: str | None = None) -> DrivingFrames:
-    """The real simulator named by `config`, producing frames of `config.frame_size`."""
-    return DrivingFrames(config.source.make_simulator(config.frame_size, render_mode), config)
+    """The real simulator named by `config`, producing frames of `config.frame_shape`."""
+    return DrivingFrames(config.source.make_simulator(max(config.frame_shape), render_mode), config)
 
 
 def make_expert(config: SourceConfig) -> Expert:

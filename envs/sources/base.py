@@ -36,6 +36,9 @@ class Source:
     """Indices of the (gas, brake) parts of a continuous action, or None for a source without pedals."""
     draws_on_demand: bool = False
     """The simulator draws a frame only through `unwrapped._render`, so sub-steps nobody sees can skip it."""
+    draw_full: Callable[[gym.Env], Any] | None = None
+    """env -> an (H, W, C) uint8 drawing of the current state larger than the observation (CarRacing's 600x400
+    video frame), used for frames the observation is too small for; None where the observation is all there is."""
     crashes: bool = False
     """Episodes can end in a crash, reported as `info["crashed"]`, which evaluation counts."""
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)

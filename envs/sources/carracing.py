@@ -30,6 +30,7 @@ CARRACING = register_source(
         intro_steps=50,
         pedals=(1, 2),
         draws_on_demand=True,
+        draw_full=lambda env: env.unwrapped._render("rgb_array"),  # 600x400; the observation is 96x96
         probes={
             "steering": {"left": [-1.0, 0.3, 0.0], "straight": [0.0, 0.3, 0.0], "right": [1.0, 0.3, 0.0]},
             "throttle": {"gas": [0.0, 1.0, 0.0], "brake": [0.0, 0.0, 0.8]},
