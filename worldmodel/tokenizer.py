@@ -537,8 +537,10 @@ class Tokenizer(nn.Module):
                 mean = mean + (self.config.bottom_weight - 1) * values[..., -rows:, :].sum() / values.numel()
             return mean
 
-        l1 = error.abs().mean()
-        loss = self.config.l1_weight * weighted_mean(error.abs())
+        absolute = error.abs()
+        loss = torch.zeros((), device=error.device)
+        if self.config.l1_weight:
+            loss = loss + self.config.l1_weight * weighted_mean(absolute)
         if self.config.mse_weight:
             loss = loss + self.config.mse_weight * weighted_mean(error.square())
         structural = 1 - ssim(recon.clamp(0, 1), target)
@@ -552,7 +554,7 @@ class Tokenizer(nn.Module):
             used = torch.unique(out.tokens).numel()
             logs = {
                 "loss": loss.item(),
-                "l1": l1.item(),
+                "l1": absolute.mean().item(),
                 "ssim": 1 - structural.item(),
                 "psnr": psnr(recon.clamp(0, 1), target).item(),
                 "z_absmax": out.z.abs().max().item(),
