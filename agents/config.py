@@ -178,6 +178,8 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
             "loop.explore",
             "loop.recent_share",
             "loop.recent_starts",
+            "tokenizer.train.min_lr_ratio",
+            "dynamics.train.min_lr_ratio",
         ),
         _fraction,
         "a fraction in [0, 1]",

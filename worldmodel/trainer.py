@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,6 +27,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After the linear warm-up: the constant `lr`, or a cosine decay from it to `min_lr_ratio * lr` at `steps` (over
+    the steps, not the clock: a run that `max_minutes` stops early stops partway down the decay)."""
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     log_every: int = 25
     eval_every: int = 250
@@ -32,6 +38,15 @@ class TrainConfig:
     max_minutes: float | None = None
     """Wall-clock budget: training stops at `steps` or after this many minutes, whichever comes first."""
     seed: int = 0
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The multiple of `config.lr` used at `step` (0-based): a linear warm-up to 1, then the schedule."""
+    warmup = max(config.warmup_steps, 1)
+    if step < warmup or config.schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    progress = min(1.0, (step - warmup + 1) / max(config.steps - warmup, 1))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -106,7 +121,6 @@ def train(
             if state:
                 _restore_optimizer(optimizer, state)
         forward_batch = distributed.loss_function(model)
-        schedule = lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))  # noqa: E731
         began = time.monotonic()
         val_logs: dict[str, float] = {}
         step = start
@@ -121,7 +135,7 @@ def train(
         for step in progress:
             model.train()
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * schedule(step)
+                group["lr"] = config.lr * lr_factor(step, config)
             # bf16 autocast on GPU only: on a CPU without bf16 instructions it makes training several times slower
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, logs = forward_batch(sample_batch(step))
