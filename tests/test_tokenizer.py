@@ -239,6 +239,25 @@ def test_every_backbone_trains_at_the_road_camera_size(backbone):
         tokenizer.encode(frames.transpose(1, 2).contiguous())  # 256x128: the other way round
 
 
+@pytest.mark.parametrize(
+    ("size", "width", "widths"), [(32, None, (8, 16, 16)), (128, 256, (8, 8, 16, 16, 16)), (8, None, (8,))]
+)
+def test_vit_with_a_convolutional_stem(size, width, widths):
+    torch.manual_seed(0)
+    config = tiny_config("vit", image_size=size, image_width=width, widths=widths, levels=(4, 3), vit_stem="conv")
+    tokenizer = Tokenizer(config)
+    strided = [m for m in tokenizer.encoder.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == len(widths) - 1  # one 3x3 stride-2 convolution per halving, then the transformer
+    assert not any(isinstance(m, nn.Conv2d) for m in tokenizer.decoder.modules())  # the ViT's linear decoder
+    frames = torch.randint(0, 256, (2, size, width or size, 3), dtype=torch.uint8)
+    loss, _ = tokenizer(frames)
+    loss.backward()
+    assert all(p.grad is not None for p in tokenizer.encoder.stem.parameters())
+    with torch.no_grad():
+        tokens = tokenizer.encode(frames).tokens
+    assert tokens.shape == (2, *config.grid_shape)
+
+
 def test_vit_projects_patches_linearly_with_no_convolution():
     tokenizer = Tokenizer(tiny_config("vit", image_size=32, widths=(8, 16, 16), levels=(4, 3)))
     assert not any(isinstance(m, nn.Conv2d) for m in tokenizer.modules())

@@ -55,6 +55,10 @@ class TokenizerConfig:
     """Transformer blocks in the encoder and again in the decoder (`vit`, `hybrid`)."""
     attention_heads: int = 4
     """Attention heads per transformer block (`vit`, `hybrid`)."""
+    vit_stem: Literal["patchify", "conv"] = "patchify"
+    """How the `vit` encoder turns pixels into tokens: one linear map per patch, or a convolutional stem of 3x3
+    stride-2 convolutions (widths[1:], one per halving) and a 1x1 one, which Xiao et al. ("Early convolutions help
+    transformers see better") found to make ViTs train more stably. The decoder is the same either way."""
     adversarial_weight: float = 0.0
     """Weight of a PatchGAN hinge loss that pushes the decoder towards frames a discriminator takes for real ones,
     for sharper frames at low rates. 0 turns it off and builds no discriminator."""
@@ -351,16 +355,33 @@ class GridTransformer(nn.Module):
         return rearrange(out, "b (h w) d -> b d h w", h=x.shape[-2])
 
 
+def conv_stem(config: TokenizerConfig) -> nn.Sequential:
+    """(B, C, H, W) -> (B, widths[-1], h, w): one 3x3 stride-2 convolution per halving (widths[1:]), each followed
+    by GroupNorm and SiLU, then a 1x1 convolution: the ViT's convolutional stem (`vit_stem="conv"`)."""
+    layers: list[nn.Module] = []
+    width = config.channels
+    for out in config.widths[1:]:
+        layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), *norm_silu(out)]
+        width = out
+    return nn.Sequential(*layers, nn.Conv2d(width, width, 1))
+
+
 class ViTEncoder(nn.Module):
     """(B, C, H, W) in [0, 1] -> (B, d, h, w) latents: each patch_size x patch_size patch flattened and projected
-    linearly to one token (no other convolution), then transformer blocks over the patches."""
+    linearly to one token (no other convolution), or a small convolutional stem (`vit_stem`), then transformer
+    blocks over the patches."""
 
     def __init__(self, config: TokenizerConfig, latent_dim: int):
         super().__init__()
         self.patch = config.patch_size
-        self.transformer = GridTransformer(config, config.channels * self.patch**2, latent_dim)
+        self.stem = conv_stem(config) if config.vit_stem == "conv" else None
+        stem_width = config.widths[-1] if len(config.widths) > 1 else config.channels
+        in_dim = stem_width if self.stem is not None else config.channels * self.patch**2
+        self.transformer = GridTransformer(config, in_dim, latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            return self.transformer(self.stem(x))
         return self.transformer(F.pixel_unshuffle(x, self.patch))  # (B, C * P * P, h, w) patches in
 
 
