@@ -3,6 +3,7 @@ tokenizer), a uniformly random policy and the scripted expert, on the same held-
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class TokenPolicy:
 def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int, str | None]) -> tuple[str, int, float, int, bool]:
     kind, run_dir, source, config, seed, policy = args
     torch.set_num_threads(1)
-    env = make_source_env(SourceConfig(source.name, source.frame_size, source.action_repeat, config.max_steps))
+    env = make_source_env(dataclasses.replace(source, max_steps=config.max_steps))
     env.action_space.seed(seed)
     actor = TokenPolicy(Path(run_dir), config.deterministic, policy and Path(policy)) if kind == "policy" else None
     expert = make_expert(source) if kind == "expert" else None

@@ -26,6 +26,7 @@ and its policy braked to a stop. It does not predict a policy in general (docs/b
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ def _real_rollouts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The simulator's frame after holding each probe for `horizon` steps, (S, P, H, W, C) uint8, and the
     return it earned meanwhile, (S, P)."""
-    env = make_source_env(SourceConfig(source.name, source.frame_size, source.action_repeat, max_steps=None))
+    env = make_source_env(dataclasses.replace(source, max_steps=None))
     finals, returns = [], []
     try:
         for start in tqdm(starts, desc="probe simulator", unit="state", dynamic_ncols=True):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from bench.codecs import QUALITIES, CodecPoint, compare, measure_codec
 from bench.imagination import timed_rate
 from envs.sources import fit_frame
-from worldmodel.checkpoint import read_checkpoint, resumable
+from worldmodel.checkpoint import config_matches, read_checkpoint, resumable
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
 from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
@@ -366,16 +366,22 @@ def trained_tokenizer(
     """
     path, record_path = folder / TOKENIZER, folder / "train.json"
     last = resumable(path)
-    expected = json.loads(json.dumps(dataclasses.asdict(stage.model)))
-    steps = stage.train.steps
-    budget = {"steps": steps, "batch_size": stage.train.batch_size, "lr": stage.train.lr}
+    steps, train = stage.train.steps, stage.train
+    budget = {
+        "steps": steps,
+        "batch_size": train.batch_size,
+        "lr": train.lr,
+        "warmup_steps": train.warmup_steps,
+        "schedule": train.schedule,
+        "min_lr_ratio": train.min_lr_ratio,
+    }
     elsewhere = f"delete {folder} or write to another --out"
 
     def step_of(checkpoint: Path) -> int | None:
         if not checkpoint.with_suffix(".safetensors").is_file():
             return None
         meta, _ = read_checkpoint(checkpoint, TOKENIZER)
-        if meta.get("config") != expected or meta.get("dataset") != str(dataset_dir):
+        if not config_matches(meta.get("config"), stage.model) or meta.get("dataset") != str(dataset_dir):
             raise ConfigError(f"{checkpoint} holds a tokenizer of another config or dataset; {elsewhere}")
         if int(meta.get("step", 0)) > steps:
             raise ConfigError(
@@ -384,7 +390,7 @@ def trained_tokenizer(
         return int(meta.get("step", 0))
 
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    changed = sorted(k for k in ("batch_size", "lr") if k in record and record[k] != budget[k])
+    changed = sorted(k for k in budget if k != "steps" and k in record and record[k] != budget[k])
     if changed:
         raise ConfigError(f"{folder} was trained with another {' and '.join(changed)}; {elsewhere}")
     if step_of(path) == steps:
@@ -560,7 +566,15 @@ def bench_tokenizer(
         "train_episodes": len(train_ids),
         "held_out_episodes": val_ids,
         "frames": len(frames),
-        "budget": {"steps": train.steps, "batch_size": train.batch_size, "lr": train.lr, "seed": train.seed},
+        "budget": {
+            "steps": train.steps,
+            "batch_size": train.batch_size,
+            "lr": train.lr,
+            "warmup_steps": train.warmup_steps,
+            "schedule": train.schedule,
+            "min_lr_ratio": train.min_lr_ratio,
+            "seed": train.seed,
+        },
         "base_model": dataclasses.asdict(stage.model),
         "config": dataclasses.asdict(config),
         "device": str(device),
@@ -577,6 +591,14 @@ def bench_tokenizer(
     return results
 
 
+def _schedule_words(budget: dict[str, Any]) -> str:
+    """The warm-up and decay in words for the markdown (nothing for benches written before these fields)."""
+    words = f", warm-up {budget['warmup_steps']} steps" if "warmup_steps" in budget else ""
+    if budget.get("schedule") == "cosine":
+        words += f", cosine decay to {budget.get('min_lr_ratio', 0.0)} x"
+    return words
+
+
 def format_markdown(results: dict[str, Any]) -> str:
     """The bench's tables: rate and distortion, speed and size, the codecs' curves, time by resolution."""
     budget = results["budget"]
@@ -586,7 +608,8 @@ def format_markdown(results: dict[str, Any]) -> str:
         "",
         f"Dataset `{results['dataset']}` ({results['frame_shape'][0]}x{results['frame_shape'][1]} frames). Every "
         f"tokenizer was trained with the same budget: {budget['steps']} steps at batch {budget['batch_size']} "
-        f"(lr {budget['lr']}, seed {budget['seed']}, no wall-clock cap) on {results['train_episodes']} training "
+        f"(lr {budget['lr']}{_schedule_words(budget)}, seed {budget['seed']}, no wall-clock cap) on "
+        f"{results['train_episodes']} training "
         f"episodes, and is measured on {results['frames']} frames of the held-out episodes "
         f"({len(results['held_out_episodes'])} of them); the codecs on the same frames. Device {results['device']}, "
         f"torch threads: {results['threads']}, torch {results['torch']}. Training seconds include the periodic "

@@ -8,6 +8,7 @@ from torch import nn
 from worldmodel.checkpoint import (
     CheckpointError,
     clean_state_dict,
+    config_matches,
     fingerprint,
     load_module,
     read_checkpoint,
@@ -154,3 +155,26 @@ def test_clean_state_dict_strips_orig_mod(tmp_path):
     loaded, _ = load_tokenizer(tmp_path / "tok")
     assert_same_weights(loaded, tokenizer)
     assert fingerprint(wrapped) == fingerprint(tokenizer)
+
+
+def test_an_older_checkpoint_without_newer_fields_still_matches_and_resumes(tmp_path):
+    # a tokenizer saved before `image_width` and `vit_stem` existed: those fields count as their defaults
+    from worldmodel.logger import RunLogger
+    from worldmodel.trainer import TrainConfig, train
+
+    tokenizer = tiny_tokenizer()
+    save_checkpoint(tmp_path / "tok_last", tokenizer, "tokenizer", {"step": 1})
+    sidecar = tmp_path / "tok_last.json"
+    meta = json.loads(sidecar.read_text())
+    for field in ("image_width", "vit_stem"):
+        del meta["config"][field]
+    sidecar.write_text(json.dumps(meta))
+    assert config_matches(meta["config"], tokenizer.config)
+    other = TokenizerConfig(image_size=16, channels=3, widths=(8, 16), levels=(4, 4))
+    assert not config_matches(meta["config"], other)
+    assert not config_matches({**meta["config"], "gone_field": 1}, tokenizer.config)
+    assert not config_matches(None, tokenizer.config)
+    frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, log_every=1, eval_every=100, checkpoint_every=100)
+    train(tiny_tokenizer(), lambda step: {"frames": frames}, config, tmp_path / "tok", "tokenizer", RunLogger(tmp_path))
+    assert json.loads((tmp_path / "tok.json").read_text())["step"] == 2  # resumed from step 1, not refused

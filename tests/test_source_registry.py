@@ -89,8 +89,8 @@ def test_fit_frame_crops_to_the_aspect_keeping_the_bottom_and_the_middle():
     wide = fit_frame(rows, 4, 16)  # 8x16 -> 4x16: the top 4 rows go, nothing is resized
     assert wide.shape == (4, 16, 3) and wide[:, 0, 0].tolist() == [4, 5, 6, 7]
     cols = np.repeat(np.arange(16, dtype=np.uint8)[None, :, None], 8, axis=0)  # pixel = its column, one channel
-    square = fit_frame(cols, 8, 8)  # 8x16 -> 8x8: the middle columns
-    assert square.shape == (8, 8, 1) and square[0, :, 0].tolist() == list(range(4, 12))
+    narrower = fit_frame(cols, 8, 12)  # 8x16 -> 8x12: the middle 12 columns
+    assert narrower.shape == (8, 12, 1) and narrower[0, :, 0].tolist() == list(range(2, 14))
     assert fit_frame(cols, 8, 16) is cols  # already that shape
     halved = fit_frame(rows, 4, 8)  # same aspect: only resized
     assert halved.shape == (4, 8, 3) and halved[0, 0, 0] < halved[-1, 0, 0]
@@ -99,5 +99,17 @@ def test_fit_frame_crops_to_the_aspect_keeping_the_bottom_and_the_middle():
 def test_frame_shape_and_bad_sizes():
     assert SourceConfig("carracing").frame_shape == (64, 64)
     assert SourceConfig("carracing", frame_size=128, frame_width=256).frame_shape == (128, 256)
+    # the fields before frame_width keep their places, for callers that pass them in order
+    assert SourceConfig("carracing", 64, 2, 10) == SourceConfig("carracing", 64, action_repeat=2, max_steps=10)
     with pytest.raises(ValueError, match="frame_width"):
         SourceConfig("carracing", frame_size=64, frame_width=0)
+    with pytest.raises(ValueError, match="highway records square frames only"):
+        SourceConfig("highway", frame_size=64, frame_width=128)  # highway has no full-size drawing
+
+
+def test_square_targets_take_the_whole_image():
+    from envs.sources import fit_frame
+
+    wide = np.repeat(np.arange(16, dtype=np.uint8)[None, :, None], 8, axis=0)  # 8x16, pixel = its column
+    square = fit_frame(wide, 8, 8)  # squashed, not cropped: the first and last columns are still in it
+    assert square.shape == (8, 8, 1) and square[0, 0, 0] <= 1 and square[0, -1, 0] >= 14

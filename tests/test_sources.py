@@ -6,7 +6,7 @@ import pytest
 
 import envs.collect as collect_module
 from envs.collect import CollectConfig, collect
-from envs.sources import SOURCES, SourceConfig, make_expert, make_source_env
+from envs.sources import SOURCES, SourceConfig, fit_frame, make_expert, make_source_env
 from worldmodel.dataset import Dataset
 
 CARRACING_INTRO_STEPS = SOURCES["carracing"].intro_steps
@@ -137,6 +137,7 @@ def test_road_camera_frames_come_from_the_full_drawing(tmp_path):
     first, _ = env.reset(seed=config.seed)
     assert np.array_equal(first, frames[0])  # the same state drawn the same way
     full = env.unwrapped._render("rgb_array")  # (400, 600, 3)
+    assert full.shape == (400, 600, 3) and np.array_equal(first, fit_frame(full, 128, 256))
     # the bottom rows of the full drawing hold the gauges' black panel; they are the bottom of the frame too
     assert full[-20:].mean() < 30 and first[-6:].mean() < 30 and first[:60].mean() > 60
     env.close()

@@ -82,6 +82,10 @@ def test_image_size_must_divide():
         Tokenizer(TokenizerConfig(image_size=36, widths=(8, 16, 16, 16)))
     with pytest.raises(ValueError, match="image_width 100"):
         Tokenizer(TokenizerConfig(image_size=64, image_width=100, widths=(8, 16, 16, 16)))
+    with pytest.raises(ValueError, match="image_width 0"):
+        Tokenizer(TokenizerConfig(image_size=64, image_width=0, widths=(8, 16, 16, 16)))
+    with pytest.raises(ValueError, match="vit_stem 'convolution'"):
+        Tokenizer(TokenizerConfig(backbone="vit", vit_stem="convolution"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

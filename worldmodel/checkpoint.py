@@ -97,6 +97,17 @@ def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[s
     return meta, tensors
 
 
+def config_matches(saved: dict[str, Any] | None, config: Any) -> bool:
+    """Whether a checkpoint's saved config dict describes `config` (a dataclass). Fields added to the project since
+    the checkpoint was written count as their defaults, so an older checkpoint of the same model still matches."""
+    if not isinstance(saved, dict):
+        return False
+    try:
+        return from_dict(type(config), saved) == config
+    except (TypeError, ValueError):  # a field this version no longer has, or a value it cannot take
+        return False
+
+
 def load_module(
     path: str | Path, kind: str, module_cls: type[nn.Module], config_cls: type, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]:

@@ -56,7 +56,7 @@ class TokenizerConfig:
     attention_heads: int = 4
     """Attention heads per transformer block (`vit`, `hybrid`)."""
     vit_stem: Literal["patchify", "conv"] = "patchify"
-    """How the `vit` encoder turns pixels into tokens: one linear map per patch, or a convolutional stem of 3x3
+    """How the `vit` encoder (only) turns pixels into tokens: one linear map per patch, or a convolutional stem of 3x3
     stride-2 convolutions (widths[1:], one per halving) and a 1x1 one, which Xiao et al. ("Early convolutions help
     transformers see better") found to make ViTs train more stably. The decoder is the same either way."""
     adversarial_weight: float = 0.0
@@ -106,6 +106,10 @@ class TokenizerConfig:
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown tokenizer backbone {self.backbone!r}; expected one of {sorted(BACKBONES)}")
+        if self.vit_stem not in ("patchify", "conv"):
+            raise ValueError(f"vit_stem {self.vit_stem!r}: expected 'patchify' or 'conv'")
+        if self.image_width is not None and self.image_width < 1:
+            raise ValueError(f"image_width {self.image_width}: expected None (square) or a width >= 1")
         if any(side % self.patch_size for side in self.image_shape) or min(self.image_shape) < 1:
             raise ValueError(
                 f"image_size {self.image_size} and image_width {self.image_width} must be multiples of"

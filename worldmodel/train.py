@@ -212,7 +212,8 @@ def train_dynamics(
     if grid_h != grid_w:
         raise DatasetError(
             f"the dynamics model needs a square token grid; {run_dir}'s tokenizer makes {grid_h}x{grid_w} tokens of"
-            f" {height}x{width} frames (non-square frames are for `train tokenizer` and `eval tokenizer` so far)"
+            f" {height}x{width} frames (non-square frames are for `collect` and the tokenizer's train, eval and bench"
+            " commands so far)"
         )
     tokenized = tokens_for_run(dataset_dir, run_dir, device)
     train_ids, val_ids = dataset.split(val_fraction)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -16,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from worldmodel import distributed
-from worldmodel.checkpoint import CheckpointError, load_module, resumable, save_checkpoint
+from worldmodel.checkpoint import CheckpointError, config_matches, load_module, resumable, save_checkpoint
 from worldmodel.logger import RunLogger
 
 
@@ -103,7 +101,7 @@ def train(
         if last.with_suffix(".safetensors").is_file():
             restored, meta, state = load_module(last, kind, type(model), type(model.config))
             stale = {k: v for k, v in (extra_meta or {}).items() if k.endswith("fingerprint") and meta.get(k) != v}
-            if stale or meta["config"] != json.loads(json.dumps(dataclasses.asdict(model.config))):
+            if stale or not config_matches(meta["config"], model.config):
                 raise CheckpointError(
                     f"{last} was trained on other inputs or another config ({sorted(stale) or 'config'});"
                     f" delete it to start this stage afresh"
@@ -115,7 +113,7 @@ def train(
                 tqdm.write(f"resuming {kind} training from step {start} ({last})")
         elif init is not None:
             restored, meta, state = load_module(init, kind, type(model), type(model.config))
-            if meta["config"] != json.loads(json.dumps(dataclasses.asdict(model.config))):
+            if not config_matches(meta["config"], model.config):
                 raise CheckpointError(f"{init} has another config than this {kind} training; it cannot continue it")
             model.load_state_dict(restored.state_dict())
             if state:

@@ -54,19 +54,28 @@ class SourceConfig:
     name: str = "carracing"
     """A registered source (`envs/sources/`): carracing or highway."""
     frame_size: int = 64
-    """Frame height in pixels, and width too unless `frame_width` is set."""
-    frame_width: int | None = None
-    """Frame width for frames that are not square (road-camera frames: `frame_size` 128, `frame_width` 256). The
-    simulator's view is cropped to that shape, keeping its bottom (CarRacing's car and gauges), then resized."""
+    """Frame height in pixels, and width too unless `frame_width` is set. Square frames are the simulator's
+    observation resized, whatever its size."""
     action_repeat: int | None = None
     """Simulator steps per recorded step, rewards summed (None: the source's own, 4 for CarRacing, 1 for highway)."""
     max_steps: int | None = None
     """Recorded steps per episode before it is truncated (None: the simulator's own limit)."""
+    frame_width: int | None = None
+    """Frame width of frames that are not square (road-camera frames: `frame_size` 128, `frame_width` 256), for a
+    source that offers a full-size drawing (`Source.draw_full`, CarRacing's 600x400 view): that drawing is cropped
+    to the frame's aspect ratio, keeping its bottom rows (the car and its gauges), then resized."""
 
     def __post_init__(self) -> None:
-        get_source(self.name)
+        source = get_source(self.name)
         if self.frame_size < 1 or (self.frame_width is not None and self.frame_width < 1):
             raise ValueError(f"frame_size {self.frame_size} and frame_width {self.frame_width} must be >= 1")
+        height, width = self.frame_shape
+        if height != width and source.draw_full is None:
+            raise ValueError(
+                f"frame_width: {self.name} records square frames only (got {height}x{width}); non-square frames come"
+                f" from a source's full-size drawing, which {', '.join(n for n, s in SOURCES.items() if s.draw_full)}"
+                " offers"
+            )
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -88,10 +97,13 @@ class SourceConfig:
 
 
 def fit_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W, C) uint8 -> (height, width, C): cropped to the target's aspect ratio, keeping the bottom rows (where
-    CarRacing draws the car and its gauges) and the middle columns, then resized bilinearly."""
+    """(H, W, C) uint8 -> (height, width, C), resized bilinearly. A square target takes the whole image, squashed if
+    need be (as the frames of the 64x64 presets always were); a non-square one is first cropped to its aspect ratio,
+    keeping the bottom rows (where CarRacing draws the car and its gauges) and the middle columns."""
     rows, cols = image.shape[:2]
-    if rows * width > cols * height:  # too tall: drop rows from the top
+    if height == width:
+        pass
+    elif rows * width > cols * height:  # too tall: drop rows from the top
         image = image[rows - round(cols * height / width) :]
     elif rows * width < cols * height:  # too wide: drop columns from both sides
         keep = round(rows * width / height)
@@ -118,11 +130,10 @@ class DrivingFrames(gym.Wrapper):
         self.config = config
         probe = self._fit(np.zeros(env.observation_space.shape, env.observation_space.dtype))
         self.observation_space = gym.spaces.Box(0, 255, probe.shape, np.uint8)
+        # non-square frames come from the source's full-size drawing (SourceConfig refuses them for a source
+        # without one), so the observation's own drawing is skipped on every sub-step
         height, width = config.frame_shape
-        observed = env.observation_space.shape
-        # frames larger than the observation come from the source's full-size drawing, so the observation's own
-        # drawing is skipped on every sub-step
-        self._draws_full = config.source.draw_full is not None and (height > observed[0] or width > observed[1])
+        self._draws_full = height != width
         self._steps = 0
 
     def _fit(self, obs: np.ndarray) -> np.ndarray:
@@ -131,8 +142,8 @@ class DrivingFrames(gym.Wrapper):
         return np.ascontiguousarray(fit_frame(obs, *self.config.frame_shape), dtype=np.uint8)
 
     def _frame(self, obs: np.ndarray | None) -> np.ndarray:
-        """The recorded frame of the step that returned `obs`: the observation, or, for frames larger than it,
-        the source's full-size drawing of the same state (`Source.draw_full`), fitted to the frame shape."""
+        """The recorded frame of the step that returned `obs`: the observation, or, for non-square frames, the
+        source's full-size drawing of the same state (`Source.draw_full`), fitted to the frame shape."""
         if self._draws_full:
             return self._fit(self.config.source.draw_full(self.env))
         if obs is None:  # ended on a sub-step whose frame was skipped: draw it now
