@@ -50,6 +50,7 @@ from worldmodel.train import (
     resolve_device,
     train_tokenizer,
 )
+from worldmodel.trainer import TrainConfig
 
 CODECS = ("webp", "jpeg")
 
@@ -97,9 +98,9 @@ def load_frames(path: str | Path, channels: int, max_frames: int | None = None) 
 
 def resize_frames(frames: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, height, width, C) uint8 (width defaults to height) the way `make_source_env`
-    records frames (`envs.sources.fit_frame`): cropped to the aspect ratio, keeping the bottom rows, then resized
-    with Pillow's bilinear filter, which widens to an antialiasing triangle filter when shrinking. Frames already
-    that size come back as they are."""
+    records frames (`envs.sources.fit_frame`: a square target takes the whole frame, a non-square one a crop to its
+    aspect ratio keeping the bottom rows), resized with Pillow's bilinear filter, which widens to an antialiasing
+    triangle filter when shrinking. Frames already that size come back as they are."""
     width = width or height
     if frames.shape[1:3] == (height, width):
         return frames
@@ -366,15 +367,7 @@ def trained_tokenizer(
     """
     path, record_path = folder / TOKENIZER, folder / "train.json"
     last = resumable(path)
-    steps, train = stage.train.steps, stage.train
-    budget = {
-        "steps": steps,
-        "batch_size": train.batch_size,
-        "lr": train.lr,
-        "warmup_steps": train.warmup_steps,
-        "schedule": train.schedule,
-        "min_lr_ratio": train.min_lr_ratio,
-    }
+    steps, budget = stage.train.steps, train_budget(stage.train)
     elsewhere = f"delete {folder} or write to another --out"
 
     def step_of(checkpoint: Path) -> int | None:
@@ -566,15 +559,7 @@ def bench_tokenizer(
         "train_episodes": len(train_ids),
         "held_out_episodes": val_ids,
         "frames": len(frames),
-        "budget": {
-            "steps": train.steps,
-            "batch_size": train.batch_size,
-            "lr": train.lr,
-            "warmup_steps": train.warmup_steps,
-            "schedule": train.schedule,
-            "min_lr_ratio": train.min_lr_ratio,
-            "seed": train.seed,
-        },
+        "budget": {**train_budget(train), "seed": train.seed},
         "base_model": dataclasses.asdict(stage.model),
         "config": dataclasses.asdict(config),
         "device": str(device),
@@ -589,6 +574,12 @@ def bench_tokenizer(
     write_text_atomic(out_dir / "tokenizer_bench.md", format_markdown(results))
     plot_rate_distortion(results, out_dir / "rate_distortion.png")
     return results
+
+
+def train_budget(train: TrainConfig) -> dict[str, Any]:
+    """The training settings every tokenizer of a bench shares, as recorded and compared on reuse."""
+    fields = ("steps", "batch_size", "lr", "warmup_steps", "schedule", "min_lr_ratio")
+    return {name: getattr(train, name) for name in fields}
 
 
 def _schedule_words(budget: dict[str, Any]) -> str:

@@ -101,11 +101,9 @@ def fit_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
     need be (as the frames of the 64x64 presets always were); a non-square one is first cropped to its aspect ratio,
     keeping the bottom rows (where CarRacing draws the car and its gauges) and the middle columns."""
     rows, cols = image.shape[:2]
-    if height == width:
-        pass
-    elif rows * width > cols * height:  # too tall: drop rows from the top
+    if height != width and rows * width > cols * height:  # too tall: drop rows from the top
         image = image[rows - round(cols * height / width) :]
-    elif rows * width < cols * height:  # too wide: drop columns from both sides
+    elif height != width and rows * width < cols * height:  # too wide: drop columns from both sides
         keep = round(rows * width / height)
         image = image[:, (cols - keep) // 2 : (cols - keep) // 2 + keep]
     if image.shape[:2] != (height, width):

@@ -38,7 +38,8 @@ class Source:
     """The simulator draws a frame only through `unwrapped._render`, so sub-steps nobody sees can skip it."""
     draw_full: Callable[[gym.Env], Any] | None = None
     """env -> an (H, W, C) uint8 drawing of the current state larger than the observation (CarRacing's 600x400
-    video frame), used for frames the observation is too small for; None where the observation is all there is."""
+    video frame), which non-square frames are cropped from; None where the observation is all there is (square
+    frames only)."""
     crashes: bool = False
     """Episodes can end in a crash, reported as `info["crashed"]`, which evaluation counts."""
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
