@@ -161,6 +161,30 @@ def test_bottom_rows_weight_the_gauge_strip():
     assert loss.item() == pytest.approx(plain_loss.item() + extra.item(), rel=1e-4)
 
 
+def test_rare_pixels_weigh_rare_weight_times_the_others():
+    # three grey road frames, one with a dark car: only the car's pixels differ from the batch's per-pixel median
+    torch.manual_seed(0)
+    base = {"image_size": 16, "channels": 1, "widths": (8, 16), "levels": (4, 3), "l1_weight": 0.0, "mse_weight": 1.0}
+    plain = Tokenizer(TokenizerConfig(**base, ssim_weight=0.0))
+    rare = Tokenizer(TokenizerConfig(**base, ssim_weight=0.0, rare_weight=10.0, rare_threshold=0.1))
+    rare.load_state_dict(plain.state_dict())
+    frames = torch.full((3, 16, 16, 1), 99, dtype=torch.uint8)
+    frames[:, :, 3] = 254  # a lane line in every frame: not rare
+    frames[1, 5:12, 8:11] = 59  # the car: 21 pixels
+    weights = rare.pixel_weights(frames.permute(0, 3, 1, 2).float() / 255)
+    assert weights.shape == (3, 1, 16, 16) and weights[1, 0, 5:12, 8:11].eq(10).all() and weights.sum() == 768 + 9 * 21
+    error = plain.decode_codes(plain.encode(frames).z_quantized) - frames.permute(0, 3, 1, 2).float() / 255
+    extra = 9 * error[1, :, 5:12, 8:11].square().sum() / error.numel()
+    assert rare(frames)[0].item() == pytest.approx(plain(frames)[0].item() + extra.item(), rel=1e-4)
+    assert plain.pixel_weights(frames.float()) is None  # weight 1: the plain mean, no weight map
+    # and it multiplies with the gauge strip's weight
+    both = Tokenizer(TokenizerConfig(**base, rare_weight=10.0, bottom_rows=0.5, bottom_weight=2.0))
+    weights = both.pixel_weights(frames.permute(0, 3, 1, 2).float() / 255)
+    assert weights[1, 0, 10, 9] == 20 and weights[1, 0, 6, 9] == 10 and weights[0, 0, 10, 9] == 2
+    with pytest.raises(ValueError, match="rare_threshold"):
+        TokenizerConfig(**base, rare_threshold=1.5).validate()
+
+
 @pytest.mark.parametrize(
     ("shape", "window"), [((2, 3, 64, 64), 7), ((1, 1, 5, 9), 7), ((2, 2, 3, 3), 3), ((1, 3, 12, 40), 5)]
 )
