@@ -56,12 +56,12 @@ def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int, str | None]) -
     kind, run_dir, source, config, seed, policy = args
     torch.set_num_threads(1)
     env = make_source_env(dataclasses.replace(source, max_steps=config.max_steps))
+    env.action_space.seed(seed)
     actor = TokenPolicy(Path(run_dir), config.deterministic, policy and Path(policy)) if kind == "policy" else None
     expert = make_expert(source) if kind == "expert" else None
     if expert is not None:
         expert.reset()
     obs, info = env.reset(seed=seed)
-    env.action_space.seed(seed)  # after the reset: highway-env builds a new action space in every reset
     total, steps = info.get("intro_reward", 0.0), 0
     while True:
         if actor is not None:

@@ -84,8 +84,8 @@ def test_evaluate_highway_finishes(tmp_path):
 
 @pytest.mark.slow
 def test_the_random_policy_repeats_its_highway_episode_for_a_seed():
-    # highway-env builds a new action space in every reset: seeded before it, the random policy drew unseeded
-    # actions and scored differently on the same held-out seed from run to run
+    # highway-env builds a new action space in every reset; the source's wrapper keeps one, so the seed given before
+    # the reset holds (without it the random policy scored differently on the same held-out seed from run to run)
     task = ("random", "unused", SourceConfig("highway"), EvalConfig(max_steps=None), 1_000_001, None)
     first, second = _episode(task), _episode(task)
     assert first == second

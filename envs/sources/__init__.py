@@ -101,11 +101,12 @@ def fit_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
     need be (as the frames of the 64x64 presets always were); a non-square one is first cropped to its aspect ratio,
     keeping the bottom rows (where CarRacing draws the car and its gauges) and the middle columns."""
     rows, cols = image.shape[:2]
-    if height != width and rows * width > cols * height:  # too tall: drop rows from the top
-        image = image[rows - round(cols * height / width) :]
-    elif height != width and rows * width < cols * height:  # too wide: drop columns from both sides
-        keep = round(rows * width / height)
-        image = image[:, (cols - keep) // 2 : (cols - keep) // 2 + keep]
+    if height != width:
+        if rows * width > cols * height:  # too tall: drop rows from the top
+            image = image[rows - round(cols * height / width) :]
+        elif rows * width < cols * height:  # too wide: drop columns from both sides
+            keep = round(rows * width / height)
+            image = image[:, (cols - keep) // 2 : (cols - keep) // 2 + keep]
     if image.shape[:2] != (height, width):
         channels = image.shape[-1]
         resized = Image.fromarray(image.squeeze(-1) if channels == 1 else image).resize(
@@ -128,6 +129,9 @@ class DrivingFrames(gym.Wrapper):
         self.config = config
         probe = self._fit(np.zeros(env.observation_space.shape, env.observation_space.dtype))
         self.observation_space = gym.spaces.Box(0, 255, probe.shape, np.uint8)
+        # one action space for the wrapper's life: highway-env builds a new one in every reset, which would drop the
+        # seed a caller gave it before the reset (the random policy's actions were unseeded)
+        self.action_space = env.action_space
         # non-square frames come from the source's full-size drawing (SourceConfig refuses them for a source
         # without one), so the observation's own drawing is skipped on every sub-step
         height, width = config.frame_shape
