@@ -95,6 +95,35 @@ def test_highway_frames():
     env.close()
 
 
+@pytest.mark.parametrize("frame_size", [64, 96])
+def test_highway_frames_show_the_speed_the_reward_pays_for(frame_size):
+    """highway-env draws no speedometer; the frames carry a speed bar that FASTER raises and SLOWER lowers, as the
+    simulator's speed and its reward do."""
+    env = make_source_env(SourceConfig("highway", frame_size=frame_size))
+
+    def bar_rows(frame: np.ndarray) -> int:
+        bar = max(1, frame_size // 16)
+        column = frame[:, frame_size - 2 * bar, 0]
+        assert set(np.unique(column)) <= {0, 255}  # nothing of the road drawn over it
+        return int((column == 255).sum())
+
+    obs, _ = env.reset(seed=1)
+    heights, speeds, rewards = [bar_rows(obs)], [env.unwrapped.vehicle.speed], []
+    for action in (3, 3, 4, 4, 4):  # FASTER twice, then SLOWER
+        obs, reward, terminated, truncated, _ = env.step(action)
+        assert not (terminated or truncated)
+        heights.append(bar_rows(obs))
+        speeds.append(env.unwrapped.vehicle.speed)
+        rewards.append(reward)
+    env.close()
+    assert heights[2] > heights[0] > heights[-1] > 0
+    for (h0, s0), (h1, s1) in zip(zip(heights, speeds), zip(heights[1:], speeds[1:])):
+        if abs(s1 - s0) > 1:  # a change of speed the bar can show (20 m/s fill the frame's height)
+            assert np.sign(h1 - h0) == np.sign(s1 - s0)
+    assert rewards[1] > rewards[-1]  # the speed the bar shows is what the reward pays for
+    assert heights[2] == pytest.approx(frame_size * (speeds[2] - 15) / 20, abs=1)
+
+
 def test_collect_writes_a_dataset_and_resumes(tmp_path):
     config = CollectConfig(source=SourceConfig("carracing", max_steps=10), episodes=2, workers=1, seed=7)
     dataset = collect(config, tmp_path / "data")

@@ -147,10 +147,15 @@ class DrivingFrames(gym.Wrapper):
         """The recorded frame of the step that returned `obs`: the observation, or, for non-square frames, the
         source's full-size drawing of the same state (`Source.draw_full`), fitted to the frame shape."""
         if self._draws_full:
-            return self._fit(self.config.source.draw_full(self.env))
-        if obs is None:  # ended on a sub-step whose frame was skipped: draw it now
-            obs = self.env.unwrapped._render("state_pixels")
-        return self._fit(obs)
+            frame = self._fit(self.config.source.draw_full(self.env))
+        else:
+            if obs is None:  # ended on a sub-step whose frame was skipped: draw it now
+                obs = self.env.unwrapped._render("state_pixels")
+            frame = self._fit(obs)
+        if self.config.source.gauges is not None:
+            frame = frame.copy()  # the fitted frame can be a view of the simulator's own observation
+            self.config.source.gauges(self.env, frame)
+        return frame
 
     @contextmanager
     def _physics_only(self) -> Iterator[None]:

@@ -40,6 +40,9 @@ class Source:
     """env -> an (H, W, C) uint8 drawing of the current state larger than the observation (CarRacing's 600x400
     video frame), which non-square frames are cropped from; None where the observation is all there is (square
     frames only)."""
+    gauges: Callable[[gym.Env, Any], None] | None = None
+    """(env, frame) -> draws the car's own gauges into a fitted (H, W, C) uint8 frame, in place, for a simulator
+    whose drawing shows none (highway's speed bar); None where the simulator draws its own (CarRacing's dashboard)."""
     crashes: bool = False
     """Episodes can end in a crash, reported as `info["crashed"]`, which evaluation counts."""
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)

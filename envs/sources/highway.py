@@ -1,8 +1,9 @@
-"""highway-env's highway-fast-v0: five discrete meta-actions, grayscale frames, crashes."""
+"""highway-env's highway-fast-v0: five discrete meta-actions, grayscale frames with a speed bar, crashes."""
 
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 
 from envs.experts import HighwayExpert
 from envs.sources.base import Source, register_source
@@ -21,6 +22,22 @@ def _simulator(frame_size: int, render_mode: str | None) -> gym.Env:
     return gym.make("highway-fast-v0", render_mode=render_mode, config={"observation": observation})
 
 
+SPEED_RANGE = (15.0, 35.0)
+"""m/s shown by the speed bar's empty and full ends; highway-env's meta-actions aim at 20, 25 and 30."""
+
+
+def _speed_bar(env: gym.Env, frame: np.ndarray) -> None:
+    """The car's speed as a white bar rising from the bottom of the frame's right edge, over the empty road beside
+    the lanes: highway-env draws no speedometer, and without one neither a tokenizer nor a dynamics model can tell
+    a FASTER from a SLOWER, though the speed is most of the reward."""
+    height, width = frame.shape[:2]
+    low, high = SPEED_RANGE
+    share = min(max((float(env.unwrapped.vehicle.speed) - low) / (high - low), 0.0), 1.0)
+    bar = max(1, width // 16)
+    frame[:, width - 2 * bar : width - bar] = 0
+    frame[height - round(share * height) :, width - 2 * bar : width - bar] = 255
+
+
 def _controls(keys: frozenset[str]) -> int:
     """highway-env's meta-actions: left and right change lane, up is faster, down slower, no key keeps going."""
     for key, action in (("left", 0), ("right", 2), ("up", 3), ("down", 4)):
@@ -35,6 +52,7 @@ HIGHWAY = register_source(
         simulator="highway-fast-v0",
         make_simulator=_simulator,
         make_expert=lambda action_repeat: HighwayExpert(),
+        gauges=_speed_bar,
         crashes=True,
         probes={
             "steering": {"lane_left": 0, "idle": 1, "lane_right": 2},
