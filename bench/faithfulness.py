@@ -12,6 +12,10 @@ recorded one), and in the dream, given the same real context frames. Two figures
   the simulator's are (mean absolute pixel difference over pairs). 1 responds as strongly as the
   simulator; 0 ignores the actions. With a sampling temperature above 0 the dream's frames also differ by
   chance, so only `match_accuracy` stays a clean figure there.
+- `returns` and `ends`, per probe: the return earned while it was held, and the share of states from which the
+  episode ended (a crash) before the probe had been held `horizon` steps, in the simulator and in the dream. On
+  highway a dream can tell FASTER from SLOWER and still not foresee the crash that holding FASTER leads to.
+  Both the simulator and the dream stop a probe where its episode ends, and keep its last frame.
 
 The standing start (`standing_start`, CarRacing only): every real episode, and a `ppo.start_fraction` of PPO's
 dreams (half in the tiny preset), begin at an episode's first frame with the car at rest. The throttle probes
@@ -96,16 +100,17 @@ def _standing_starts(dataset: Dataset, episodes: list[int], count: int) -> list[
 
 def _real_rollouts(
     dataset: Dataset, source: SourceConfig, starts: list[_Start], probes: list[Any], horizon: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The simulator's frame after holding each probe for `horizon` steps, (S, P, H, W, C) uint8, and the
-    return it earned meanwhile, (S, P)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The simulator's frame after holding each probe for `horizon` steps or until its episode ended, (S, P, H, W,
+    C) uint8, the return it earned meanwhile, (S, P), and whether the episode ended (a crash, the time limit), (S, P)
+    bool."""
     env = make_source_env(dataclasses.replace(source, max_steps=None))
-    finals, returns = [], []
+    finals, returns, ends = [], [], []
     try:
         for start in tqdm(starts, desc="probe simulator", unit="state", dynamic_ncols=True):
             episode = dataset.load(start.episode)
             recorded = episode.actions[: start.step]
-            row, earned = [], []
+            row, earned, ended = [], [], []
             for probe in probes:
                 action = np.array(probe, dtype=np.float32) if isinstance(probe, list) else probe
                 frame = env.replay(start.seed, recorded)
@@ -116,17 +121,21 @@ def _real_rollouts(
                         f"{start.step} gave a frame {error:.1f} levels off the recorded one; counterfactual "
                         "probes need the simulator and collection settings that recorded the dataset"
                     )
-                total = 0.0
+                total, over = 0.0, False
                 for _ in range(horizon):
-                    frame, reward, *_ = env.step(action)
+                    frame, reward, terminated, truncated, _ = env.step(action)
                     total += float(reward)
+                    if over := terminated or truncated:
+                        break
                 row.append(frame)
                 earned.append(total)
+                ended.append(over)
             finals.append(np.stack(row))
             returns.append(earned)
+            ends.append(ended)
     finally:
         env.close()
-    return np.stack(finals), np.array(returns)
+    return np.stack(finals), np.array(returns), np.array(ends)
 
 
 @torch.no_grad()
@@ -137,10 +146,11 @@ def _dream_rollouts(
     probes: list[Any],
     config: ProbeConfig,
     horizon: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The dream's frame after holding each probe for `horizon` steps from the same real context, (S, P, H, W, C)
-    uint8, and the return it imagined meanwhile, (S, P). The context is the frames up to each start, as many as
-    the model takes and the earliest start has (one from an episode's first frame)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The dream's frame after holding each probe for `horizon` steps from the same real context or until it ended
+    the episode, (S, P, H, W, C) uint8, the return it imagined meanwhile, (S, P), and whether it ended the episode,
+    (S, P) bool. The context is the frames up to each start, as many as the model takes and the earliest start has
+    (one from an episode's first frame)."""
     context = min(min(start.step for start in starts) + 1, world.dynamics.config.context_frames - 1)
     tokens, actions = [], []
     for start in starts:
@@ -159,13 +169,19 @@ def _dream_rollouts(
     current = context_tokens[:, -1]
     generator = torch.Generator(world.device).manual_seed(config.seed)
     returns = torch.zeros(batch, device=world.device)
+    alive = torch.ones(batch, dtype=torch.bool, device=world.device)
     for _ in range(horizon):
         step = world.imagine(cache, current, probe_actions, sampling=config.sampling, generator=generator)
-        current = step.tokens
-        returns += step.reward
+        current = torch.where(alive[:, None, None], step.tokens, current)  # an ended dream keeps its last frame
+        returns += step.reward * alive
+        alive &= ~step.terminated
     frames = world.tokenizer.tokens_to_frames(current).cpu().numpy()
     shape = (len(starts), n_probes)
-    return frames.reshape(*shape, *frames.shape[1:]), returns.cpu().numpy().reshape(shape)
+    return (
+        frames.reshape(*shape, *frames.shape[1:]),
+        returns.cpu().numpy().reshape(shape),
+        (~alive).cpu().numpy().reshape(shape),
+    )
 
 
 def _group_figures(real: np.ndarray, dream: np.ndarray) -> dict[str, float]:
@@ -188,6 +204,15 @@ def _group_figures(real: np.ndarray, dream: np.ndarray) -> dict[str, float]:
     }
 
 
+def _per_probe(group: dict[str, Any], real: np.ndarray, dream: np.ndarray) -> dict[str, dict[str, float]]:
+    """real, dream: (S, P) figures of one group's probes -> their means by probe name, in the simulator and the
+    dream."""
+    return {
+        "real": {name: float(v) for name, v in zip(group, real.mean(axis=0), strict=True)},
+        "dream": {name: float(v) for name, v in zip(group, dream.mean(axis=0), strict=True)},
+    }
+
+
 def action_faithfulness(
     run_dir: str | Path,
     dataset_dir: str | Path,
@@ -207,12 +232,16 @@ def action_faithfulness(
     starts = _starts(dataset, held_out, world.dynamics.config.context_frames - 1, config)
     names = [name for group in groups.values() for name in group]
     probes = [action for group in groups.values() for action in group.values()]
-    real, _ = _real_rollouts(dataset, source, starts, probes, config.horizon)
-    dream, _ = _dream_rollouts(world, dataset, starts, probes, config, config.horizon)
+    real, real_returns, real_ends = _real_rollouts(dataset, source, starts, probes, config.horizon)
+    dream, dream_returns, dream_ends = _dream_rollouts(world, dataset, starts, probes, config, config.horizon)
     figures: dict[str, Any] = {"states": len(starts), "horizon": config.horizon}
     for group_name, group in groups.items():
         index = [names.index(name) for name in group]
-        figures[group_name] = _group_figures(real[:, index], dream[:, index])
+        figures[group_name] = {
+            **_group_figures(real[:, index], dream[:, index]),
+            "returns": _per_probe(group, real_returns[:, index], dream_returns[:, index]),
+            "ends": _per_probe(group, real_ends[:, index], dream_ends[:, index]),
+        }
     standing = source.source.standing_start_group
     if standing and config.start_episodes > 0:
         figures["standing_start"] = _standing_start(world, dataset, source, held_out, groups[standing], config)
@@ -230,17 +259,14 @@ def _standing_start(
     """The group's probes held from the first frame of held-out episodes, in the simulator and the dream."""
     starts = _standing_starts(dataset, episodes, config.start_episodes)
     probes = list(group.values())
-    real, real_returns = _real_rollouts(dataset, source, starts, probes, config.start_horizon)
-    dream, dream_returns = _dream_rollouts(world, dataset, starts, probes, config, config.start_horizon)
+    real, real_returns, _ = _real_rollouts(dataset, source, starts, probes, config.start_horizon)
+    dream, dream_returns, _ = _dream_rollouts(world, dataset, starts, probes, config, config.start_horizon)
     real_mean, dream_mean = real_returns.mean(axis=0), dream_returns.mean(axis=0)  # per probe: gas, brake
     real_gap = real_mean[0] - real_mean[-1]
     return {
         "episodes": len(starts),
         "horizon": config.start_horizon,
         **_group_figures(real, dream),
-        "returns": {
-            "real": {name: float(v) for name, v in zip(group, real_mean, strict=True)},
-            "dream": {name: float(v) for name, v in zip(group, dream_mean, strict=True)},
-        },
+        "returns": _per_probe(group, real_returns, dream_returns),
         "return_gap_ratio": float((dream_mean[0] - dream_mean[-1]) / real_gap) if real_gap else None,
     }

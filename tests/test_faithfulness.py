@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 import envs.collect as collect_module
-from bench.faithfulness import ProbeConfig, ProbeUnavailable, _group_figures, _starts, action_faithfulness
+from bench.faithfulness import (
+    ProbeConfig,
+    ProbeUnavailable,
+    _group_figures,
+    _real_rollouts,
+    _Start,
+    _starts,
+    action_faithfulness,
+)
 from envs.collect import CollectConfig, collect
 from envs.sources import SourceConfig, make_source_env
 from worldmodel.dataset import Dataset
@@ -56,6 +64,29 @@ def test_replay_restores_a_recorded_carracing_state(tmp_path, monkeypatch):
     env.close()
 
 
+def test_a_highway_probe_stops_where_its_episode_ends(tmp_path, monkeypatch):
+    """Held past highway-fast's 30-step limit, every probe ends its episode, with the return earned until then;
+    held one step from the start, braking ends nothing."""
+    monkeypatch.setattr(collect_module, "_worker_envs", {})
+    source = SourceConfig("highway", max_steps=3)
+    dataset = collect(CollectConfig(source=source, episodes=1, workers=1, seed=4), tmp_path / "data")
+    start = _Start(0, int(dataset.episodes[0].seed), 0)
+    probes = [3, 4]  # FASTER, SLOWER
+    finals, returns, ends = _real_rollouts(dataset, source, [start], probes, horizon=40)
+    assert finals.shape == (1, 2, 64, 64, 1) and ends.tolist() == [[True, True]]
+    env = make_source_env(dataclasses.replace(source, max_steps=None))
+    for p, probe in enumerate(probes):  # the same probe by hand: the rewards until the episode ends
+        env.reset(seed=start.seed)
+        total, over = 0.0, False
+        while not over:
+            _, reward, terminated, truncated, _ = env.step(probe)
+            total, over = total + reward, terminated or truncated
+        assert returns[0, p] == pytest.approx(total)
+    env.close()
+    _, returns, ends = _real_rollouts(dataset, source, [start], [4], horizon=1)
+    assert ends.tolist() == [[False]] and 0 < returns[0, 0] <= 1
+
+
 @pytest.mark.slow
 def test_action_faithfulness_on_a_tiny_carracing_run(tmp_path, monkeypatch):
     from worldmodel.dynamics import DynamicsConfig
@@ -85,6 +116,10 @@ def test_action_faithfulness_on_a_tiny_carracing_run(tmp_path, monkeypatch):
     for group in ("steering", "throttle"):
         assert 0.0 <= figures[group]["match_accuracy"] <= 1.0
         assert figures[group]["real_spread"] > 0  # the simulator's car does respond to the probes
+    # two steps in the middle of a CarRacing episode end nothing in the simulator; the dream says what it says
+    assert figures["throttle"]["ends"]["real"] == {"gas": 0.0, "brake": 0.0}
+    assert all(v in (0.0, 0.5, 1.0) for v in figures["throttle"]["ends"]["dream"].values())
+    assert set(figures["steering"]["returns"]["dream"]) == {"left", "straight", "right"}
     standing = figures["standing_start"]
     assert standing["episodes"] == 1 and standing["horizon"] == 3 and 0.0 <= standing["match_accuracy"] <= 1.0
     # at rest under the brake the simulator pays its time penalty and nothing else: -0.1 per simulator step
