@@ -97,9 +97,9 @@ def test_highway_frames():
 
 @pytest.mark.parametrize("frame_size", [64, 96])
 def test_highway_frames_show_the_speed_the_reward_pays_for(frame_size):
-    """highway-env draws no speedometer; the frames carry a speed bar that FASTER raises and SLOWER lowers, as the
-    simulator's speed and its reward do."""
-    env = make_source_env(SourceConfig("highway", frame_size=frame_size))
+    """highway-env draws no speedometer; with `gauges` the frames carry a speed bar that FASTER raises and SLOWER
+    lowers, as the simulator's speed and its reward do."""
+    env = make_source_env(SourceConfig("highway", frame_size=frame_size, gauges=True))
 
     def bar_rows(frame: np.ndarray) -> int:
         bar = max(1, frame_size // 16)
@@ -122,6 +122,15 @@ def test_highway_frames_show_the_speed_the_reward_pays_for(frame_size):
             assert np.sign(h1 - h0) == np.sign(s1 - s0)
     assert rewards[1] > rewards[-1]  # the speed the bar shows is what the reward pays for
     assert heights[2] == pytest.approx(frame_size * (speeds[2] - 15) / 20, abs=1)
+
+
+def test_gauges_are_drawn_only_on_request_and_only_where_a_source_has_some():
+    plain = make_source_env(SourceConfig("highway"))
+    frame, _ = plain.reset(seed=1)
+    plain.close()
+    assert (frame[:, 64 - 8, 0] == 99).all()  # highway-env's own frame: road where the bar would be
+    with pytest.raises(ValueError, match="carracing draws no gauges of its own to add.*highway"):
+        SourceConfig("carracing", gauges=True)
 
 
 def test_collect_writes_a_dataset_and_resumes(tmp_path):

@@ -64,11 +64,18 @@ class SourceConfig:
     """Frame width of frames that are not square (road-camera frames: `frame_size` 128, `frame_width` 256), for a
     source that offers a full-size drawing (`Source.draw_full`, CarRacing's 600x400 view): that drawing is cropped
     to the frame's aspect ratio, keeping its bottom rows (the car and its gauges), then resized."""
+    gauges: bool = False
+    """Draw the car's own gauges into the frames of a simulator that shows none (`Source.gauges`; highway: its speed
+    as a bar at the right edge). Off by default: on highway the dream then tells FASTER from SLOWER, but its
+    policies speed into crashes it does not foresee (docs/loop.md, "highway's speed bar")."""
 
     def __post_init__(self) -> None:
         source = get_source(self.name)
         if self.frame_size < 1 or (self.frame_width is not None and self.frame_width < 1):
             raise ValueError(f"frame_size {self.frame_size} and frame_width {self.frame_width} must be >= 1")
+        if self.gauges and source.gauges is None:
+            drawers = ", ".join(n for n, s in SOURCES.items() if s.gauges) or "none"
+            raise ValueError(f"gauges: {self.name} draws no gauges of its own to add (sources that do: {drawers})")
         height, width = self.frame_shape
         if height != width and source.draw_full is None:
             raise ValueError(
@@ -152,7 +159,7 @@ class DrivingFrames(gym.Wrapper):
             if obs is None:  # ended on a sub-step whose frame was skipped: draw it now
                 obs = self.env.unwrapped._render("state_pixels")
             frame = self._fit(obs)
-        if self.config.source.gauges is not None:
+        if self.config.gauges:
             frame = frame.copy()  # the fitted frame can be a view of the simulator's own observation
             self.config.source.gauges(self.env, frame)
         return frame

@@ -42,7 +42,8 @@ class Source:
     frames only)."""
     gauges: Callable[[gym.Env, Any], None] | None = None
     """(env, frame) -> draws the car's own gauges into a fitted (H, W, C) uint8 frame, in place, for a simulator
-    whose drawing shows none (highway's speed bar); None where the simulator draws its own (CarRacing's dashboard)."""
+    whose drawing shows none (highway's speed bar), where `SourceConfig.gauges` asks; None where the simulator
+    draws its own (CarRacing's dashboard)."""
     crashes: bool = False
     """Episodes can end in a crash, reported as `info["crashed"]`, which evaluation counts."""
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""highway-env's highway-fast-v0: five discrete meta-actions, grayscale frames with a speed bar, crashes."""
+"""highway-env's highway-fast-v0: five discrete meta-actions, grayscale frames (a speed bar on request), crashes."""
 
 from __future__ import annotations
 
