@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,17 @@ def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
+def training_windows(lengths: Sequence[int], window: int) -> list[tuple[int, int]]:
+    """(episode, first step) of back-to-back windows of `window` steps (`window` + 1 frames) inside each episode;
+    an episode shorter than one window has none (a crash on highway can end one within a few steps)."""
+    return [(e, s) for e, length in enumerate(lengths) for s in range(0, int(length) - window + 1, window)]
+
+
 @torch.no_grad()
 def teacher_forced(world: WorldModel, held_out: TokenizedDataset, batch_size: int) -> dict[str, Any]:
     """Token accuracy and cross-entropy, reward MAE, termination precision/recall over every held-out window."""
     window = world.dynamics.config.context_frames
-    starts = [
-        (e, s) for e, length in enumerate(held_out.lengths) for s in range(0, max(int(length) - window, 0) + 1, window)
-    ]
+    starts = training_windows(held_out.lengths, window)
     if not starts:
         raise DatasetError(f"no held-out episode has the {window} steps of one training window")
     correct = total = 0

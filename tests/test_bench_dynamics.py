@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.dynamics import DynamicsBenchConfig, bench_dynamics, frame_psnr
+from bench.dynamics import DynamicsBenchConfig, bench_dynamics, frame_psnr, training_windows
 from pipeline.cli import main
 from worldmodel.world_model import Sampling
 
@@ -15,6 +15,15 @@ def test_frame_psnr_per_frame():
     psnr = frame_psnr(a, b)
     assert psnr[0] == pytest.approx(100.0)  # identical frames hit the 1e-10 MSE floor
     assert psnr[1] == pytest.approx(0.0)
+
+
+def test_teacher_forced_windows_stay_inside_their_episode():
+    """A window of 6 steps needs 7 frames of one episode: a highway episode that crashed after 3 steps has none
+    (it once read the next episode's frames, and past the last episode's end an IndexError)."""
+    assert training_windows([3, 6, 13, 5], 6) == [(1, 0), (2, 0), (2, 6)]
+    for episode, first in training_windows([3, 6, 13, 5], 6):
+        assert first + 6 <= [3, 6, 13, 5][episode]
+    assert training_windows([2, 5], 6) == []
 
 
 def test_bench_dynamics_writes_the_figures(box_run, box_data, tmp_path):
