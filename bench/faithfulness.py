@@ -13,9 +13,10 @@ recorded one), and in the dream, given the same real context frames. Two figures
   simulator; 0 ignores the actions. With a sampling temperature above 0 the dream's frames also differ by
   chance, so only `match_accuracy` stays a clean figure there.
 - `returns` and `ends`, per probe: the return earned while it was held, and the share of states from which the
-  episode ended (a crash) before the probe had been held `horizon` steps, in the simulator and in the dream. On
-  highway a dream can tell FASTER from SLOWER and still not foresee the crash that holding FASTER leads to.
-  Both the simulator and the dream stop a probe where its episode ends, and keep its last frame.
+  episode terminated (a crash; the simulator's time limit does not count) before the probe had been held
+  `horizon` steps, in the simulator and in the dream. On highway a dream can tell FASTER from SLOWER and still
+  not foresee the crash that holding FASTER leads to. Both stop a probe where its episode ends, and keep its
+  last frame.
 
 The standing start (`standing_start`, CarRacing only): every real episode, and a `ppo.start_fraction` of PPO's
 dreams (half in the tiny preset), begin at an episode's first frame with the car at rest. The throttle probes
@@ -102,8 +103,8 @@ def _real_rollouts(
     dataset: Dataset, source: SourceConfig, starts: list[_Start], probes: list[Any], horizon: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The simulator's frame after holding each probe for `horizon` steps or until its episode ended, (S, P, H, W,
-    C) uint8, the return it earned meanwhile, (S, P), and whether the episode ended (a crash, the time limit), (S, P)
-    bool."""
+    C) uint8, the return it earned meanwhile, (S, P), and whether the episode terminated (a crash, not the time
+    limit, which a dream does not know), (S, P) bool."""
     env = make_source_env(dataclasses.replace(source, max_steps=None))
     finals, returns, ends = [], [], []
     try:
@@ -121,15 +122,15 @@ def _real_rollouts(
                         f"{start.step} gave a frame {error:.1f} levels off the recorded one; counterfactual "
                         "probes need the simulator and collection settings that recorded the dataset"
                     )
-                total, over = 0.0, False
+                total, terminated = 0.0, False
                 for _ in range(horizon):
                     frame, reward, terminated, truncated, _ = env.step(action)
                     total += float(reward)
-                    if over := terminated or truncated:
+                    if terminated or truncated:
                         break
                 row.append(frame)
                 earned.append(total)
-                ended.append(over)
+                ended.append(bool(terminated))
             finals.append(np.stack(row))
             returns.append(earned)
             ends.append(ended)

@@ -64,25 +64,30 @@ def test_replay_restores_a_recorded_carracing_state(tmp_path, monkeypatch):
     env.close()
 
 
+@pytest.mark.slow
 def test_a_highway_probe_stops_where_its_episode_ends(tmp_path, monkeypatch):
-    """Held past highway-fast's 30-step limit, every probe ends its episode, with the return earned until then;
-    held one step from the start, braking ends nothing."""
+    """Held past highway-fast's 30-step limit, every probe stops where its episode ends, with the return earned
+    until then, and counts as ended only if it crashed; held one step from the start, braking ends nothing."""
     monkeypatch.setattr(collect_module, "_worker_envs", {})
     source = SourceConfig("highway", max_steps=3)
     dataset = collect(CollectConfig(source=source, episodes=1, workers=1, seed=4), tmp_path / "data")
     start = _Start(0, int(dataset.episodes[0].seed), 0)
-    probes = [3, 4]  # FASTER, SLOWER
+    probes = [0, 1, 3, 4]  # LANE_LEFT, IDLE, FASTER, SLOWER
     finals, returns, ends = _real_rollouts(dataset, source, [start], probes, horizon=40)
-    assert finals.shape == (1, 2, 64, 64, 1) and ends.tolist() == [[True, True]]
+    assert finals.shape == (1, 4, 64, 64, 1)
     env = make_source_env(dataclasses.replace(source, max_steps=None))
+    crashes = []
     for p, probe in enumerate(probes):  # the same probe by hand: the rewards until the episode ends
         env.reset(seed=start.seed)
-        total, over = 0.0, False
-        while not over:
-            _, reward, terminated, truncated, _ = env.step(probe)
-            total, over = total + reward, terminated or truncated
+        total, terminated, truncated = 0.0, False, False
+        while not (terminated or truncated):
+            _, reward, terminated, truncated, info = env.step(probe)
+            total += reward
         assert returns[0, p] == pytest.approx(total)
+        assert ends[0, p] == terminated == info["crashed"]
+        crashes.append(terminated)
     env.close()
+    assert any(crashes) and not all(crashes)  # the seed was chosen so that both kinds of ending are checked
     _, returns, ends = _real_rollouts(dataset, source, [start], [4], horizon=1)
     assert ends.tolist() == [[False]] and 0 < returns[0, 0] <= 1
 
