@@ -117,9 +117,9 @@ def test_highway_frames_show_the_speed_the_reward_pays_for(frame_size):
         rewards.append(reward)
     env.close()
     assert heights[2] > heights[0] > heights[-1] > 0
-    for (h0, s0), (h1, s1) in zip(zip(heights, speeds), zip(heights[1:], speeds[1:])):
-        if abs(s1 - s0) > 1:  # a change of speed the bar can show (20 m/s fill the frame's height)
-            assert np.sign(h1 - h0) == np.sign(s1 - s0)
+    for i in range(1, len(heights)):
+        if abs(speeds[i] - speeds[i - 1]) > 1:  # a change of speed the bar can show (20 m/s fill the frame's height)
+            assert np.sign(heights[i] - heights[i - 1]) == np.sign(speeds[i] - speeds[i - 1])
     assert rewards[1] > rewards[-1]  # the speed the bar shows is what the reward pays for
     assert heights[2] == pytest.approx(frame_size * (speeds[2] - 15) / 20, abs=1)
 
