@@ -262,12 +262,13 @@ def _standing_start(
     probes = list(group.values())
     real, real_returns, _ = _real_rollouts(dataset, source, starts, probes, config.start_horizon)
     dream, dream_returns, _ = _dream_rollouts(world, dataset, starts, probes, config, config.start_horizon)
-    real_mean, dream_mean = real_returns.mean(axis=0), dream_returns.mean(axis=0)  # per probe: gas, brake
-    real_gap = real_mean[0] - real_mean[-1]
+    returns = _per_probe(group, real_returns, dream_returns)
+    (real_gas, *_, real_brake), (dream_gas, *_, dream_brake) = returns["real"].values(), returns["dream"].values()
+    real_gap = real_gas - real_brake
     return {
         "episodes": len(starts),
         "horizon": config.start_horizon,
         **_group_figures(real, dream),
-        "returns": _per_probe(group, real_returns, dream_returns),
-        "return_gap_ratio": float((dream_mean[0] - dream_mean[-1]) / real_gap) if real_gap else None,
+        "returns": returns,
+        "return_gap_ratio": (dream_gas - dream_brake) / real_gap if real_gap else None,
     }

@@ -12,7 +12,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from envs.sources import SourceConfig, make_expert, make_source_env
-from worldmodel.dataset import Dataset, Episode, EpisodeRecord, write_episode
+from worldmodel.config import from_dict
+from worldmodel.dataset import Dataset, DatasetError, Episode, EpisodeRecord, write_episode
 from worldmodel.parallel import imap_unordered
 
 
@@ -152,6 +153,12 @@ def _record_star(args: tuple[CollectConfig, str, int]) -> EpisodeRecord:
     return _record(*args)
 
 
+def _drawn_alike(source: SourceConfig) -> SourceConfig:
+    """The settings that decide how a recorded step looks: all but the episode length (`max_steps`), which the
+    dream-to-real loop changes for the episodes it appends."""
+    return dataclasses.replace(source, max_steps=None)
+
+
 def collect(config: CollectConfig, root: str | Path) -> Dataset:
     """Record `config.episodes` episodes into the dataset at `root`, resuming where an earlier run stopped."""
     probe = make_source_env(config.source)
@@ -163,6 +170,12 @@ def collect(config: CollectConfig, root: str | Path) -> Dataset:
         meta={"collect": dataclasses.asdict(config)},
     )
     probe.close()
+    recorded = dataset.manifest.meta.get("collect", {}).get("source")
+    if recorded is not None and _drawn_alike(from_dict(SourceConfig, recorded)) != _drawn_alike(config.source):
+        raise DatasetError(
+            f"{root} holds frames recorded with source settings {recorded}, not {dataclasses.asdict(config.source)};"
+            " frames drawn otherwise would mix in one dataset: use another folder"
+        )
     done = {record.name for record in dataset.episodes}
     todo = [i for i in range(config.episodes) if episode_name(i) not in done]
     if not todo:

@@ -7,7 +7,7 @@ import pytest
 import envs.collect as collect_module
 from envs.collect import CollectConfig, collect
 from envs.sources import SOURCES, SourceConfig, fit_frame, make_expert, make_source_env
-from worldmodel.dataset import Dataset
+from worldmodel.dataset import Dataset, DatasetError
 
 CARRACING_INTRO_STEPS = SOURCES["carracing"].intro_steps
 
@@ -198,6 +198,13 @@ def test_collect_highway(tmp_path):
     assert episode.frames.shape[1:] == (64, 64, 1)
     assert episode.actions.dtype == np.int64
     assert episode.frames.max() > 0
+    # more episodes of another length may join it; frames drawn with the speed bar may not, and nothing is recorded
+    longer = dataclasses.replace(config, source=SourceConfig("highway", max_steps=5), episodes=3)
+    assert len(collect(longer, tmp_path / "data")) == 3
+    barred = dataclasses.replace(longer, source=SourceConfig("highway", max_steps=5, gauges=True), episodes=4)
+    with pytest.raises(DatasetError, match="frames drawn otherwise would mix"):
+        collect(barred, tmp_path / "data")
+    assert len(Dataset.open(tmp_path / "data")) == 3
 
 
 def test_start_perturbations_open_expert_episodes_with_a_held_action():
