@@ -111,13 +111,34 @@ def resize_frames(frames: np.ndarray, height: int, width: int | None = None) -> 
 
 
 @torch.no_grad()
-def encode_tokens(tokenizer: Tokenizer, frames: np.ndarray, device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """(N, H, W, C) uint8 frames -> (N, h, w) int64 tokens."""
-    chunks = []
+def encode_frames(
+    tokenizer: Tokenizer, frames: np.ndarray, device: torch.device, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, C) uint8 frames -> (N, h, w) int64 tokens and the (N, d, h, w) float32 latents before the
+    quantizer."""
+    tokens, latents = [], []
     for start in range(0, len(frames), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(frames[start : start + batch_size])).to(device)
-        chunks.append(tokenizer.encode(batch).tokens.cpu().numpy())
-    return np.concatenate(chunks)
+        out = tokenizer.encode(batch)
+        tokens.append(out.tokens.cpu().numpy())
+        latents.append(out.z.float().cpu().numpy())
+    return np.concatenate(tokens), np.concatenate(latents)
+
+
+def latent_spread(tokenizer: Tokenizer, latents: np.ndarray) -> dict[str, list[float] | list[int]]:
+    """Per FSQ channel of (N, d, h, w) pre-quantizer `latents`: how many of its levels the frames use, and the
+    1st and 99th percentile of the latent (FSQ bounds it with a tanh, so a channel whose values sit near 0 uses
+    few levels, one far beyond +-2 saturates at its outer levels). A collapsed tokenizer shows here, channel by
+    channel, before its PSNR says why."""
+    quantizer = tokenizer.quantizer
+    per_channel = torch.from_numpy(latents).transpose(0, 1).reshape(quantizer.dim, -1)  # (d, N*h*w)
+    levels = torch.round(quantizer.bound(per_channel.T)).T  # the integer level each value rounds to
+    low, high = np.percentile(per_channel.numpy(), [1, 99], axis=1)
+    return {
+        "levels_used": [int(torch.unique(channel).numel()) for channel in levels],
+        "latent_p01": [round(float(v), 3) for v in low],
+        "latent_p99": [round(float(v), 3) for v in high],
+    }
 
 
 def parameter_counts(tokenizer: Tokenizer) -> dict[str, int]:
@@ -162,7 +183,8 @@ def tokenizer_figures(
     frame; `<codec>_ratio_entropy_coded` over its entropy-coded bytes."""
     config = tokenizer.config
     quality = evaluate_reconstruction(tokenizer, frames, device, batch_size)
-    rate = token_rate(encode_tokens(tokenizer, frames, device, batch_size), config.codebook_size)
+    tokens, latents = encode_frames(tokenizer, frames, device, batch_size)
+    rate = token_rate(tokens, config.codebook_size)
     figures: dict[str, Any] = {
         "backbone": config.backbone,
         "image_size": config.image_size,
@@ -177,6 +199,7 @@ def tokenizer_figures(
         "entropy_bits_per_token": rate.entropy_bits_per_token,
         "entropy_coded_bytes_per_frame": rate.entropy_bytes_per_frame,
         "codes_used": rate.codes_used,
+        **latent_spread(tokenizer, latents),
         "psnr": quality["psnr"],
         "ssim": quality["ssim"],
         "frames": len(frames),
@@ -590,6 +613,16 @@ def _schedule_words(budget: dict[str, Any]) -> str:
     return words
 
 
+def _levels_used(row: dict[str, Any]) -> str:
+    """ "8/8, 3/6, 5/5": the levels each FSQ channel uses of its own."""
+    return ", ".join(f"{used}/{levels}" for used, levels in zip(row["levels_used"], row["levels"], strict=True))
+
+
+def _latent_range(row: dict[str, Any]) -> str:
+    """ "-1.9..2.1, -0.2..0.3": each channel's 1st to 99th percentile before the quantizer."""
+    return ", ".join(f"{low:.1f}..{high:.1f}" for low, high in zip(row["latent_p01"], row["latent_p99"], strict=True))
+
+
 def format_markdown(results: dict[str, Any]) -> str:
     """The bench's tables: rate and distortion, speed and size, the codecs' curves, time by resolution."""
     budget = results["budget"]
@@ -608,22 +641,26 @@ def format_markdown(results: dict[str, Any]) -> str:
         "",
         "Rate and distortion. Raw: tokens x log2(codebook) / 8; entropy-coded: the tokens' empirical zeroth-order "
         "entropy (each frame coded alone, as WebP and JPEG code them); LZMA: the bit-packed token stream of all "
-        "the frames compressed at once. WebP/JPEG bytes at equal PSNR are interpolated on their measured curves "
-        "('<=' or '>' when the PSNR lies outside them); the ratio is WebP's bytes over our raw bytes.",
+        "the frames compressed at once. Levels used and the latent's percentiles are per FSQ channel, before "
+        "rounding: a channel that uses few of its levels, or whose latent stays near 0, is a collapse. WebP/JPEG "
+        "bytes at equal PSNR are interpolated on their measured curves ('<=' or '>' when the PSNR lies outside "
+        "them); the ratio is WebP's bytes over our raw bytes.",
         "",
         "| backbone | rate | tokens x bits | raw B/frame | entropy-coded B | LZMA B | PSNR dB | SSIM | codes used "
-        "| WebP B at equal PSNR | WebP ratio | JPEG B at equal PSNR | WebP PSNR at equal B |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| levels used per channel | latent 1st..99th percentile | WebP B at equal PSNR | WebP ratio "
+        "| JPEG B at equal PSNR | WebP PSNR at equal B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["tokenizers"]:
         if "skipped" in row:
-            lines.append(f"| {row['backbone']} | {row['rate']} | skipped: {row['skipped']} |" + " |" * 10)
+            lines.append(f"| {row['backbone']} | {row['rate']} | skipped: {row['skipped']} |" + " |" * 12)
             continue
         lines.append(
             f"| {row['backbone']} | {row['rate']} | {row['tokens_per_frame']} x "
             f"{np.log2(row['codebook_size']):.1f} | {row['bytes_per_frame']:.1f} | "
             f"{row['entropy_coded_bytes_per_frame']:.1f} | {row['lzma_bytes_per_frame']:.1f} | {row['psnr']:.2f} | "
-            f"{row['ssim']:.3f} | {row['codes_used']} / {row['codebook_size']} | {_codec_bytes(row, 'webp')} | "
+            f"{row['ssim']:.3f} | {row['codes_used']} / {row['codebook_size']} | {_levels_used(row)} | "
+            f"{_latent_range(row)} | {_codec_bytes(row, 'webp')} | "
             f"{_number(row['webp_ratio'], 2)} | {_codec_bytes(row, 'jpeg')} | "
             f"{_number(row['webp_psnr_at_equal_bytes'], 2)} |"
         )

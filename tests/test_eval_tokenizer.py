@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.codecs import CodecPoint
-from bench.tokenizer import load_frames, resize_frames, tokenizer_checkpoint, tokenizer_figures
+from bench.tokenizer import latent_spread, load_frames, resize_frames, tokenizer_checkpoint, tokenizer_figures
 from pipeline.cli import main
 from worldmodel.checkpoint import save_checkpoint
 from worldmodel.tokenizer import Tokenizer, TokenizerConfig
@@ -154,3 +154,21 @@ def test_load_frames_takes_evenly_spaced_frames(tmp_path):
     frames = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     loaded = load_frames(write_frames(tmp_path / "f.npy", frames), 3, max_frames=4)
     assert loaded[:, 0, 0, 0].tolist() == [0, 3, 6, 9]
+
+
+def test_latent_spread_shows_a_channel_that_uses_few_levels(run_dir):
+    """Levels 4 and 3: a channel spread from -3 to 3 reaches all 4 levels, one held at 0 only its middle level
+    (FSQ rounds it to one value); the percentiles are the latent's own, before the tanh bound."""
+    tokenizer, _ = load_tokenizer(run_dir / "tokenizer")
+    spread = np.linspace(-3, 3, 1000, dtype=np.float32)
+    latents = np.stack([spread, np.zeros_like(spread)]).reshape(2, 10, 10, 10).transpose(1, 0, 2, 3)  # (N, d, h, w)
+    figures = latent_spread(tokenizer, latents)
+    assert figures["levels_used"] == [4, 1]
+    assert figures["latent_p01"][0] == pytest.approx(np.percentile(spread, 1), abs=1e-3)
+    assert figures["latent_p99"][0] == pytest.approx(np.percentile(spread, 99), abs=1e-3)
+    assert figures["latent_p01"][1] == figures["latent_p99"][1] == 0.0
+    # and on real frames, every channel's figures come with the others
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    figures = tokenizer_figures(tokenizer, frames, torch.device("cpu"), {})
+    assert len(figures["levels_used"]) == len(figures["latent_p99"]) == 2
+    assert all(1 <= used <= levels for used, levels in zip(figures["levels_used"], CONFIG.levels, strict=True))
