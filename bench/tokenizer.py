@@ -128,8 +128,9 @@ def encode_frames(
 def latent_spread(tokenizer: Tokenizer, latents: np.ndarray) -> dict[str, list[float] | list[int]]:
     """Per FSQ channel of (N, d, h, w) pre-quantizer `latents`: how many of its levels the frames use, and the
     1st and 99th percentile of the latent (FSQ bounds it with a tanh, so a channel whose values sit near 0 uses
-    few levels, one far beyond +-2 saturates at its outer levels). A collapsed tokenizer shows here, channel by
-    channel, before its PSNR says why."""
+    few levels, one far beyond +-2 saturates at its outer levels). A collapse of the joint codes, every channel
+    spread over its levels but the channels moving together, does not show here: only in the codes used (the
+    ViT's of docs/tokenizers.md)."""
     quantizer = tokenizer.quantizer
     per_channel = torch.from_numpy(latents).transpose(0, 1).reshape(quantizer.dim, -1)  # (d, N*h*w)
     levels = torch.round(quantizer.bound(per_channel.T)).T  # the integer level each value rounds to
