@@ -133,10 +133,10 @@ def latent_spread(tokenizer: Tokenizer, latents: np.ndarray) -> dict[str, list[f
     ViT's of docs/tokenizers.md)."""
     quantizer = tokenizer.quantizer
     per_channel = torch.from_numpy(latents).transpose(0, 1).reshape(quantizer.dim, -1)  # (d, N*h*w)
-    levels = torch.round(quantizer.bound(per_channel.T)).T  # the integer level each value rounds to
+    codes, _ = quantizer(per_channel.T)  # (N*h*w, d): the level each value is quantized to
     low, high = np.percentile(per_channel.numpy(), [1, 99], axis=1)
     return {
-        "levels_used": [int(torch.unique(channel).numel()) for channel in levels],
+        "levels_used": [int(torch.unique(channel).numel()) for channel in codes.T],
         "latent_p01": [round(float(v), 3) for v in low],
         "latent_p99": [round(float(v), 3) for v in high],
     }
@@ -643,9 +643,10 @@ def format_markdown(results: dict[str, Any]) -> str:
         "Rate and distortion. Raw: tokens x log2(codebook) / 8; entropy-coded: the tokens' empirical zeroth-order "
         "entropy (each frame coded alone, as WebP and JPEG code them); LZMA: the bit-packed token stream of all "
         "the frames compressed at once. Levels used and the latent's percentiles are per FSQ channel, before "
-        "rounding: a channel that uses few of its levels, or whose latent stays near 0, is a collapse. WebP/JPEG "
-        "bytes at equal PSNR are interpolated on their measured curves ('<=' or '>' when the PSNR lies outside "
-        "them); the ratio is WebP's bytes over our raw bytes.",
+        "rounding: a channel that uses few of its levels, or whose latent stays near 0, has collapsed; channels that "
+        "each use all their levels but move together show only in the codes used. WebP/JPEG bytes at equal PSNR "
+        "are interpolated on their measured curves ('<=' or '>' when the PSNR lies outside them); the ratio is "
+        "WebP's bytes over our raw bytes.",
         "",
         "| backbone | rate | tokens x bits | raw B/frame | entropy-coded B | LZMA B | PSNR dB | SSIM | codes used "
         "| levels used per channel | latent 1st..99th percentile | WebP B at equal PSNR | WebP ratio "
