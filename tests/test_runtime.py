@@ -30,6 +30,9 @@ print(applied, sorted(faults)[4])
 
 def faults_per_step(opt_out: bool) -> tuple[bool, int]:
     env = {k: v for k, v in os.environ.items() if k != "WORLDMODEL_KEEP_FREED_MEMORY"}
+    # malloc's default thresholds (128 KiB), pinned: set, they stop moving with the sizes freed, which let a default
+    # run map nothing afresh now and then (0 faults on a fresh-clone CI run). `keep_freed_memory` overrides them.
+    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     if opt_out:
         env["WORLDMODEL_KEEP_FREED_MEMORY"] = "0"
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=env)
@@ -43,9 +46,8 @@ def test_kept_memory_spares_the_step_its_page_faults():
     assert applied
     opted_out, system = faults_per_step(opt_out=True)
     assert not opted_out
-    # measured, median of 9 steps, with malloc's defaults: 7,648 to 8,464 faults per step (6 runs); on later
-    # machines 1,024 or 1,025 in 5 of 9 runs (one 4 MiB buffer mapped afresh each step), 6,896 to 8,448 in the
-    # others, and 688 on CI's. Kept: 0 in every run. Malloc's dynamic thresholds decide how much the system maps
-    # afresh, so the floor asks only that a step maps at least 1 MiB afresh (256 pages) and the kept run 10x less.
+    # measured, median of 9 steps: with the thresholds pinned, 50,896 to 50,918 faults per step (3 runs); kept, 0.
+    # (Left to move, malloc's dynamic thresholds gave 0 to 8,464 between machines and runs.) The floor asks that a
+    # step maps at least 1 MiB afresh (256 pages) and the kept run 10x less.
     assert system >= 256
     assert kept < system / 10
