@@ -100,14 +100,14 @@ def from_main(value: T) -> T:
     return box[0]
 
 
-def main_decides(flag: bool, device: torch.device) -> bool:
-    """Rank 0's `flag` on every rank: decisions such as stopping early must agree, or ranks wait on each other
-    forever."""
+def main_value(value: float, device: torch.device) -> float:
+    """Rank 0's `value` on every rank: what decides stopping early, or the learning rate, must agree, or ranks wait on
+    each other forever, or their weights drift apart."""
     if not active():
-        return flag
-    tensor = torch.tensor([float(flag)], device=device)
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
+    return float(tensor.item())
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

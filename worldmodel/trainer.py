@@ -26,24 +26,30 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     schedule: Literal["constant", "cosine"] = "constant"
-    """After the linear warm-up: the constant `lr`, or a cosine decay from it to `min_lr_ratio * lr` at `steps` (over
-    the steps, not the clock: a run that `max_minutes` stops early stops partway down the decay)."""
+    """After the linear warm-up: the constant `lr`, or a cosine decay from it to `min_lr_ratio * lr` at `steps` or,
+    under `max_minutes`, at the end of the budget, whichever comes first: a run the clock stops ends at the floor
+    too, on a slow machine as on a fast one."""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     log_every: int = 25
     eval_every: int = 250
     checkpoint_every: int = 100
     max_minutes: float | None = None
-    """Wall-clock budget: training stops at `steps` or after this many minutes, whichever comes first."""
+    """Wall-clock budget: training stops at `steps` or after this many minutes, whichever comes first. A resumed run
+    gets what its earlier runs left of the budget."""
     seed: int = 0
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """The multiple of `config.lr` used at `step` (0-based): a linear warm-up to 1, then the schedule."""
+def lr_factor(step: int, config: TrainConfig, seconds: float = 0.0) -> float:
+    """The multiple of `config.lr` used at `step` (0-based) after `seconds` of training: a linear warm-up to 1, then
+    the schedule, whose progress is the further of the steps' and the budget's."""
     warmup = max(config.warmup_steps, 1)
     if step < warmup or config.schedule == "constant":
         return min(1.0, (step + 1) / warmup)
-    progress = min(1.0, (step - warmup + 1) / max(config.steps - warmup, 1))
+    progress = (step - warmup + 1) / max(config.steps - warmup, 1)
+    if config.max_minutes:
+        progress = max(progress, seconds / (60 * config.max_minutes))
+    progress = min(1.0, progress)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -97,7 +103,7 @@ def train(
         torch.manual_seed(config.seed + distributed.rank())
         last = resumable(checkpoint_path)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        start = 0
+        start, seconds = 0, 0.0
         if last.with_suffix(".safetensors").is_file():
             restored, meta, state = load_module(last, kind, type(model), type(model.config))
             stale = {k: v for k, v in (extra_meta or {}).items() if k.endswith("fingerprint") and meta.get(k) != v}
@@ -108,7 +114,7 @@ def train(
                 )
             model.load_state_dict(restored.state_dict())
             _restore_optimizer(optimizer, state)
-            start = int(meta["step"])
+            start, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
             if main:
                 tqdm.write(f"resuming {kind} training from step {start} ({last})")
         elif init is not None:
@@ -119,7 +125,7 @@ def train(
             if state:
                 _restore_optimizer(optimizer, state)
         forward_batch = distributed.loss_function(model)
-        began = time.monotonic()
+        began = time.monotonic() - seconds  # the budget counts the earlier runs' training time
         val_logs: dict[str, float] = {}
         step = start
         progress = tqdm(
@@ -133,7 +139,7 @@ def train(
         for step in progress:
             model.train()
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, config)
+                group["lr"] = config.lr * lr_factor(step, config, seconds)
             # bf16 autocast on GPU only: on a CPU without bf16 instructions it makes training several times slower
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, logs = forward_batch(sample_batch(step))
@@ -147,16 +153,17 @@ def train(
                 progress.set_postfix({k: f"{logs[k]:.3g}" for k in list(logs)[:4]})
             optimizer.step()
             done = step + 1
-            out_of_time = config.max_minutes is not None and distributed.main_decides(
-                time.monotonic() - began > 60 * config.max_minutes, device
-            )
+            if config.max_minutes is not None:  # rank 0's clock: every rank must stop, and decay, alike
+                seconds = distributed.main_value(time.monotonic() - began, device)
+            out_of_time = config.max_minutes is not None and seconds > 60 * config.max_minutes
             if main and evaluate is not None and (done % config.eval_every == 0 or done == config.steps or out_of_time):
                 model.eval()
                 val_logs = evaluate(model)
                 logger.log({f"{kind}/val/{k}": v for k, v in val_logs.items()}, step_offset + done)
                 tqdm.write(f"{kind} step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
             if main and (done % config.checkpoint_every == 0 or done == config.steps or out_of_time):
-                save_checkpoint(last, model, kind, {"step": done, **(extra_meta or {})}, _optimizer_state(optimizer))
+                meta = {"step": done, "seconds": seconds, **(extra_meta or {})}
+                save_checkpoint(last, model, kind, meta, _optimizer_state(optimizer))
             if out_of_time:
                 if main:
                     tqdm.write(f"{kind}: stopping at step {done} after the {config.max_minutes} minute budget")
