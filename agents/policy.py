@@ -48,6 +48,23 @@ def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, low: torch.Tensor
     return ends + mean * (1 - below - above) + std * density
 
 
+def clipped_normal_log_prob(dist: Normal, action: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """log-probability, elementwise, of `action` as the environment executed it: clip(a, low, high) for a ~ `dist`.
+
+    Inside the bounds that is the Gaussian's density; on a bound it is the Gaussian's mass beyond the bound (the
+    clipped Gaussian's point mass there). A recorded action is the clipped one, and a mean that ran past the bound
+    puts its density there far out in a tail: PPO's ratio of two such tails overflowed and turned a policy to NaN
+    within a few updates. Where one bound is unbounded nothing is clipped on that side."""
+    like = {"dtype": dist.mean.dtype, "device": dist.mean.device}
+    low, high = torch.as_tensor(low, **like), torch.as_tensor(high, **like)
+    mean, std = dist.mean, dist.stddev
+    at_low, at_high = action <= low, action >= high
+    # each branch sees a harmless argument where it is not chosen, so that no inf reaches the gradient
+    below = torch.special.log_ndtr(torch.where(at_low, (low - mean) / std, 0.0))
+    above = torch.special.log_ndtr(torch.where(at_high, (mean - high) / std, 0.0))
+    return torch.where(at_low, below, torch.where(at_high, above, dist.log_prob(action)))
+
+
 class ActorCritic(nn.Module):
     def __init__(self, config: PolicyConfig):
         super().__init__()
@@ -124,9 +141,12 @@ class ActorCritic(nn.Module):
 
         The deterministic action is the most likely one (categorical), or the Gaussian's mean; with the Box's
         `bounds` (low, high) it is the mean of the action the environment executes, which clips what the
-        policy samples (`clipped_normal_mean`)."""
+        policy samples (`clipped_normal_mean`), and a given `action` is one the environment executed, whose
+        log-probability counts the Gaussian's mass beyond a bound it lies on (`clipped_normal_log_prob`). A sampled
+        action stays the Gaussian's own, unclipped, with its density."""
         hidden = self.features(tokens)
         dist = self.distribution(hidden)
+        executed = action is not None and bounds is not None and not self.config.discrete_actions
         if action is None:
             if deterministic and self.config.discrete_actions:
                 action = dist.probs.argmax(-1)
@@ -134,7 +154,8 @@ class ActorCritic(nn.Module):
                 action = dist.mean if bounds is None else clipped_normal_mean(dist.mean, dist.stddev, *bounds)
             else:
                 action = dist.sample()
-        log_prob, entropy = dist.log_prob(action), dist.entropy()
+        log_prob = clipped_normal_log_prob(dist, action, *bounds) if executed else dist.log_prob(action)
+        entropy = dist.entropy()
         if not self.config.discrete_actions:
             log_prob, entropy = log_prob.sum(-1), entropy.sum(-1)
         return action, log_prob, entropy, self.critic(hidden).squeeze(-1)

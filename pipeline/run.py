@@ -254,7 +254,8 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         before = run.loop_round(start).policy
         offset = int(read_checkpoint(run.loop_round(iteration - 1).policy, POLICY)[0].get("imagined_steps_total", 0))
         target = run.loop_round(iteration).policy
-        episodes = Dataset.open(data_dir).episodes
+        dataset = Dataset.open(data_dir)
+        episodes = dataset.episodes
         recent = [i for i, e in enumerate(episodes) if e.iteration == iteration]
         real: dict[str, Any] = {}
         if loop.real_epochs > 0 and start == iteration - 1:
@@ -262,9 +263,8 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             if sampled:
                 tokenized = tokens_for_run(data_dir, run_dir, device).select(sampled)
                 policy = load_policy(before)
-                real = learn_from_episodes(
-                    policy, [tokenized.episode(i) for i in range(len(sampled))], ppo, loop.real_epochs
-                )
+                recorded = [tokenized.episode(i) for i in range(len(sampled))]
+                real = learn_from_episodes(policy, recorded, dataset.action_space, ppo, loop.real_epochs)
                 before = run.loop_round(iteration).policy_real
                 save_checkpoint(before, policy, POLICY, {"real_steps": int(real["steps"])})
                 at = results.data[f"loop/{iteration:02d}/collect"]["real_steps_total"]

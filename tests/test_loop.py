@@ -310,14 +310,16 @@ def _drive(env: ToyDream, policy: ActorCritic) -> list[dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("space", [gym.spaces.Discrete(5), BOX_SPACE], ids=["discrete", "box"])
 def test_ppo_learns_from_episodes_it_drove_itself(space):
-    # the loop's real update: record episodes with the sampling policy, update on them, again
+    # the loop's real update: record episodes with the sampling policy, update on them, again (one Adam throughout:
+    # restarting it every round left 9 of 20 seeds of this toy unsettled, seed 0 among them on some CPUs)
     torch.manual_seed(0)
     env = ToyDream(space)
     env.reset(seed=0)
     policy = ActorCritic.for_spaces(env.single_observation_space, space, (4, 3), hidden=32)
     config = PPOConfig(num_envs=16, rollout_steps=4, lr=3e-3, gamma=0.5, minibatches=4)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
     for _ in range(40):
-        figures = learn_from_episodes(policy, _drive(env, policy), config, epochs=4)
+        figures = learn_from_episodes(policy, _drive(env, policy), space, config, epochs=4, optimizer=optimizer)
     assert figures["steps"] == 16 * env.horizon
     assert_learned_the_best_action(policy, env)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal
 
-from agents.policy import ActorCritic, PolicyConfig, clipped_normal_mean
-from agents.ppo import POLICY, PPOConfig, train_ppo
+from agents.policy import ActorCritic, PolicyConfig, clipped_normal_log_prob, clipped_normal_mean
+from agents.ppo import POLICY, PPOConfig, learn_from_episodes, train_ppo
 from worldmodel.checkpoint import load_module
 from worldmodel.logger import RunLogger
 
@@ -153,6 +153,56 @@ def test_clipped_normal_mean_is_the_mean_of_the_executed_action():
     assert clipped_normal_mean(torch.tensor(0.3), torch.tensor(1e-4), torch.tensor(-1.0), torch.tensor(1.0)) == (
         pytest.approx(0.3, abs=1e-6)
     )
+
+
+def test_clipped_normal_log_prob_is_the_probability_of_the_executed_action():
+    mean = torch.tensor([-0.2, 0.9, 3.0, -0.05])
+    std = torch.tensor([0.5, 0.3, 0.3, 0.6])
+    low, high = torch.tensor([-1.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    dist = Normal(mean, std)
+    g = torch.Generator().manual_seed(0)
+    executed = torch.minimum(torch.maximum(mean + std * torch.randn(400_000, 4, generator=g), low), high)
+    # on a bound: the share of the draws clipped to it
+    for bound in (low, high):
+        share = (executed == bound).float().mean(0)
+        torch.testing.assert_close(clipped_normal_log_prob(dist, bound, low, high).exp(), share, atol=3e-3, rtol=0)
+    # inside: the Gaussian's own density
+    inside = torch.tensor([0.1, 0.5, 0.5, 0.2])
+    torch.testing.assert_close(clipped_normal_log_prob(dist, inside, low, high), dist.log_prob(inside))
+    # an unbounded side clips nothing, and a mean far past a bound still has a finite gradient
+    inf = torch.tensor(float("inf"))
+    torch.testing.assert_close(clipped_normal_log_prob(dist, inside, -inf, inf), dist.log_prob(inside))
+    far = torch.tensor([9.0], requires_grad=True)
+    logp = clipped_normal_log_prob(Normal(far, torch.tensor([0.05])), torch.tensor([1.0]), -inf, torch.tensor([1.0]))
+    logp.sum().backward()
+    assert logp.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(far.grad).all()
+
+
+def test_learning_from_clipped_recorded_actions_stays_finite():
+    # a throttle whose mean ran far past its bound with a narrow spread: every recorded throttle is the bound, whose
+    # Gaussian density there is exp(-12,800); PPO's ratio of two such densities overflowed into NaN weights
+    torch.manual_seed(0)
+    space = gym.spaces.Box(np.array([-1.0, 0.0, 0.0], np.float32), np.ones(3, np.float32))
+    policy = ActorCritic(PolicyConfig(grid_size=4, levels=(4, 3), action_dim=3, hidden=32))
+    with torch.no_grad():
+        policy.actor.bias.copy_(torch.tensor([0.0, 9.0, -9.0]))
+        policy.log_std.fill_(-3.0)
+    rng = np.random.default_rng(0)
+    episodes = []
+    for _ in range(8):
+        actions = np.stack([rng.uniform(-0.5, 0.5, 6), np.ones(6), np.zeros(6)], 1).astype(np.float32)
+        episodes.append(
+            {
+                "tokens": rng.integers(0, 12, (7, 4, 4)),
+                "actions": actions,
+                "rewards": rng.normal(size=6).astype(np.float32),
+                "terminated": np.zeros(6, bool),
+            }
+        )
+    config = PPOConfig(num_envs=8, rollout_steps=6, lr=3e-3, minibatches=4)
+    figures = learn_from_episodes(policy, episodes, space, config, epochs=8)
+    assert all(math.isfinite(v) for v in figures.values())
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
 def test_deterministic_action_within_bounds_uses_the_clipped_mean():
