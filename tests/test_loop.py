@@ -372,7 +372,8 @@ def test_round_figures_score_the_deterministic_episodes_with_their_intro_reward(
 
 # --- the loop as the `worldmodel` command ------------------------------------------------------------------------
 
-LOOP = ["loop.iterations=2", "collect.workers=1"]  # on top of the micro run's light round
+# on top of the micro run's light round; each round's PPO goes on from the best policy so far
+LOOP = ["loop.iterations=2", "collect.workers=1", "loop.continue_from=best"]
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -441,6 +442,9 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
     loop = summary["loop"]
     scores = [row["real_return_mean"] for row in loop["curve"]]
     assert loop["rounds"] == 2 and len(scores) == 3 and loop["chosen"] == int(np.argmax(scores))
+    # round 2's PPO went on from the better of policies 0 and 1 by their collection rounds
+    assert finished["loop/01/policy"]["continued_from"] == 0
+    assert finished["loop/02/policy"]["continued_from"] == int(np.argmax(scores[:2]))
     _, kept = read_checkpoint(run / "loop" / f"{loop['chosen']:02d}" / "policy", "policy")
     _, policy = read_checkpoint(run / "policy", "policy")
     assert all(torch.equal(kept[k], policy[k]) for k in kept)
