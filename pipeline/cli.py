@@ -182,6 +182,16 @@ def cmd_bench_reliability(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'reliability.json'} and {out / 'reliability.md'}")
 
 
+def cmd_bench_branch(args: argparse.Namespace) -> None:
+    from bench.branch import branch_run
+    from pipeline.run import run_pipeline
+
+    run = Path(args.run)
+    config = branch_run(run, run.parent / args.name, args.round, list(args.overrides))
+    print(f"{config.run_dir}: {run} cut back to before loop round {args.round}'s PPO; running on")
+    run_pipeline(config)
+
+
 def cmd_bench_baseline(args: argparse.Namespace) -> None:
     from agents.real_ppo import RealPPOConfig
     from bench.baseline import BaselineConfig, bench_baseline, format_markdown
@@ -484,6 +494,16 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     reliability.add_argument("--out", default=None, help="folder of reliability.json and .md (default: RUNS/NAME)")
     reliability.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     reliability.set_defaults(func=cmd_bench_reliability)
+
+    branch = targets.add_parser(
+        "branch",
+        help="a paired test of a loop setting: a copy of a run cut back to before one round's PPO, run on with it",
+    )
+    branch.add_argument("--run", required=True, help="a run folder whose loop reached the round's dynamics")
+    branch.add_argument("--round", type=_positive_int, required=True, help="the loop round whose PPO it redoes")
+    branch.add_argument("--name", required=True, help="the branch's run folder, beside RUN")
+    branch.add_argument("overrides", nargs="*", help="loop.* settings of the branch, e.g. loop.continue_from=best")
+    branch.set_defaults(func=cmd_bench_branch)
 
     tokenizer = targets.add_parser(
         "tokenizer", help="rate, distortion and speed of tokenizer backbones beside WebP and JPEG"

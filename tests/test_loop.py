@@ -22,7 +22,9 @@ from test_pipeline import LIGHT, MICRO
 from agents.loop import dream_returns, round_figures
 from agents.policy import ActorCritic, clipped_normal_mean
 from agents.ppo import PPOConfig, compute_gae, learn_from_episodes, optimise
+from bench.branch import branch_run
 from worldmodel.checkpoint import CheckpointError, copy_checkpoint, fingerprint, read_checkpoint
+from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset, EpisodeRecord, sample_windows, write_episode
 from worldmodel.logger import RunLogger
 from worldmodel.tokens import TokenizedDataset, tokenize_dataset
@@ -454,3 +456,19 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
     assert "loop policy 2" in out and "loop kept" in out
     # evaluation seeds never overlap any collection seed, the loop's included
     assert not set(summary["eval_seeds"]) & {e.seed for e in episodes}
+
+    # a branch cut back to before round 2's PPO runs on from there with another loop setting, the run untouched
+    with pytest.raises(ConfigError, match=r"only loop\.\* settings"):
+        branch_run(run, tmp_path / "refused", 2, ["ppo.lr=0.1"])
+    third = _cli(
+        ["bench", "branch", "--run", str(run), "--round", "2", "--name", "branch", "loop.continue_from=last"], tmp_path
+    )
+    out, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err[-3000:]
+    for stage in ("policy", "loop/01/policy", "loop/02/collect", "loop/02/dynamics"):
+        assert f"[{stage}] already done, skipping" in out
+    assert "[loop/02/policy] already done" not in out
+    branched = json.loads((tmp_path / "branch" / "results.json").read_text())
+    assert branched["loop/02/policy"]["continued_from"] == 1 and "evaluate" in branched
+    assert [e.iteration for e in Dataset.open(tmp_path / "branch" / "dataset").episodes] == [0] * 4 + [1, 1, 2, 2, 3, 3]
+    assert json.loads(results.read_text()) == finished

@@ -1,0 +1,82 @@
+"""A branch of a finished run: a copy of its folder cut back to just before one loop round's PPO, with other loop
+settings, to run on from there. Two branches of the same run (say `loop.continue_from=best` and `=last`) share its
+data, tokenizer, world models and policies up to that round, so what differs after is the setting and chance: a
+paired test of a loop option for the price of one round, instead of two whole pipelines per seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agents.config import PipelineConfig, read_run_config
+from worldmodel.config import ConfigError, apply_override, from_dict
+from worldmodel.files import write_json_atomic, write_text_atomic
+from worldmodel.run_dir import RunDir
+
+FINAL_STAGES = ("loop/select", "loop/stop", "evaluate", "rollout")
+
+
+def _dropped(stage: str, iteration: int) -> bool:
+    """Whether `stage` comes after loop round `iteration`'s dynamics (its PPO and everything later)."""
+    if stage in FINAL_STAGES:
+        return True
+    if not stage.startswith("loop/"):
+        return False
+    _, number, step = stage.split("/")
+    return int(number) > iteration or (int(number) == iteration and step == "policy")
+
+
+def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrides: list[str]) -> PipelineConfig:
+    """Copy `run_dir` to `out_dir` cut back to just before loop round `iteration`'s PPO, with the `loop.*`
+    `overrides`; returns the branch's config, which `pipeline.run.run_pipeline` runs on from there.
+
+    Kept: every stage before the loop, rounds 1 .. iteration - 1, round `iteration`'s collection and dynamics (the
+    run's world model is set back to it). Dropped: that round's PPO, later rounds and their episodes, the final
+    collection, the choice of policy, the evaluation and the video."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    results = json.loads(RunDir(run_dir).results.read_text()) if RunDir(run_dir).results.is_file() else {}
+    if f"loop/{iteration:02d}/dynamics" not in results:
+        raise ConfigError(f"{run_dir}: loop round {iteration} has not trained its dynamics; nothing to branch from")
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} exists; a branch goes to a new folder")
+    outside = [item for item in overrides if not item.startswith("loop.")]
+    if outside:
+        raise ConfigError(
+            f"a branch changes only loop.* settings (the stages it keeps were made with the rest): {outside}"
+        )
+    raw: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(read_run_config(run_dir))))
+    for item in overrides:
+        apply_override(raw, item)
+    raw["run"].update(name=out_dir.name, runs_dir=str(out_dir.parent))
+    config = from_dict(PipelineConfig, raw)
+
+    shutil.copytree(run_dir, out_dir)
+    out = RunDir(out_dir)
+    kept = {name: figures for name, figures in results.items() if name != "timings" and not _dropped(name, iteration)}
+    kept["timings"] = {name: s for name, s in results.get("timings", {}).items() if not _dropped(name, iteration)}
+    write_json_atomic(out.results, kept)
+    for later in out.root.glob("loop/*"):
+        if later.is_dir() and int(later.name) > iteration:
+            shutil.rmtree(later)
+    round_dir = out.loop_round(iteration)
+    for path in round_dir.policy.parent.glob(f"{round_dir.policy.name}*"):
+        path.unlink()
+    for stem in (round_dir.dynamics, round_dir.dynamics.with_name(round_dir.dynamics.name + "_last")):
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(stem.with_suffix(suffix), out.root / (stem.name + suffix))
+    manifest_path = out.dataset / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    later_episodes = [e for e in manifest["episodes"] if (e.get("iteration") or 0) > iteration]
+    manifest["episodes"] = [e for e in manifest["episodes"] if (e.get("iteration") or 0) <= iteration]
+    write_json_atomic(manifest_path, manifest)
+    for episode in later_episodes:
+        shutil.rmtree(out.dataset / "episodes" / episode["name"], ignore_errors=True)
+    for stale in (out.summary, out.report, out.policy.with_suffix(".json"), out.policy.with_suffix(".safetensors")):
+        stale.unlink(missing_ok=True)
+    write_text_atomic(out.config, yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), sort_keys=False))
+    return config
