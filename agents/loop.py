@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import gymnasium as gym
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from agents.evaluate import TokenPolicy
-from agents.policy import ActorCritic
+from agents.policy import ActorCritic, action_bounds
 from envs.collect import episode_name, record_episode, worker_env
 from envs.sources import SourceConfig
 from worldmodel.dataset import Dataset, DatasetError, EpisodeRecord, write_episode
@@ -148,9 +147,7 @@ def dream_returns(
         raise ValueError("give either the recorded actions or a policy to drive the dreams")
     count, device = len(first_tokens), world.device
     space = world.action_space
-    bounds = None
-    if isinstance(space, gym.spaces.Box):
-        bounds = (torch.tensor(space.low, device=device), torch.tensor(space.high, device=device))
+    bounds = action_bounds(space, device)
     cache = world.dynamics.new_cache(count)
     rows = torch.arange(count, device=device)
     empty = np.zeros((count, 0, *space.shape), dtype=space.dtype)

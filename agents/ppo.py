@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.policy import ActorCritic, PolicyConfig
+from agents.policy import ActorCritic, PolicyConfig, action_bounds
 from envs.dream import DreamSettings, DreamVectorEnv
 from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 from worldmodel.logger import RunLogger
@@ -198,9 +198,7 @@ def learn_from_episodes(
     if not episodes:
         raise ValueError("no episodes to learn from")
     dev = next(policy.parameters()).device
-    bounds = None
-    if isinstance(action_space, gym.spaces.Box):
-        bounds = (torch.as_tensor(action_space.low, device=dev), torch.as_tensor(action_space.high, device=dev))
+    bounds = action_bounds(action_space, dev)
     parts: dict[str, list[torch.Tensor]] = {"obs": [], "act": [], "logp": [], "adv": [], "ret": []}
     with torch.no_grad():
         for episode in episodes:

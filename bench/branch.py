@@ -15,6 +15,7 @@ import yaml
 
 from agents.config import PipelineConfig, read_run_config
 from worldmodel.config import ConfigError, apply_override, from_dict
+from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.run_dir import RunDir
 
@@ -53,7 +54,7 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
     for item in overrides:
         apply_override(raw, item)
     raw["run"].update(name=out_dir.name, runs_dir=str(out_dir.parent))
-    config = from_dict(PipelineConfig, raw)
+    config = from_dict(PipelineConfig, raw)  # refuses a setting that does not exist before anything is copied
 
     shutil.copytree(run_dir, out_dir)
     out = RunDir(out_dir)
@@ -69,14 +70,13 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
     for stem in (round_dir.dynamics, round_dir.dynamics.with_name(round_dir.dynamics.name + "_last")):
         for suffix in (".json", ".safetensors"):
             shutil.copy(stem.with_suffix(suffix), out.root / (stem.name + suffix))
-    manifest_path = out.dataset / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    later_episodes = [e for e in manifest["episodes"] if (e.get("iteration") or 0) > iteration]
-    manifest["episodes"] = [e for e in manifest["episodes"] if (e.get("iteration") or 0) <= iteration]
-    write_json_atomic(manifest_path, manifest)
-    for episode in later_episodes:
-        shutil.rmtree(out.dataset / "episodes" / episode["name"], ignore_errors=True)
+    dataset = Dataset.open(out.dataset)
+    dropped = [i for i, episode in enumerate(dataset.episodes) if (episode.iteration or 0) > iteration]
+    for index in dropped:
+        shutil.rmtree(dataset.episode_dir(index), ignore_errors=True)
+    dataset.manifest.episodes = [e for e in dataset.episodes if (e.iteration or 0) <= iteration]
+    dataset.save_manifest()
     for stale in (out.summary, out.report, out.policy.with_suffix(".json"), out.policy.with_suffix(".safetensors")):
         stale.unlink(missing_ok=True)
-    write_text_atomic(out.config, yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), sort_keys=False))
+    write_text_atomic(out.config, yaml.safe_dump(raw, sort_keys=False))  # what `worldmodel run` checks it against
     return config
