@@ -88,8 +88,8 @@ def evaluate(
     policy: Path | None = None,
 ) -> dict[str, dict]:
     """Returns per policy: mean, std, per-episode returns and seeds, and `crashes`, the episodes that ended in a
-    crash (highway-env's `info["crashed"]`; a source without crashes counts none). Refuses seeds used for
-    collection. `policy` is the policy checkpoint to score (default: the run's)."""
+    crash (highway-env's `info["crashed"]`; a source without crashes counts none), and the real `steps` driven. Refuses
+    seeds used for collection. `policy` is the policy checkpoint to score (default: the run's)."""
     seeds = [config.seed + i for i in range(config.episodes)]
     overlap = sorted(set(seeds) & set(used_seeds))
     if overlap:
@@ -99,11 +99,13 @@ def evaluate(
     tasks = [(kind, str(run_dir), source, config, seed, policy and str(policy)) for kind in kinds for seed in seeds]
     results: dict[str, dict[int, float]] = {kind: {} for kind in kinds}
     crashed: dict[str, set[int]] = {kind: set() for kind in kinds}
+    steps: dict[str, int] = {kind: 0 for kind in kinds}
     progress = tqdm(
         total=len(tasks), desc=f"evaluate in real {source.name}", unit="episode", dynamic_ncols=True, leave=False
     )
-    for kind, seed, ret, _, crash in imap_unordered(_episode, tasks, config.workers):
+    for kind, seed, ret, length, crash in imap_unordered(_episode, tasks, config.workers):
         results[kind][seed] = ret
+        steps[kind] += length
         if crash:
             crashed[kind].add(seed)
         progress.update()
@@ -117,5 +119,6 @@ def evaluate(
             "returns": returns,
             "seeds": seeds,
             "crashes": len(crashed[kind]),
+            "steps": steps[kind],
         }
     return summary

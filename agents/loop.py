@@ -63,6 +63,21 @@ class LoopConfig:
     continue_from: Literal["best", "last"] = "last"
     """Each round's PPO goes on from the last policy, or from the best so far by that same real score ("best": a
     round whose policy did worse in the real simulator is not built on)."""
+    playoff_episodes: int = 0
+    """After the last round, the `playoff_candidates` policies with the best collection returns each drive this many
+    more deterministic episodes, all on the same new collection seeds, and the policy kept is the one with the best
+    mean over all its deterministic episodes; 0: keep by the collection rounds alone (a few episodes each, on
+    different tracks). Needs `keep_best`."""
+    playoff_candidates: int = 3
+
+    def __post_init__(self) -> None:
+        if self.playoff_episodes < 0 or self.playoff_candidates < 1:
+            raise ValueError(
+                f"playoff_episodes must be at least 0 and playoff_candidates at least 1, got "
+                f"{self.playoff_episodes} and {self.playoff_candidates}"
+            )
+        if self.playoff_episodes and not self.keep_best:
+            raise ValueError("playoff_episodes chooses the policy to keep: it needs keep_best=true")
 
 
 def policy_label(run_dir: Path, policy: Path) -> str:

@@ -16,10 +16,10 @@ import yaml
 from agents.config import PipelineConfig, read_run_config
 from worldmodel.config import ConfigError, apply_override, from_dict
 from worldmodel.dataset import Dataset
-from worldmodel.files import write_json_atomic, write_text_atomic
-from worldmodel.run_dir import RunDir
+from worldmodel.files import write_text_atomic
+from worldmodel.run_dir import Results, RunDir
 
-FINAL_STAGES = ("loop/select", "loop/stop", "evaluate", "rollout")
+FINAL_STAGES = ("loop/playoff", "loop/select", "loop/stop", "evaluate", "rollout")
 
 
 def _dropped(stage: str, iteration: int) -> bool:
@@ -40,7 +40,7 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
     run's world model is set back to it). Dropped: that round's PPO, later rounds and their episodes, the final
     collection, the choice of policy, the evaluation and the video."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    results = json.loads(RunDir(run_dir).results.read_text()) if RunDir(run_dir).results.is_file() else {}
+    results = Results(run_dir).data
     if f"loop/{iteration:02d}/dynamics" not in results:
         raise ConfigError(f"{run_dir}: loop round {iteration} has not trained its dynamics; nothing to branch from")
     if out_dir.exists():
@@ -60,7 +60,9 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
     out = RunDir(out_dir)
     kept = {name: figures for name, figures in results.items() if name != "timings" and not _dropped(name, iteration)}
     kept["timings"] = {name: s for name, s in results.get("timings", {}).items() if not _dropped(name, iteration)}
-    write_json_atomic(out.results, kept)
+    branched = Results(out_dir)
+    branched.data = kept
+    branched.save()
     for later in out.root.glob("loop/*"):
         if later.is_dir() and int(later.name) > iteration:
             shutil.rmtree(later)

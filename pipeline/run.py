@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from agents.config import PipelineConfig
-from agents.evaluate import evaluate
+from agents.evaluate import EvalConfig, evaluate
 from agents.loop import collect_with_policy, dream_gap, plot_learning_curve, round_figures
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
@@ -33,7 +32,7 @@ from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rollout import write_rollout
-from worldmodel.run_dir import RunDir
+from worldmodel.run_dir import Results, RunDir
 from worldmodel.train import (
     DYNAMICS,
     tokens_for_run,
@@ -70,24 +69,6 @@ def _changed(previous: Any, now: Any, default: Any) -> bool:
             for key in previous.keys() | now.keys()
         )
     return previous != now
-
-
-class Results:
-    """`<run>/results.json`: each finished stage's figures, rewritten atomically after every stage."""
-
-    def __init__(self, run_dir: Path):
-        self.path = RunDir(run_dir).results
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def done(self, stage: str) -> bool:
-        """Whether `stage` finished; `loop` stands for any of the loop's stages."""
-        if stage == "loop":
-            return any(name.startswith("loop/") for name in self.data)
-        return stage in self.data
-
-    def record(self, stage: str, figures: dict[str, Any]) -> None:
-        self.data[stage] = figures
-        write_json_atomic(self.path, self.data)
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
@@ -149,6 +130,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     stage("policy", lambda: train_ppo(run_dir, config.ppo, logger, device))
     run_loop(config, results, stage, logger)
     used_seeds = [e.seed for e in Dataset.open(data_dir).episodes if e.seed is not None]
+    used_seeds += results.data.get("loop/playoff", {}).get("seeds", [])
     stage("evaluate", lambda: evaluate(run_dir, config.collect.source, config.eval, used_seeds))
     stage("rollout", lambda: write_rollout(run_dir, data_dir, config.rollout))
     summary = make_summary(config, results.data)
@@ -298,8 +280,10 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             rounds = results.data["loop/stop"]["rounds"]
             break
         if not results.done(f"{name}/collect") and loop.max_minutes is not None and iteration > 1:
-            # at the last round's pace, this round and the scoring of its policy (one more collection)
-            ahead = seconds(f"loop/{iteration - 1:02d}/") + seconds(f"loop/{iteration - 1:02d}/collect")
+            # at the last round's pace, this round, the scoring of its policy (one more collection) and the playoff
+            collect_s = seconds(f"loop/{iteration - 1:02d}/collect")
+            playoff_s = collect_s * loop.playoff_candidates * loop.playoff_episodes / loop.episodes
+            ahead = seconds(f"loop/{iteration - 1:02d}/") + collect_s + playoff_s
             if seconds("loop/") + ahead > 60 * loop.max_minutes:
                 stage("loop/stop", lambda it=iteration: {"rounds": it - 1, "reason": "loop.max_minutes"})
                 rounds = iteration - 1
@@ -310,13 +294,53 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
     final = rounds + 1
     stage(f"loop/{final:02d}/collect", lambda: collect_round(final))
 
-    def select() -> dict[str, Any]:
-        # policy j drove round j + 1; its score is the mean return of that round's deterministic episodes
+    def playoff() -> dict[str, Any]:
+        """The best `playoff_candidates` policies by their collection rounds drive `playoff_episodes` more deterministic
+        episodes each, all on the same tracks: the collection seeds after every one the loop has used."""
         ranked = scores(final)
-        chosen = best_so_far(final) if loop.keep_best else rounds
+        candidates = [j for j in np.argsort(ranked, kind="stable")[::-1] if ranked[j] > float("-inf")]
+        used = [e.seed for e in Dataset.open(data_dir).episodes if e.seed is not None]
+        tracks = EvalConfig(
+            episodes=loop.playoff_episodes,
+            seed=config.collect.seed + config.collect.episodes + final * loop.episodes,
+            workers=loop.workers,
+            max_steps=loop.max_steps,
+        )
+        figures: dict[str, Any] = {"seeds": [tracks.seed + i for i in range(tracks.episodes)], "policies": {}}
+        for j in sorted(int(j) for j in candidates[: loop.playoff_candidates]):
+            scored = evaluate(run_dir, config.collect.source, tracks, used, ("policy",), run.loop_round(j).policy)
+            figures["policies"][str(j)] = {k: scored["policy"][k] for k in ("returns", "crashes", "steps")}
+            tqdm.write(f"playoff: policy {j}, {scored['policy']['mean']:.1f} on {tracks.episodes} more tracks")
+        return figures
+
+    if loop.playoff_episodes > 0:
+        stage("loop/playoff", playoff)
+
+    def select() -> dict[str, Any]:
+        # policy j drove round j + 1; its score is the mean return of that round's deterministic episodes, or, where
+        # it played off, of those and its playoff episodes (the policies that did not were behind every one that did)
+        ranked = scores(final)
+        playoff = {
+            int(j): float(np.mean([*results.data[f"loop/{int(j) + 1:02d}/collect"]["real_returns"], *p["returns"]]))
+            for j, p in results.data.get("loop/playoff", {}).get("policies", {}).items()
+        }
+        if not loop.keep_best:
+            chosen = rounds
+        else:
+            chosen = max(playoff, key=playoff.__getitem__) if playoff else best_so_far(final)
         copy_checkpoint(run.loop_round(chosen).policy, run.policy, POLICY)
-        tqdm.write(f"loop: keeping the policy of round {chosen} (real collection return {ranked[chosen]:.1f})")
-        return {"rounds": rounds, "chosen": chosen, "scores": [None if x == float("-inf") else x for x in ranked]}
+        score = (
+            f"collection and playoff return {playoff[chosen]:.1f}"
+            if playoff
+            else f"collection return {ranked[chosen]:.1f}"
+        )
+        tqdm.write(f"loop: keeping the policy of round {chosen} (real {score})")
+        return {
+            "rounds": rounds,
+            "chosen": chosen,
+            "scores": [None if x == float("-inf") else x for x in ranked],
+            **({"playoff_scores": {str(j): x for j, x in sorted(playoff.items())}} if playoff else {}),
+        }
 
     stage("loop/select", select)
 
@@ -349,7 +373,17 @@ def loop_curve(results: dict[str, Any]) -> dict[str, Any] | None:
             row["ppo_dream_return"] = results[f"loop/{j:02d}/policy"]["dream_return"]
             row["continued_from"] = results[f"loop/{j:02d}/policy"].get("continued_from", j - 1)
         rows.append(row)
-    return {"rounds": results["loop/select"]["rounds"], "chosen": results["loop/select"]["chosen"], "curve": rows}
+    selected = results["loop/select"]
+    loop = {"rounds": selected["rounds"], "chosen": selected["chosen"], "curve": rows}
+    if "loop/playoff" in results:
+        played = results["loop/playoff"]["policies"]
+        loop["playoff"] = {
+            "seeds": results["loop/playoff"]["seeds"],
+            "returns": {j: float(np.mean(p["returns"])) for j, p in played.items()},
+            "scores": selected.get("playoff_scores", {}),
+            "steps": int(sum(p["steps"] for p in played.values())),
+        }
+    return loop
 
 
 def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +452,17 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"after {row['real_steps']} real steps, {row['wall_s']:.0f} s"
             )
             rows.append((name, figures))
-        rows.append(("loop kept", f"policy {loop['chosen']} of {loop['rounds'] + 1}, by its real collection return"))
+        playoff = loop.get("playoff")
+        if playoff:
+            rows.append(
+                (
+                    "loop playoff",
+                    ", ".join(f"policy {j} {x:.1f}" for j, x in playoff["returns"].items())
+                    + f" on {len(playoff['seeds'])} more tracks each ({playoff['steps']} real steps)",
+                )
+            )
+        how = "collection and playoff returns" if playoff else "collection return"
+        rows.append(("loop kept", f"policy {loop['chosen']} of {loop['rounds'] + 1}, by its real {how}"))
     n = summary["episodes_evaluated"]
     for name in ("policy", "random", "expert"):
         figures = summary[name]

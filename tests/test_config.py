@@ -35,6 +35,14 @@ def test_every_preset_builds_for_every_source(preset, source):
     assert config.loop.iterations > 0  # every preset closes the dream-to-real loop
 
 
+def test_a_playoff_without_keep_best_is_refused_before_any_work():
+    assert load_pipeline_config("tiny", ["loop.playoff_episodes=8"]).loop.playoff_candidates == 3
+    with pytest.raises(ConfigError, match="playoff_episodes chooses the policy to keep: it needs keep_best"):
+        load_pipeline_config("tiny", ["loop.playoff_episodes=8", "loop.keep_best=false"])
+    with pytest.raises(ConfigError, match="playoff_candidates at least 1, got 8 and 0"):
+        load_pipeline_config("tiny", ["loop.playoff_episodes=8", "loop.playoff_candidates=0"])
+
+
 def test_overrides_parse_ints_floats_lists_null_bools():
     config = load_pipeline_config(
         "tiny",

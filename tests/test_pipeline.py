@@ -155,7 +155,9 @@ def test_summary_from_results():
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    args = ["run", "--name", "smoke", *MICRO, *LIGHT, f"run.runs_dir={runs}"]
+    # the two policies play off for the one to keep, each on two more tracks
+    playoff = ["loop.playoff_episodes=2", "loop.playoff_candidates=2"]
+    args = ["run", "--name", "smoke", *MICRO, *LIGHT, *playoff, f"run.runs_dir={runs}"]
     result = worldmodel_cli(args, cwd=runs)
     return runs, args, result
 
@@ -184,6 +186,23 @@ def test_micro_run_writes_summary(micro_run):
     # evaluation seeds never overlap the collection seeds
     results = json.loads((run_dir / "results.json").read_text())
     assert not set(summary["eval_seeds"]) & set(results["collect"]["seeds"])
+    # both policies played off on the same two tracks, after every collection seed and apart from the evaluation's;
+    # the one kept has the best mean over its collection round's deterministic episode and its playoff episodes
+    playoff = results["loop/playoff"]
+    collected = {e.seed for e in Dataset.open(run_dir / "dataset").episodes}
+    assert playoff["seeds"] == [8, 9] and not set(playoff["seeds"]) & (collected | set(summary["eval_seeds"]))
+    assert sorted(playoff["policies"]) == ["0", "1"]
+    combined = [
+        np.mean(results[f"loop/{j + 1:02d}/collect"]["real_returns"] + playoff["policies"][str(j)]["returns"])
+        for j in (0, 1)
+    ]
+    assert all(len(p["returns"]) == 2 and p["steps"] == 40 for p in playoff["policies"].values())
+    assert results["loop/select"]["chosen"] == int(np.argmax(combined)) == summary["loop"]["chosen"]
+    assert results["loop/select"]["playoff_scores"] == {
+        "0": pytest.approx(combined[0]),
+        "1": pytest.approx(combined[1]),
+    }
+    assert "loop playoff" in result.stdout and "(80 real steps)" in result.stdout
     # the loop round's PPO began with an update on the one episode its policy drove sampling (20 recorded steps)
     assert results["loop/01/policy"]["real_update_steps"] == 20
     assert (run_dir / "loop" / "01" / "policy_real.safetensors").is_file()
@@ -202,7 +221,17 @@ def test_micro_run_rerun_skips_finished_stages(micro_run):
     before = (runs / "smoke" / "tokenizer.safetensors").stat().st_mtime_ns
     result = worldmodel_cli(args, cwd=runs, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("collect", "tokenizer", "dynamics", "policy", "loop/01/policy", "loop/select", "evaluate", "rollout"):
+    finished = (
+        "collect",
+        "tokenizer",
+        "dynamics",
+        "policy",
+        "loop/01/policy",
+        "loop/playoff",
+        "loop/select",
+        "evaluate",
+    )
+    for stage in (*finished, "rollout"):
         assert f"[{stage}] already done, skipping" in result.stdout
     assert (runs / "smoke" / "tokenizer.safetensors").stat().st_mtime_ns == before
     assert json.loads((runs / "smoke" / "summary.json").read_text())["episodes_evaluated"] == 1

@@ -4,7 +4,11 @@ outputs through a `RunDir`, so no file name is spelled in two modules. Checkpoin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+from worldmodel.files import write_json_atomic
 
 
 class RunDir:
@@ -86,3 +90,24 @@ class RunDir:
         """Round `iteration` of the dream-to-real loop (00: the policy before the loop), a run folder of its own
         layout: `loop/01/dynamics`, `loop/01/policy`, ..."""
         return RunDir(self.root / "loop" / f"{iteration:02d}")
+
+
+class Results:
+    """`<run>/results.json`: each finished stage's figures, rewritten atomically after every stage."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = RunDir(run_dir).results
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def done(self, stage: str) -> bool:
+        """Whether `stage` finished; `loop` stands for any of the loop's stages."""
+        if stage == "loop":
+            return any(name.startswith("loop/") for name in self.data)
+        return stage in self.data
+
+    def record(self, stage: str, figures: dict[str, Any]) -> None:
+        self.data[stage] = figures
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
