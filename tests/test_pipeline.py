@@ -35,6 +35,7 @@ MICRO = [
     "loop.dynamics_steps=4",
     "loop.ppo_steps=512",
     "loop.real_epochs=1",
+    "loop.playoff_episodes=0",
 ]
 # lighter still, so the suite stays fast on a busy 2-core machine (one torch thread avoids oversubscription)
 LIGHT = [
