@@ -36,7 +36,8 @@ def test_every_preset_builds_for_every_source(preset, source):
 
 
 def test_a_playoff_without_keep_best_is_refused_before_any_work():
-    assert load_pipeline_config("tiny", ["loop.playoff_episodes=8"]).loop.playoff_candidates == 3
+    loop = load_pipeline_config("tiny", ["loop.playoff_episodes=4", "loop.playoff_candidates=3"]).loop
+    assert (loop.playoff_episodes, loop.playoff_candidates, loop.keep_best) == (4, 3, True)
     with pytest.raises(ConfigError, match="playoff_episodes chooses the policy to keep: it needs keep_best"):
         load_pipeline_config("tiny", ["loop.playoff_episodes=8", "loop.keep_best=false"])
     with pytest.raises(ConfigError, match="playoff_candidates at least 1, got 8 and 0"):
