@@ -25,6 +25,7 @@ from envs.sources import SourceConfig
 from worldmodel.dataset import Dataset, DatasetError, EpisodeRecord, write_episode
 from worldmodel.files import save_figure_atomic
 from worldmodel.parallel import imap_unordered
+from worldmodel.run_dir import Results
 from worldmodel.world_model import WorldModel
 
 
@@ -78,6 +79,17 @@ class LoopConfig:
             )
         if self.playoff_episodes and not self.keep_best:
             raise ValueError("playoff_episodes chooses the policy to keep: it needs keep_best=true")
+
+
+PLAYOFF = "loop/playoff"
+"""The stage in `results.json` where the best loop policies played off (`LoopConfig.playoff_episodes`)."""
+
+
+def driven_seeds(run_dir: Path, dataset_dir: Path) -> list[int]:
+    """The seeds a run has driven the real simulator on outside evaluation: its dataset's episodes and its loop's
+    playoff. Evaluation refuses them."""
+    recorded = [e.seed for e in Dataset.open(dataset_dir).episodes if e.seed is not None]
+    return recorded + Results(run_dir).data.get(PLAYOFF, {}).get("seeds", [])
 
 
 def policy_label(run_dir: Path, policy: Path) -> str:

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from agents.config import read_run_config
 from agents.evaluate import evaluate
+from agents.loop import driven_seeds
 from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.dataset import Dataset
 from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.run_dir import RunDir
@@ -60,7 +60,7 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     eval_config = pipeline.eval
     if config.episodes is not None:
         eval_config.episodes = config.episodes
-    used = [e.seed for e in Dataset.open(RunDir(run_dir).dataset).episodes if e.seed is not None]
+    used = driven_seeds(run_dir, RunDir(run_dir).dataset)
     scores_path = folder / "scores.json"
     scores = _scores(scores_path)
 

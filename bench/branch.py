@@ -14,12 +14,13 @@ from typing import Any
 import yaml
 
 from agents.config import PipelineConfig, read_run_config
+from agents.loop import PLAYOFF
 from worldmodel.config import ConfigError, apply_override, from_dict
 from worldmodel.dataset import Dataset
 from worldmodel.files import write_text_atomic
 from worldmodel.run_dir import Results, RunDir
 
-FINAL_STAGES = ("loop/playoff", "loop/select", "loop/stop", "evaluate", "rollout")
+FINAL_STAGES = (PLAYOFF, "loop/select", "loop/stop", "evaluate", "rollout")
 
 
 def _dropped(stage: str, iteration: int) -> bool:

@@ -88,11 +88,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from agents.evaluate import evaluate
-    from worldmodel.dataset import Dataset
+    from agents.loop import driven_seeds
 
     config = _config(args)
     data = Path(args.data) if args.data else config.dataset_dir
-    used = [e.seed for e in Dataset.open(data).episodes if e.seed is not None]
+    used = driven_seeds(config.run_dir, data)
     print(json.dumps(evaluate(config.run_dir, config.collect.source, config.eval, used), indent=2))
 
 

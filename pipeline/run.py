@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from agents.config import PipelineConfig
 from agents.evaluate import EvalConfig, evaluate
-from agents.loop import collect_with_policy, dream_gap, plot_learning_curve, round_figures
+from agents.loop import PLAYOFF, collect_with_policy, dream_gap, driven_seeds, plot_learning_curve, round_figures
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
 from envs.sources import SOURCES
@@ -129,8 +129,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     stage("dynamics", lambda: train_dynamics(data_dir, run_dir, config.dynamics, logger, val, device))
     stage("policy", lambda: train_ppo(run_dir, config.ppo, logger, device))
     run_loop(config, results, stage, logger)
-    used_seeds = [e.seed for e in Dataset.open(data_dir).episodes if e.seed is not None]
-    used_seeds += results.data.get("loop/playoff", {}).get("seeds", [])
+    used_seeds = driven_seeds(run_dir, data_dir)
     stage("evaluate", lambda: evaluate(run_dir, config.collect.source, config.eval, used_seeds))
     stage("rollout", lambda: write_rollout(run_dir, data_dir, config.rollout))
     summary = make_summary(config, results.data)
@@ -171,9 +170,13 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
     def seconds(prefix: str) -> float:
         return sum(v for k, v in results.data.get("timings", {}).items() if k.startswith(prefix))
 
+    def first_episode(iteration: int) -> int:
+        """The dataset index of round `iteration`'s first episode; it drives on seed `collect.seed` + that index."""
+        return config.collect.episodes + (iteration - 1) * loop.episodes
+
     def collect_round(iteration: int) -> dict[str, Any]:
         policy = run.loop_round(iteration - 1).policy
-        first = config.collect.episodes + (iteration - 1) * loop.episodes
+        first = first_episode(iteration)
         collected = collect_with_policy(
             run_dir, data_dir, config.collect.source, loop, policy, iteration, first, config.collect.seed
         )
@@ -299,14 +302,14 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         episodes each, all on the same tracks: the collection seeds after every one the loop has used."""
         ranked = scores(final)
         candidates = [j for j in np.argsort(ranked, kind="stable")[::-1] if ranked[j] > float("-inf")]
-        used = [e.seed for e in Dataset.open(data_dir).episodes if e.seed is not None]
         tracks = EvalConfig(
             episodes=loop.playoff_episodes,
-            seed=config.collect.seed + config.collect.episodes + final * loop.episodes,
+            seed=config.collect.seed + first_episode(final + 1),  # as a round after the last would have collected
             workers=loop.workers,
             max_steps=loop.max_steps,
         )
         figures: dict[str, Any] = {"seeds": [tracks.seed + i for i in range(tracks.episodes)], "policies": {}}
+        used = driven_seeds(run_dir, data_dir)
         for j in sorted(int(j) for j in candidates[: loop.playoff_candidates]):
             scored = evaluate(run_dir, config.collect.source, tracks, used, ("policy",), run.loop_round(j).policy)
             figures["policies"][str(j)] = {k: scored["policy"][k] for k in ("returns", "crashes", "steps")}
@@ -314,7 +317,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         return figures
 
     if loop.playoff_episodes > 0:
-        stage("loop/playoff", playoff)
+        stage(PLAYOFF, playoff)
 
     def select() -> dict[str, Any]:
         # policy j drove round j + 1; its score is the mean return of that round's deterministic episodes, or, where
@@ -322,7 +325,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         ranked = scores(final)
         playoff = {
             int(j): float(np.mean([*results.data[f"loop/{int(j) + 1:02d}/collect"]["real_returns"], *p["returns"]]))
-            for j, p in results.data.get("loop/playoff", {}).get("policies", {}).items()
+            for j, p in results.data.get(PLAYOFF, {}).get("policies", {}).items()
         }
         if not loop.keep_best:
             chosen = rounds
@@ -375,10 +378,10 @@ def loop_curve(results: dict[str, Any]) -> dict[str, Any] | None:
         rows.append(row)
     selected = results["loop/select"]
     loop = {"rounds": selected["rounds"], "chosen": selected["chosen"], "curve": rows}
-    if "loop/playoff" in results:
-        played = results["loop/playoff"]["policies"]
+    if PLAYOFF in results:
+        played = results[PLAYOFF]["policies"]
         loop["playoff"] = {
-            "seeds": results["loop/playoff"]["seeds"],
+            "seeds": results[PLAYOFF]["seeds"],
             "returns": {j: float(np.mean(p["returns"])) for j, p in played.items()},
             "scores": selected.get("playoff_scores", {}),
             "steps": int(sum(p["steps"] for p in played.values())),
