@@ -22,7 +22,7 @@ from agents.evaluate import TokenPolicy
 from agents.policy import ActorCritic, action_bounds
 from envs.collect import episode_name, record_episode, worker_env
 from envs.sources import SourceConfig
-from worldmodel.dataset import Dataset, DatasetError, EpisodeRecord, write_episode
+from worldmodel.dataset import Dataset, DatasetError, Episode, EpisodeRecord, write_episode
 from worldmodel.files import save_figure_atomic
 from worldmodel.parallel import imap_unordered
 from worldmodel.run_dir import Results
@@ -157,21 +157,58 @@ def collect_with_policy(
 
 
 @torch.no_grad()
-def dream_returns(
-    world: WorldModel,
-    first_tokens: torch.Tensor,
-    lengths: np.ndarray,
-    actions: list[np.ndarray] | None = None,
-    policy: ActorCritic | None = None,
-) -> np.ndarray:
-    """What the dream pays over whole episodes from real first frames: (E,) sums of predicted rewards.
+def dream_replay(
+    world: WorldModel, episodes: list[Episode], horizon: int, burn_in: int, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dream's verdict on real episodes along the road they really took: (E,) dream and real returns.
 
-    Each dream starts from its frame's tokens `first_tokens` (E, h, w) with no other context and runs `lengths[e]`
-    steps or until its termination head fires, driven by the recorded `actions` (open loop: the dream's verdict on
-    what really happened) or, without them, by `policy` acting as it is scored (closed loop: the dream's own return
-    of the policy). Greedy tokens."""
-    if (actions is None) == (policy is None):
-        raise ValueError("give either the recorded actions or a policy to drive the dreams")
+    Each episode is cut into consecutive windows of `horizon` steps (the horizon the policy is trained on). A
+    window's dream starts from the real frames just before it (up to `burn_in` of them, with the actions between,
+    as the dream env starts its dreams), is driven by the recorded actions and pays its predicted rewards until
+    its termination head fires or the window ends; the real return sums the recorded rewards of the same steps,
+    so both cover the whole episode. One open-loop replay of a whole episode would say little: once its
+    imagined track drifts from the real one, the recorded steering leaves the dream's road. Greedy tokens."""
+    if horizon < 1 or burn_in < 1:
+        raise ValueError(f"horizon and burn_in must be at least 1, got {horizon} and {burn_in}")
+    windows = [(e, s) for e, episode in enumerate(episodes) for s in range(0, len(episode), horizon)]
+    dream, real = np.zeros(len(episodes)), np.zeros(len(episodes))
+    for context in sorted({min(burn_in, s + 1) for _, s in windows}):  # one cache per context length
+        group = [(e, s) for e, s in windows if min(burn_in, s + 1) == context]
+        for first in range(0, len(group), batch):
+            chunk = group[first : first + batch]
+            rows, starts = np.array([e for e, _ in chunk]), np.array([s for _, s in chunk])
+            ends = np.array([len(episodes[e]) for e in rows])  # each window stops at its episode's end
+            frames = np.stack([np.asarray(episodes[e].frames[s - context + 1 : s + 1]) for e, s in chunk])
+            tokens = world.tokenizer.encode(torch.from_numpy(frames).to(world.device).flatten(0, 1)).tokens
+            tokens = tokens.view(len(chunk), context, *tokens.shape[1:])
+            actions = np.stack([np.asarray(episodes[e].actions[s - context + 1 : s]) for e, s in chunk])
+            cache = world.dynamics.new_cache(len(chunk))
+            world.burn_in(cache, tokens, world.action_tensor(actions), torch.arange(len(chunk), device=world.device))
+            steps = np.minimum(horizon, ends - starts)
+            current, alive, earned = tokens[:, -1], np.ones(len(chunk), dtype=bool), np.zeros(len(chunk))
+            for t in range(int(steps.max())):
+                alive &= t < steps
+                taken = np.minimum(starts + t, ends - 1)
+                step = np.stack([np.asarray(episodes[e].actions[i]) for e, i in zip(rows, taken, strict=True)])
+                prediction = world.imagine(cache, current, world.action_tensor(step))
+                earned += np.where(alive, prediction.reward.cpu().numpy(), 0.0)
+                alive &= ~prediction.terminated.cpu().numpy()
+                current = prediction.tokens
+            np.add.at(dream, rows, earned)
+            paid = [np.sum(episodes[e].rewards[s : s + n]) for e, s, n in zip(rows, starts, steps, strict=True)]
+            np.add.at(real, rows, np.array(paid, dtype=np.float64))
+    return dream, real
+
+
+@torch.no_grad()
+def dream_policy_returns(
+    world: WorldModel, first_tokens: torch.Tensor, lengths: np.ndarray, policy: ActorCritic
+) -> np.ndarray:
+    """What the dream pays `policy` over whole episodes: (E,) sums of predicted rewards.
+
+    Each dream starts from its frame's tokens `first_tokens` (E, h, w) with no other context, as a real episode
+    does, and runs `lengths[e]` steps or until its termination head fires, the policy acting as it is scored
+    (closed loop: the dream's own return of the policy). Greedy tokens."""
     count, device = len(first_tokens), world.device
     space = world.action_space
     bounds = action_bounds(space, device)
@@ -186,12 +223,8 @@ def dream_returns(
         alive &= t < lengths
         if not alive.any():
             break
-        if actions is not None:
-            step = np.stack([a[min(t, len(a) - 1)] for a in actions])
-            action = world.action_tensor(step)
-        else:
-            action = policy.act(tokens, deterministic=True, bounds=bounds)[0]
-            action = action.clamp(bounds[0], bounds[1]) if bounds is not None else action
+        action = policy.act(tokens, deterministic=True, bounds=bounds)[0]
+        action = action.clamp(bounds[0], bounds[1]) if bounds is not None else action
         prediction = world.imagine(cache, tokens, action)
         totals += np.where(alive, prediction.reward.cpu().numpy(), 0.0)
         alive &= ~prediction.terminated.cpu().numpy()
@@ -200,22 +233,25 @@ def dream_returns(
 
 
 def dream_gap(
-    world: WorldModel, policy: ActorCritic, dataset: Dataset, collected: list[dict[str, Any]]
+    world: WorldModel,
+    policy: ActorCritic,
+    dataset: Dataset,
+    collected: list[dict[str, Any]],
+    horizon: int,
+    burn_in: int,
 ) -> dict[str, float]:
     """The dream (`world`, the one the policy was trained in) against what the policy really got.
 
     - `real_recorded_return`: the mean return of the collected episodes over their recorded steps;
-    - `dream_replay_return`: the dream's return of the same episodes replayed from their first frame with their
-      recorded actions; `dream_gap` is it minus the real return (positive: the dream pays for what did not pay);
+    - `dream_replay_return`: the dream's return of the same episodes along their real road (`dream_replay`:
+      windows of `horizon` steps from `burn_in` real frames, driven by the recorded actions); `dream_gap` is it
+      minus the real return (positive: the dream pays for what did not pay);
     - `dream_policy_return` (and `real_policy_return`): from the first frames of the episodes in which the policy
-      acted deterministically, the policy driving the dream, against those episodes' real returns."""
+      acted deterministically, the policy driving the dream for their whole length, against those episodes'
+      real returns."""
     names = {record.name: i for i, record in enumerate(dataset.episodes)}
     episodes = [dataset.load(names[item["record"].name]) for item in collected]
-    frames = torch.from_numpy(np.stack([np.asarray(e.frames[0]) for e in episodes])).to(world.device)
-    first = world.tokenizer.encode(frames).tokens
-    lengths = np.array([len(e) for e in episodes])
-    real = np.array([float(np.sum(e.rewards)) for e in episodes])
-    replay = dream_returns(world, first, lengths, actions=[np.asarray(e.actions) for e in episodes])
+    replay, real = dream_replay(world, episodes, horizon, burn_in)
     figures = {
         "real_recorded_return": float(real.mean()),
         "dream_replay_return": float(replay.mean()),
@@ -223,8 +259,10 @@ def dream_gap(
     }
     chosen = np.array([item["deterministic"] for item in collected])
     if chosen.any():
-        closed = dream_returns(world, first[torch.as_tensor(chosen)], lengths[chosen], policy=policy)
-        figures["dream_policy_return"] = float(closed.mean())
+        frames = np.stack([np.asarray(episodes[i].frames[0]) for i in np.flatnonzero(chosen)])
+        first = world.tokenizer.encode(torch.from_numpy(frames).to(world.device)).tokens
+        lengths = np.array([len(episodes[i]) for i in np.flatnonzero(chosen)])
+        figures["dream_policy_return"] = float(dream_policy_returns(world, first, lengths, policy).mean())
         figures["real_policy_return"] = float(real[chosen].mean())
     return figures
 

@@ -68,6 +68,14 @@ class DreamSettings:
     """The dream's precision: None keeps the model's own (float32 for a loaded checkpoint), or bfloat16
     (`WorldModel.with_dtype`)."""
 
+    def context_for(self, model_context: int) -> int:
+        """The real frames a dream starts from with a model that takes `model_context` frames: `burn_in`, or 4
+        (at most `model_context`) when it is None; ValueError outside [1, model_context]."""
+        burn_in = min(4, model_context) if self.burn_in is None else self.burn_in
+        if burn_in < 1 or burn_in > model_context:
+            raise ValueError(f"burn_in must be in [1, {model_context}], got {burn_in}")
+        return burn_in
+
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_k, self.refine_steps)
@@ -145,10 +153,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             raise ValueError("the dream env needs real context episodes (the run's tokens.npz)")
         if obs_mode not in ("tokens", "pixels"):
             raise ValueError(f"obs_mode must be 'tokens' or 'pixels', got {obs_mode!r}")
-        context = model.dynamics.config.context_frames
-        burn_in = min(4, context) if settings.burn_in is None else settings.burn_in
-        if burn_in < 1 or burn_in > context:
-            raise ValueError(f"burn_in must be in [1, {context}], got {burn_in}")
+        burn_in = settings.context_for(model.dynamics.config.context_frames)
         self.model = model
         self.settings = settings
         self.num_envs = num_envs

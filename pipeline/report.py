@@ -240,8 +240,9 @@ def build_report(run_dir: str | Path) -> str:
         body.append(_table(["policy", "real steps", "wall (min)", "real return", "dream return", "dream gap"], rows))
         body.append(
             "<p class=\"note\">Each policy's real return on its own collection round, the dream's return of the same "
-            "policy, and the dream gap (the dream's return of the real episodes replayed with their actions, minus "
-            "the real return: positive where the dream pays for what did not pay).</p>"
+            "policy, and the dream gap (the dream's return of the real episodes replayed with their actions in windows "
+            "of PPO's horizon from their real frames, minus the real return: positive where the dream pays for what "
+            "did not pay).</p>"
         )
 
     fidelity = run.fidelity.with_suffix(".json")

@@ -19,7 +19,7 @@ from conftest import BOX_SPACE, TINY_DYNAMICS, make_episode, write_synthetic_dat
 from gymnasium.vector.utils import batch_space
 from test_pipeline import LIGHT, MICRO
 
-from agents.loop import dream_returns, round_figures
+from agents.loop import dream_policy_returns, dream_replay, round_figures
 from agents.policy import ActorCritic, clipped_normal_mean
 from agents.ppo import PPOConfig, compute_gae, learn_from_episodes, optimise
 from bench.branch import branch_run
@@ -329,35 +329,58 @@ def test_ppo_learns_from_episodes_it_drove_itself(space):
 # --- the dream's verdict on real episodes --------------------------------------------------------------------------
 
 
-def test_dream_returns_of_a_batch_equal_those_of_each_episode_alone(box_world, box_data):
+def _replay_by_hand(world, episode, start, steps, context):
+    """The dream of one window, one imagined step after another: burn in the `context` real frames up to `start`,
+    then sum the predicted rewards of the recorded actions until `steps` or the termination head fires."""
+    frames = torch.from_numpy(np.array(episode.frames[start - context + 1 : start + 1]))
+    tokens = world.tokenizer.encode(frames).tokens[None]
+    cache = world.dynamics.new_cache(1)
+    actions = world.action_tensor(episode.actions[None, start - context + 1 : start])
+    world.burn_in(cache, tokens, actions, torch.arange(1))
+    current, total = tokens[:, -1], 0.0
+    for t in range(start, start + steps):
+        prediction = world.imagine(cache, current, world.action_tensor(episode.actions[t : t + 1]))
+        total += float(prediction.reward[0])
+        current = prediction.tokens
+        if prediction.terminated[0]:
+            break
+    return total
+
+
+def test_dream_replay_tiles_each_episode_with_windows_from_its_real_frames(box_world, box_data):
+    dataset = Dataset.open(box_data)
+    episodes = [dataset.load(i) for i in range(3)]
+    burn_in = min(3, box_world.dynamics.config.context_frames)
+    dream, real = dream_replay(box_world, episodes, horizon=5, burn_in=burn_in)
+    np.testing.assert_allclose(real, [float(np.sum(e.rewards)) for e in episodes], rtol=1e-5)
+    for e, episode in enumerate(episodes):
+        windows = range(0, len(episode), 5)
+        by_hand = sum(
+            _replay_by_hand(box_world, episode, s, min(5, len(episode) - s), min(burn_in, s + 1)) for s in windows
+        )
+        assert dream[e] == pytest.approx(by_hand, abs=1e-4)
+    # batches of any size give the same figures; a horizon as long as the episodes replays each once, from frame 0
+    small_batches = dream_replay(box_world, episodes, horizon=5, burn_in=burn_in, batch=2)
+    np.testing.assert_allclose(small_batches[0], dream, atol=1e-4)
+    whole, _ = dream_replay(box_world, episodes, horizon=10_000, burn_in=burn_in)
+    for e, episode in enumerate(episodes):
+        assert whole[e] == pytest.approx(_replay_by_hand(box_world, episode, 0, len(episode), 1), abs=1e-4)
+    with pytest.raises(ValueError, match="at least 1"):
+        dream_replay(box_world, episodes, horizon=0, burn_in=burn_in)
+
+
+def test_dream_policy_returns_drive_the_dream_from_first_frames(box_world, box_data):
     dataset = Dataset.open(box_data)
     episodes = [dataset.load(i) for i in range(3)]
     first = box_world.tokenizer.encode(torch.from_numpy(np.stack([np.asarray(e.frames[0]) for e in episodes]))).tokens
-    lengths = np.array([12, 5, 9])
-    actions = [np.asarray(e.actions) for e in episodes]
-    together = dream_returns(box_world, first, lengths, actions=actions)
-    alone = [
-        dream_returns(box_world, first[i : i + 1], lengths[i : i + 1], actions=actions[i : i + 1]) for i in range(3)
-    ]
-    np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-5, atol=1e-5)
-    # by hand: one imagined step after another, summing the predicted rewards until the episode's length
-    cache = box_world.dynamics.new_cache(1)
-    tokens = first[1:2]
-    box_world.burn_in(cache, tokens[:, None], box_world.action_tensor(np.zeros((1, 0, 3))), torch.arange(1))
-    total = 0.0
-    for t in range(5):
-        prediction = box_world.imagine(cache, tokens, box_world.action_tensor(actions[1][t : t + 1]))
-        total += float(prediction.reward[0])
-        tokens = prediction.tokens
-        if prediction.terminated[0]:
-            break
-    assert together[1] == pytest.approx(total, abs=1e-5)
     policy = ActorCritic.for_spaces(
         gym.spaces.MultiDiscrete(np.full((4, 4), 12)), box_world.action_space, (4, 3), hidden=16
     )
-    assert np.isfinite(dream_returns(box_world, first, lengths, policy=policy)).all()
-    with pytest.raises(ValueError, match="either"):
-        dream_returns(box_world, first, lengths)
+    lengths = np.array([12, 5, 9])
+    together = dream_policy_returns(box_world, first, lengths, policy)
+    alone = [dream_policy_returns(box_world, first[i : i + 1], lengths[i : i + 1], policy) for i in range(3)]
+    np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(together).all()
 
 
 def test_round_figures_score_the_deterministic_episodes_with_their_intro_reward():
