@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from agents.evaluate import TokenPolicy
 from agents.policy import ActorCritic, action_bounds
 from envs.collect import episode_name, record_episode, worker_env
+from envs.dream import DreamSettings
 from envs.sources import SourceConfig
 from worldmodel.dataset import Dataset, DatasetError, Episode, EpisodeRecord, write_episode
 from worldmodel.files import save_figure_atomic
@@ -237,21 +238,21 @@ def dream_gap(
     policy: ActorCritic,
     dataset: Dataset,
     collected: list[dict[str, Any]],
-    horizon: int,
-    burn_in: int,
+    settings: DreamSettings,
 ) -> dict[str, float]:
     """The dream (`world`, the one the policy was trained in) against what the policy really got.
 
     - `real_recorded_return`: the mean return of the collected episodes over their recorded steps;
     - `dream_replay_return`: the dream's return of the same episodes along their real road (`dream_replay`:
-      windows of `horizon` steps from `burn_in` real frames, driven by the recorded actions); `dream_gap` is it
-      minus the real return (positive: the dream pays for what did not pay);
+      windows of the `settings`' horizon from its burn-in's real frames, as PPO dreams, driven by the recorded
+      actions); `dream_gap` is it minus the real return (positive: the dream pays for what did not pay);
     - `dream_policy_return` (and `real_policy_return`): from the first frames of the episodes in which the policy
       acted deterministically, the policy driving the dream for their whole length, against those episodes'
       real returns."""
     names = {record.name: i for i, record in enumerate(dataset.episodes)}
     episodes = [dataset.load(names[item["record"].name]) for item in collected]
-    replay, real = dream_replay(world, episodes, horizon, burn_in)
+    burn_in = settings.context_for(world.dynamics.config.context_frames)
+    replay, real = dream_replay(world, episodes, settings.horizon, burn_in)
     figures = {
         "real_recorded_return": float(real.mean()),
         "dream_replay_return": float(replay.mean()),

@@ -183,9 +183,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         figures = round_figures(collected)
         # the dream this policy was trained in, before this round's episodes change it
         world = WorldModel.load(run_dir, with_contexts=False)
-        context = config.ppo.context_for(world.dynamics.config.context_frames)  # over the windows PPO dreams
-        gap = dream_gap(world, load_policy(policy), Dataset.open(data_dir), collected, config.ppo.horizon, context)
-        figures.update(gap)
+        figures.update(dream_gap(world, load_policy(policy), Dataset.open(data_dir), collected, config.ppo))
         dataset = Dataset.open(data_dir)
         figures["real_steps_total"] = int(sum(e.length for e in dataset.episodes))
         figures["policy"] = str(policy.relative_to(run_dir))
