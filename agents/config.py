@@ -187,6 +187,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("run.val_fraction",), lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
     (("ppo.gamma",), lambda v: 0 < v <= 1, "a discount in (0, 1]"),
     (("dynamics.reward_smoothing",), lambda v: v >= 1 and v % 2 == 1, "an odd number of steps >= 1 (centred)"),
+    (("dynamics.termination_lookahead",), lambda v: v >= 1, "a number of steps >= 1"),
     (("ppo.dtype",), lambda v: v in (None, "float32", "bfloat16"), "'float32', 'bfloat16' or null (the model's)"),
     (("collect.perturb_steps",), lambda v: len(v) == 2 and 1 <= v[0] <= v[1], "[shortest, longest] with 1 <= both"),
 ]

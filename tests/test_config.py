@@ -191,6 +191,7 @@ def test_cli_overrides_may_follow_flags_and_strays_are_refused(capsys):
     [
         "ppo.num_envs=0",
         "dynamics.reward_smoothing=4",
+        "dynamics.termination_lookahead=0",
         "run.val_fraction=1.5",
         "loop.explore=2",
         "ppo.gamma=0",

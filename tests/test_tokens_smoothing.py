@@ -53,3 +53,21 @@ def test_a_terminating_step_keeps_its_penalty_whole():
     np.testing.assert_allclose(smoothed[:4], 0)  # and not leaked into the steps before it
     # the next episode (also ending terminated) smooths its first 4 steps only: the 3 is spread over 3, 4, 4 steps
     np.testing.assert_allclose(smoothed[5:9], [1, 0.75, 0.75, 0])
+
+
+def test_foreseen_terminations_label_the_last_steps_of_terminated_episodes_only():
+    data = _tokenized([[0] * 6, [0] * 2, [0] * 4], terminal=True)
+    data.terminated[11] = False  # the third episode was cut off by a time limit: it keeps no label
+    foreseen = data.foreseen_terminations(3).terminated
+    np.testing.assert_array_equal(foreseen[:6], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(foreseen[6:8], [1, 1])  # an episode shorter than the lookahead: every step
+    np.testing.assert_array_equal(foreseen[8:], [0, 0, 0, 0])
+    assert data.terminated.sum() == 2  # the original is left alone
+    np.testing.assert_array_equal(data.foreseen_terminations(3).rewards, data.rewards)
+
+
+def test_a_lookahead_of_one_step_is_the_identity_and_zero_is_refused():
+    data = _tokenized([[1, 2, 3]], terminal=True)
+    assert data.foreseen_terminations(1) is data
+    with pytest.raises(ValueError, match=">= 1"):
+        data.foreseen_terminations(0)

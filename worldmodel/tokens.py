@@ -98,6 +98,24 @@ class TokenizedDataset:
             rewards[s0:s1] = (cumulative[hi] - cumulative[lo]) / (hi - lo)
         return dataclasses.replace(self, rewards=rewards.astype(np.float32))
 
+    def foreseen_terminations(self, steps: int) -> TokenizedDataset:
+        """A copy in which each of a terminated episode's last `steps` steps is labelled terminating (1: unchanged).
+
+        A training target, not a measurement: a termination head trained on it predicts "this episode ends within
+        `steps` steps" where the plain label says "it ends now". An imagined rollout then ends where the data says
+        an end is near, before its frames have to draw the end itself (highway-env's crash, which a few imagined
+        steps do not bring close: docs/loop.md). Episodes cut off by a time limit keep no label.
+        """
+        if steps < 1:
+            raise ValueError(f"the termination lookahead takes a number of steps >= 1, got {steps}")
+        if steps == 1:
+            return self
+        terminated = self.terminated.copy()
+        for s0, s1 in zip(self.step_offsets[:-1], self.step_offsets[1:], strict=True):
+            if s1 > s0 and self.terminated[s1 - 1]:
+                terminated[max(s0, s1 - steps) : s1] = True
+        return dataclasses.replace(self, terminated=terminated)
+
     def sample(
         self,
         window: int,

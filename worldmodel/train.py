@@ -40,6 +40,9 @@ class DynamicsStage:
     reward_smoothing: int = 1
     """Train the reward on each episode's centred moving average over this many steps (odd; 1: the raw reward);
     validation always scores the raw reward. See `TokenizedDataset.smoothed_rewards`."""
+    termination_lookahead: int = 1
+    """Train the termination head to say "the episode ends within this many steps" (1: "it ends now"); validation
+    always scores the raw end. See `TokenizedDataset.foreseen_terminations`."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -217,7 +220,12 @@ def train_dynamics(
         )
     tokenized = tokens_for_run(dataset_dir, run_dir, device)
     train_ids, val_ids = dataset.split(val_fraction)
-    train_set, val_set = tokenized.select(train_ids).smoothed_rewards(stage.reward_smoothing), tokenized.select(val_ids)
+    train_set = (
+        tokenized.select(train_ids)
+        .smoothed_rewards(stage.reward_smoothing)
+        .foreseen_terminations(stage.termination_lookahead)
+    )
+    val_set = tokenized.select(val_ids)
     space = dataset.action_space
     discrete = space.shape == ()
     config = dataclasses.replace(
