@@ -1,5 +1,6 @@
 """Score policies in the real simulator: the dream-trained policy (seeing real frames through the same
-tokenizer), a uniformly random policy and the scripted expert, on the same held-out tracks."""
+tokenizer), a uniformly random policy, the scripted expert and, where the source has one, its steady action held
+throughout (`Source.steady_action`), on the same held-out tracks."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from worldmodel.run_dir import RunDir
 from worldmodel.train import load_tokenizer
 
 POLICIES = ("policy", "random", "expert")
+STEADY = "steady"
+"""The kind that holds the source's `steady_action` through every episode."""
+
+
+def reference_kinds(source: SourceConfig) -> tuple[str, ...]:
+    """What evaluation can score, and does by default: `POLICIES`, and the steady action where the source has one."""
+    return POLICIES + ((STEADY,) if source.source.steady_action is not None else ())
 
 
 @dataclass
@@ -68,6 +76,8 @@ def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int, str | None]) -
             action = actor(obs, env.action_space)
         elif expert is not None:
             action = expert.act(env)
+        elif kind == STEADY:
+            action = source.source.steady_action[1]
         else:
             action = env.action_space.sample()
         obs, reward, terminated, truncated, info = env.step(action)
@@ -84,12 +94,17 @@ def evaluate(
     source: SourceConfig,
     config: EvalConfig,
     used_seeds: list[int],
-    kinds: tuple[str, ...] = POLICIES,
+    kinds: tuple[str, ...] | None = None,
     policy: Path | None = None,
 ) -> dict[str, dict]:
     """Returns per policy: mean, std, per-episode returns and seeds, and `crashes`, the episodes that ended in a
     crash (highway-env's `info["crashed"]`; a source without crashes counts none), and the real `steps` driven. Refuses
-    seeds used for collection. `policy` is the policy checkpoint to score (default: the run's)."""
+    seeds used for collection. `kinds` defaults to `reference_kinds(source)`; `policy` is the policy checkpoint to
+    score (default: the run's)."""
+    known = reference_kinds(source)
+    kinds = known if kinds is None else kinds
+    if set(kinds) - set(known):
+        raise ValueError(f"cannot score {sorted(set(kinds) - set(known))} on {source.name}; expected some of {known}")
     seeds = [config.seed + i for i in range(config.episodes)]
     overlap = sorted(set(seeds) & set(used_seeds))
     if overlap:

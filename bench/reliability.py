@@ -64,6 +64,7 @@ def seed_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "expert_mean": summary["expert"]["real_return_mean"],
         "policy_crashes": summary["policy"].get("crashes", 0),
         "expert_crashes": summary["expert"].get("crashes", 0),
+        "steady": summary.get("steady"),  # the source's steady action held throughout, where it has one
         "loop_rounds": loop.get("rounds", 0),
         "loop_chosen": loop.get("chosen"),
         "loop_curve": [row["real_return_mean"] for row in loop.get("curve", [])],
@@ -99,6 +100,9 @@ def format_markdown(results: dict[str, Any]) -> str:
         crashes = ""
         if SOURCES[results["source"]].crashes:
             crashes = f", {row['policy_crashes']} crashed (expert {row['expert_crashes']})"
+        steady = row.get("steady")
+        if steady:
+            crashes += f"; always {steady['action']}: {steady['real_return_mean']:.1f}, {steady['crashes']} crashed"
         lines.append(
             f"| {seed} | {row['policy_mean']:.1f} +- {row['policy_std']:.1f}{crashes} | "
             f"{row['beats_random']} of {row['episodes']} | {row['random_mean']:.1f} | {row['expert_mean']:.1f} | "

@@ -297,7 +297,13 @@ def _summary_table(summary: dict[str, Any]) -> str:
             ]
         )
     episodes = summary.get("episodes_evaluated")
-    for key, label in (("policy", "dream-trained policy"), ("random", "random policy"), ("expert", "scripted driver")):
+    steady = f"always {summary['steady'].get('action')}" if summary.get("steady") else ""
+    for key, label in (
+        ("policy", "dream-trained policy"),
+        ("random", "random policy"),
+        ("expert", "scripted driver"),
+        ("steady", steady),
+    ):
         figures = summary.get(key)
         if figures:
             crashes = f", {figures['crashes']} crashes" if figures.get("crashes") is not None else ""

@@ -21,7 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from agents.config import PipelineConfig
-from agents.evaluate import EvalConfig, evaluate
+from agents.evaluate import STEADY, EvalConfig, evaluate
 from agents.loop import PLAYOFF, collect_with_policy, dream_gap, driven_seeds, plot_learning_curve, round_figures
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
@@ -403,8 +403,10 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
                 "real_return_mean": evaluation[kind]["mean"],
                 "real_return_std": evaluation[kind]["std"],
                 "crashes": evaluation[kind].get("crashes", 0),
+                **({"action": config.collect.source.source.steady_action[0]} if kind == STEADY else {}),
             }
-            for kind in ("policy", "random", "expert")
+            for kind in ("policy", "random", "expert", STEADY)
+            if kind in evaluation  # a run evaluated before the steady action was scored has none
         },
         "episodes_evaluated": len(evaluation["policy"]["returns"]),
         "eval_seeds": evaluation["policy"]["seeds"],
@@ -467,12 +469,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         how = "collection and playoff returns" if playoff else "collection return"
         rows.append(("loop kept", f"policy {loop['chosen']} of {loop['rounds'] + 1}, by its real {how}"))
     n = summary["episodes_evaluated"]
-    for name in ("policy", "random", "expert"):
-        figures = summary[name]
+    for name in ("policy", "random", "expert", STEADY):
+        figures = summary.get(name)
+        if figures is None:
+            continue
         crashes = f", {figures['crashes']} crashed" if SOURCES[summary["source"]].crashes else ""
         rows.append(
             (
-                f"{name} (real)",
+                f"always {figures['action']} (real)" if name == STEADY else f"{name} (real)",
                 f"{figures['real_return_mean']:.1f} +- {figures['real_return_std']:.1f} over {n} held-out episodes"
                 + crashes,
             )

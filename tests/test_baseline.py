@@ -65,6 +65,9 @@ def test_reliability_table_over_seeds():
     table = format_markdown(results)
     assert "| 1 | 625.0" in table and "9 of 10" in table and "1 crashed" in table
     assert "2 of 3 seeds beat the random policy" in table
+    assert "always" not in table  # no seed's summary holds a steady action
+    rows[0]["steady"] = {"action": "SLOWER", "real_return_mean": 21.1, "real_return_std": 0.8, "crashes": 0}
+    assert "1 crashed (expert 0); always SLOWER: 21.1, 0 crashed |" in format_markdown(results)
 
 
 def test_the_recorded_command_reruns_the_bench_as_the_cli_reads_it():

@@ -148,6 +148,27 @@ def test_summary_from_results():
     assert summary["rollout_video"] == "/nowhere/x/rollout.mp4"
     text = format_summary(summary)
     assert "63.3 bytes/frame" in text and "over 2 held-out episodes" in text
+    assert "steady" not in summary and "always" not in text  # CarRacing has no steady action
+
+
+def test_summary_shows_highway_steady_action_beside_the_policy():
+    config = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x"], source="highway")
+    evaluation = {
+        kind: {"mean": m, "std": 0.5, "returns": [m, m], "seeds": [5, 6], "crashes": c}
+        for kind, m, c in (("policy", 21.1, 0), ("random", 7.0, 2), ("expert", 23.4, 1), ("steady", 21.1, 0))
+    }
+    results = {
+        "collect": {"episodes": 2, "steps": 10, "mean_return": 1.0, "seeds": [0, 1]},
+        "tokenizer": {"bytes_per_frame": 63.3, "tokens_per_frame": 64, "val_psnr": 20.0, "val_ssim": 0.5},
+        "dynamics": {"val_token_accuracy": 0.5, "val_copy_last_accuracy": 0.4, "val_reward_mae": 0.1},
+        "policy": {"imagined_steps": 100, "steps_per_second": 10.0, "dream_return": 2.0},
+        "evaluate": evaluation,
+        "rollout": {"video": "/nowhere/x/rollout.mp4"},
+        "timings": {"collect": 1.0},
+    }
+    summary = make_summary(config, results)
+    assert summary["steady"] == {"real_return_mean": 21.1, "real_return_std": 0.5, "crashes": 0, "action": "SLOWER"}
+    assert "always SLOWER (real)  21.1 +- 0.5 over 2 held-out episodes, 0 crashed" in format_summary(summary)
 
 
 # --- slow: the whole pipeline as the `worldmodel` command ------------------------------------------------------

@@ -55,7 +55,9 @@ def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note:
         "seeds": seeds,
         "source": summary.get("source"),
         "figures": {
-            key: summary[key] for key in ("tokenizer", "dynamics", "policy", "random", "expert") if key in summary
+            key: summary[key]
+            for key in ("tokenizer", "dynamics", "policy", "random", "expert", "steady")
+            if key in summary
         },
         "episodes_evaluated": summary.get("episodes_evaluated"),
     }

@@ -50,6 +50,10 @@ class Source:
     """Probe actions in groups compared with each other (`bench dynamics`' action faithfulness)."""
     standing_start_group: str | None = None
     """The probe group also held from a standing start (None where the simulator's episodes start moving)."""
+    steady_action: tuple[str, Any] | None = None
+    """(name, action): the one action that, held through every episode, drives without looking (highway: SLOWER,
+    which never crashes). Evaluation scores it beside the random policy and the scripted driver, so that a learned
+    policy no better than holding it shows as such; None where no single action drives (CarRacing)."""
     controls: Callable[[frozenset[str]], Any] | None = None
     """The keys a person holds (names among "left", "right", "up", "down") -> the action they mean
     (`worldmodel play`); None where nobody can drive the simulator by hand."""
