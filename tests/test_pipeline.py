@@ -118,27 +118,26 @@ def test_dream_episode_imagines_steps_frames(box_world, box_data):
     assert len(dream) == 3 + 4
 
 
-def test_summary_from_results():
-    config = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x"])
-    evaluation = {
-        kind: {"mean": m, "std": 1.0, "returns": [m - 1, m + 1], "seeds": [5, 6]}
-        for kind, m in (("policy", 3.0), ("random", -1.0), ("expert", 9.0))
-    }
-    results = {
+def _stage_results(evaluation: dict) -> dict:
+    """A finished run's stage results (`results.json`) around the given evaluation."""
+    return {
         "collect": {"episodes": 2, "steps": 10, "mean_return": 1.0, "seeds": [0, 1]},
-        "tokenizer": {
-            "bytes_per_frame": 63.3,
-            "tokens_per_frame": 64,
-            "val_psnr": 20.0,
-            "val_ssim": 0.5,
-        },
+        "tokenizer": {"bytes_per_frame": 63.3, "tokens_per_frame": 64, "val_psnr": 20.0, "val_ssim": 0.5},
         "dynamics": {"val_token_accuracy": 0.5, "val_copy_last_accuracy": 0.4, "val_reward_mae": 0.1},
         "policy": {"imagined_steps": 100, "steps_per_second": 10.0, "dream_return": 2.0},
         "evaluate": evaluation,
         "rollout": {"video": "/nowhere/x/rollout.mp4"},
         "timings": {"collect": 1.0},
     }
-    summary = make_summary(config, results)
+
+
+def test_summary_from_results():
+    config = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x"])
+    evaluation = {
+        kind: {"mean": m, "std": 1.0, "returns": [m - 1, m + 1], "seeds": [5, 6]}
+        for kind, m in (("policy", 3.0), ("random", -1.0), ("expert", 9.0))
+    }
+    summary = make_summary(config, _stage_results(evaluation))
     assert summary["policy"] == {"real_return_mean": 3.0, "real_return_std": 1.0, "crashes": 0}
     assert summary["policy_beats_random"] == 2 and summary["loop"] is None
     assert summary["expert"]["real_return_mean"] == 9.0
@@ -157,16 +156,7 @@ def test_summary_shows_highway_steady_action_beside_the_policy():
         kind: {"mean": m, "std": 0.5, "returns": [m, m], "seeds": [5, 6], "crashes": c}
         for kind, m, c in (("policy", 21.1, 0), ("random", 7.0, 2), ("expert", 23.4, 1), ("steady", 21.1, 0))
     }
-    results = {
-        "collect": {"episodes": 2, "steps": 10, "mean_return": 1.0, "seeds": [0, 1]},
-        "tokenizer": {"bytes_per_frame": 63.3, "tokens_per_frame": 64, "val_psnr": 20.0, "val_ssim": 0.5},
-        "dynamics": {"val_token_accuracy": 0.5, "val_copy_last_accuracy": 0.4, "val_reward_mae": 0.1},
-        "policy": {"imagined_steps": 100, "steps_per_second": 10.0, "dream_return": 2.0},
-        "evaluate": evaluation,
-        "rollout": {"video": "/nowhere/x/rollout.mp4"},
-        "timings": {"collect": 1.0},
-    }
-    summary = make_summary(config, results)
+    summary = make_summary(config, _stage_results(evaluation))
     assert summary["steady"] == {"real_return_mean": 21.1, "real_return_std": 0.5, "crashes": 0, "action": "SLOWER"}
     assert "always SLOWER (real)  21.1 +- 0.5 over 2 held-out episodes, 0 crashed" in format_summary(summary)
 

@@ -57,6 +57,7 @@ def test_the_report_shows_the_summary_the_loop_and_the_benches_with_every_asset_
     sources = re.findall(r'src="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # nothing outside the page
     assert "http://" not in page and "https://" not in page
+    assert "always" not in page  # CarRacing's summary holds no steady action
 
     (run / "fidelity.json").write_text(json.dumps({"psnr_by_horizon": {"dream": {"1": 24.0, "8": 19.5}}}))
     assert '<td>dream</td><td class="num">24.0</td><td class="num">19.5</td>' in build_report(run)
@@ -67,6 +68,13 @@ def test_the_report_shows_the_summary_the_loop_and_the_benches_with_every_asset_
     (reliability / "reliability.md").write_text("Over 5 seeds: mean 35.5\n")
     assert "Reliability over seeds" in build_report(tmp_path / "runs" / "rel-seed3")
     assert "Reliability over seeds" not in page
+
+
+def test_the_report_shows_highway_steady_action_beside_the_policy(tmp_path):
+    run = make_run(tmp_path / "runs" / "hw")
+    steady = {"real_return_mean": 21.1, "real_return_std": 0.8, "crashes": 0, "action": "SLOWER"}
+    (run / "summary.json").write_text(json.dumps({**SUMMARY, "source": "highway", "steady": steady}))
+    assert "always SLOWER</td><td>21.1 +- 0.8 over 50 held-out episodes, 0 crashes" in build_report(run)
 
 
 def test_metrics_skip_a_torn_line_and_non_numbers(tmp_path):
