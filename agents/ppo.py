@@ -7,10 +7,9 @@ observation), then runs a few epochs of clipped updates, over any vector env of 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gymnasium as gym
@@ -58,6 +57,9 @@ class PPOConfig(DreamSettings):
     max_grad_norm: float = 0.5
     reward_scale: float = 1.0
     hidden: int = 256
+    init_log_std: float = -0.5
+    """A fresh continuous policy's log standard deviation on every action dimension (PPO learns it from there;
+    a policy that is continued keeps its own)."""
     seed: int = 0
 
 
@@ -114,15 +116,19 @@ def train_ppo(
     envs = DreamVectorEnv(world, config.num_envs, "tokens", config.dream(), autoreset_mode="SameStep")
     if recent is not None:
         envs.context_weights = recent_weights(world.contexts, envs.burn_in - 1, *recent)
+    fresh = ActorCritic.for_spaces(
+        envs.single_observation_space,
+        envs.single_action_space,
+        world.tokenizer.config.levels,
+        hidden=config.hidden,
+        init_log_std=config.init_log_std,
+    )
     if init is None:
-        policy = ActorCritic.for_spaces(
-            envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden
-        )
+        policy = fresh
     else:
         policy = load_policy(init)
-        expected = ActorCritic.for_spaces(
-            envs.single_observation_space, envs.single_action_space, world.tokenizer.config.levels, hidden=config.hidden
-        ).config
+        # the starting spread is a fresh policy's only; a continued one brings its own
+        expected = replace(fresh.config, init_log_std=policy.config.init_log_std)
         if policy.config != expected:
             raise CheckpointError(f"{init} is a policy for {policy.config}, this dream needs {expected}")
     done = optimise(envs, policy.to(world.device), config, logger, step_offset=step_offset)
@@ -223,9 +229,7 @@ def learn_from_episodes(
     if optimizer is None:
         optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
     minibatch = config.num_envs * config.rollout_steps // config.minibatches
-    figures = clipped_updates(
-        policy, optimizer, batch, dataclasses.replace(config, epochs=epochs), minibatch, bounds=bounds
-    )
+    figures = clipped_updates(policy, optimizer, batch, replace(config, epochs=epochs), minibatch, bounds=bounds)
     return {"steps": float(len(batch["adv"])), **figures}
 
 

@@ -72,6 +72,7 @@ def train_real_ppo(
             envs.single_action_space,
             tokenizer.config.levels,
             hidden=ppo.hidden,
+            init_log_std=ppo.init_log_std,
         )
 
         @torch.no_grad()

@@ -10,7 +10,7 @@ from torch.distributions import Categorical, Normal
 
 from agents.policy import ActorCritic, PolicyConfig, clipped_normal_log_prob, clipped_normal_mean
 from agents.ppo import POLICY, PPOConfig, learn_from_episodes, train_ppo
-from worldmodel.checkpoint import load_module
+from worldmodel.checkpoint import CheckpointError, load_module
 from worldmodel.logger import RunLogger
 
 SMALL = dict(num_envs=4, rollout_steps=8, total_steps=64, horizon=3, burn_in=2, epochs=2, minibatches=2, hidden=32)
@@ -59,6 +59,23 @@ def test_train_ppo_is_seeded(box_run, tmp_path):
         results.append(policy.state_dict())
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key])
+
+
+def test_a_fresh_policy_starts_at_the_set_spread_and_a_continued_one_keeps_its_own(box_run, tmp_path):
+    run = copy_run(box_run, tmp_path)
+    first = tmp_path / "first"
+    train_ppo(run, PPOConfig(**SMALL, init_log_std=-1.5, lr=1e-9), RunLogger(run), out=first)
+    policy, _, _ = load_module(first, POLICY, ActorCritic, PolicyConfig)
+    assert policy.config.init_log_std == -1.5
+    torch.testing.assert_close(policy.log_std.detach(), torch.full((3,), -1.5), atol=1e-4, rtol=0)
+
+    # continued under another setting: the starting spread is not part of what must match, and is not reset
+    second = tmp_path / "second"
+    train_ppo(run, PPOConfig(**SMALL, init_log_std=-0.5, lr=1e-9), RunLogger(run), init=first, out=second)
+    continued, _, _ = load_module(second, POLICY, ActorCritic, PolicyConfig)
+    torch.testing.assert_close(continued.log_std.detach(), torch.full((3,), -1.5), atol=1e-4, rtol=0)
+    with pytest.raises(CheckpointError, match="this dream needs"):
+        train_ppo(run, PPOConfig(**{**SMALL, "hidden": 16}), RunLogger(run), init=first, out=tmp_path / "third")
 
 
 def test_train_ppo_dreams_in_bfloat16_when_asked(box_run, tmp_path, monkeypatch):
