@@ -140,7 +140,7 @@ def real_steps_per_s(source: SourceConfig, recorded: bool, num_envs: int, second
     if recorded:
         make_env, intro_steps = partial(make_source_env, source), 0
     else:
-        make_env = partial(source.source.make_simulator, source.frame_size, None)
+        make_env = partial(source.source.make_simulator, source.frame_size, None, source.view)
         intro_steps = source.source.intro_steps
     envs = gym.vector.AsyncVectorEnv([make_env] * num_envs)
     try:

@@ -149,14 +149,20 @@ _CLOSING_TOLERANCE = 1.0  # m/s of closing speed ignored when merely following
 
 
 class HighwayExpert:
-    """Rule-based lane keeping / overtaking driver for highway-env with ``DiscreteMetaAction``."""
+    """Rule-based lane keeping / overtaking driver for highway-env with ``DiscreteMetaAction``.
+
+    It reads every car from the simulator's state; `sight` (behind, ahead), in metres of free road, blinds it beyond
+    that, as a frame showing only so much road would (`bench sight`)."""
+
+    def __init__(self, sight: tuple[float, float] | None = None) -> None:
+        self.sight = sight
 
     def reset(self) -> None:
         """Forget per-episode state (the expert keeps none)."""
 
-    @staticmethod
-    def _lane_gaps(env: gymnasium.Env, lane_id: int) -> tuple[float, float, float, float]:
-        """Free distance and speed of the nearest vehicles ahead and behind the ego in a lane."""
+    def _lane_gaps(self, env: gymnasium.Env, lane_id: int) -> tuple[float, float, float, float]:
+        """Free distance and speed of the nearest vehicles it sees ahead and behind the ego in a lane."""
+        behind_sight, ahead_sight = self.sight or (_FAR, _FAR)
         sim = env.unwrapped
         ego = sim.vehicle
         lane = sim.road.network.get_lane(ego.lane_index)
@@ -172,9 +178,9 @@ class HighwayExpert:
                 continue
             delta = lane.local_coordinates(other.position)[0] - ego_s
             gap = abs(delta) - _VEHICLE_LENGTH
-            if delta >= 0.0 and gap < ahead:
+            if delta >= 0.0 and gap < min(ahead, ahead_sight):
                 ahead, ahead_speed = gap, other.speed
-            elif delta < 0.0 and gap < behind:
+            elif delta < 0.0 and gap < min(behind, behind_sight):
                 behind, behind_speed = gap, other.speed
         return ahead, ahead_speed, behind, behind_speed
 

@@ -201,6 +201,32 @@ def cmd_bench_baseline(args: argparse.Namespace) -> None:
     print(format_markdown(results))
 
 
+def _sights(text: str) -> list[tuple[float, float] | None]:
+    """ "all,13:51,11:25.6" -> [None, (13.0, 51.0), (11.0, 25.6)]: (behind, ahead) metres, or all of the road."""
+    sights: list[tuple[float, float] | None] = []
+    for item in text.split(","):
+        if item.strip() == "all":
+            sights.append(None)
+            continue
+        try:
+            behind, ahead = (float(part) for part in item.split(":"))
+        except ValueError:
+            behind = ahead = -1.0
+        if not (behind >= 0 and ahead > 0):
+            raise argparse.ArgumentTypeError(f"expected comma-separated BEHIND:AHEAD metres or 'all', got {item!r}")
+        sights.append((behind, ahead))
+    return sights
+
+
+def cmd_bench_sight(args: argparse.Namespace) -> None:
+    from bench.sight import bench_sight, format_markdown, write_results
+
+    rows = bench_sight(args.sights, args.episodes, workers=args.workers)
+    if args.json:
+        write_results(rows, Path(args.json))
+    print(format_markdown(rows))
+
+
 def _rate(text: str) -> dict:
     """A rate setting: a YAML mapping of tokenizer model fields, e.g. '{levels: [8, 6, 5]}'."""
     import yaml
@@ -494,6 +520,21 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     reliability.add_argument("--out", default=None, help="folder of reliability.json and .md (default: RUNS/NAME)")
     reliability.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     reliability.set_defaults(func=cmd_bench_reliability)
+
+    sight = targets.add_parser(
+        "sight", help="highway's scripted driver blinded beyond a view: how much road a frame must show"
+    )
+    sight.add_argument(
+        "--sights",
+        type=_sights,
+        default=[None, (11.0, 25.6), (13.0, 51.0)],
+        help="comma-separated BEHIND:AHEAD metres it sees, or 'all' (default: all,11:25.6,13:51; 11:25.6 is the view"
+        " of highway's own 64-pixel frames)",
+    )
+    sight.add_argument("--episodes", type=_positive_int, default=50, help="held-out episodes per sight")
+    sight.add_argument("--workers", type=_positive_int, default=2, help="processes")
+    sight.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    sight.set_defaults(func=cmd_bench_sight)
 
     branch = targets.add_parser(
         "branch",

@@ -45,7 +45,7 @@ def counter(monkeypatch):
     source = Source(
         name="counter",
         simulator="Counter-v0",
-        make_simulator=lambda frame_size, render_mode: Counter(),
+        make_simulator=lambda frame_size, render_mode, view: Counter(),
         make_expert=Idle,
         action_repeat=2,
         intro_steps=3,

@@ -189,6 +189,31 @@ def test_collect_twice_in_one_process_uses_each_config(tmp_path):
     assert dataset.episodes[0].length == 6
 
 
+def _road_width(frame: np.ndarray) -> int:
+    """Pixels between the outermost lane lines of a highway frame, across the road (its lines run down the frame)."""
+    lines = np.flatnonzero((frame[..., 0] > 200).mean(axis=0) > 0.3)
+    return int(lines[-1] - lines[0])
+
+
+def test_highway_view_sets_the_metres_the_frame_shows():
+    """`view` (behind, ahead) sets how many metres of road the frame spans: highway-env's own (11.0, 25.6) draws
+    exactly its default frames; (13, 51) draws highway-fast's three 4-metre lanes at 1 pixel per metre, not 1.75."""
+    frames = {}
+    for view in (None, SOURCES["highway"].view, (13.0, 51.0)):
+        env = make_source_env(SourceConfig("highway", view=view))
+        frames[view], _ = env.reset(seed=2)
+        env.close()
+    own, given, far = frames.values()
+    assert SOURCES["highway"].view == pytest.approx((11.0, 25.6), abs=0.05)
+    np.testing.assert_array_equal(own, given)
+    assert _road_width(own) == pytest.approx(12 * 1.75, abs=1)
+    assert _road_width(far) == pytest.approx(12 * 1.0, abs=1)
+    with pytest.raises(ValueError, match="carracing's view cannot be set.*highway"):
+        SourceConfig("carracing", view=(10.0, 40.0))
+    with pytest.raises(ValueError, match=r"expected \[behind, ahead\] in metres"):
+        SourceConfig("highway", view=(10.0, 0.0))
+
+
 def test_collect_highway(tmp_path):
     config = CollectConfig(source=SourceConfig("highway", max_steps=4), episodes=2, workers=1)
     dataset = collect(config, tmp_path / "data")
@@ -198,12 +223,15 @@ def test_collect_highway(tmp_path):
     assert episode.frames.shape[1:] == (64, 64, 1)
     assert episode.actions.dtype == np.int64
     assert episode.frames.max() > 0
-    # more episodes of another length may join it; frames drawn with the speed bar may not, and nothing is recorded
+    # more episodes of another length may join it; frames drawn with the speed bar or another view may not, and nothing
+    # is recorded
     longer = dataclasses.replace(config, source=SourceConfig("highway", max_steps=5), episodes=3)
     assert len(collect(longer, tmp_path / "data")) == 3
     barred = dataclasses.replace(longer, source=SourceConfig("highway", max_steps=5, gauges=True), episodes=4)
-    with pytest.raises(DatasetError, match="frames drawn otherwise would mix"):
-        collect(barred, tmp_path / "data")
+    farther = dataclasses.replace(longer, source=SourceConfig("highway", max_steps=5, view=(13.0, 51.0)), episodes=4)
+    for other in (barred, farther):
+        with pytest.raises(DatasetError, match="frames drawn otherwise would mix"):
+            collect(other, tmp_path / "data")
     assert len(Dataset.open(tmp_path / "data")) == 3
 
 

@@ -68,6 +68,11 @@ class SourceConfig:
     """Draw the car's own gauges into the frames of a simulator that shows none (`Source.gauges`; highway: its speed
     as a bar at the right edge). Off by default: on highway the dream then tells FASTER from SLOWER, but its
     policies speed into crashes it does not foresee (docs/loop.md, "highway's speed bar")."""
+    view: tuple[float, float] | None = None
+    """(behind, ahead): metres of road the frames show behind and ahead of the car, for a simulator whose view can be
+    set (`Source.view`; highway's own: 11.0 and 25.6 on 64 pixels, 1.75 pixels per metre); None: the simulator's own
+    view. Farther means smaller cars; nearer can hide what decides the driving: the scripted highway driver, blinded
+    beyond 25.6 m ahead, scores below braking (docs/loop.md, "highway's view ahead")."""
 
     def __post_init__(self) -> None:
         source = get_source(self.name)
@@ -76,6 +81,12 @@ class SourceConfig:
         if self.gauges and source.gauges is None:
             drawers = ", ".join(n for n, s in SOURCES.items() if s.gauges) or "none"
             raise ValueError(f"gauges: {self.name} draws no gauges of its own to add (sources that do: {drawers})")
+        if self.view is not None:
+            settable = ", ".join(n for n, s in SOURCES.items() if s.view) or "none"
+            if source.view is None:
+                raise ValueError(f"view: {self.name}'s view cannot be set (sources whose can: {settable})")
+            if len(self.view) != 2 or not (self.view[0] >= 0 and self.view[1] > 0):
+                raise ValueError(f"view {self.view}: expected [behind, ahead] in metres, behind >= 0 and ahead > 0")
         height, width = self.frame_shape
         if height != width and source.draw_full is None:
             raise ValueError(
@@ -224,7 +235,8 @@ class DrivingFrames(gym.Wrapper):
 
 def make_source_env(config: SourceConfig, render_mode: str | None = None) -> DrivingFrames:
     """The real simulator named by `config`, producing frames of `config.frame_shape`."""
-    return DrivingFrames(config.source.make_simulator(max(config.frame_shape), render_mode), config)
+    simulator = config.source.make_simulator(max(config.frame_shape), render_mode, config.view)
+    return DrivingFrames(simulator, config)
 
 
 def make_expert(config: SourceConfig) -> Expert:

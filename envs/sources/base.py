@@ -24,8 +24,9 @@ class Source:
     """The name presets and `--source` use."""
     simulator: str
     """The simulator's own id, as tables and benches show it (`CarRacing-v3`)."""
-    make_simulator: Callable[[int, str | None], gym.Env]
-    """(frame_size, render_mode) -> the simulator, configured to draw frames near that size."""
+    make_simulator: Callable[[int, str | None, tuple[float, float] | None], gym.Env]
+    """(frame_size, render_mode, view) -> the simulator, configured to draw frames near that size, showing `view`'s
+    (behind, ahead) metres of road around the car (None: its own view)."""
     make_expert: Callable[[int], Expert]
     """(action_repeat) -> the scripted driver, which reads the simulator's state through `env.unwrapped`."""
     action_repeat: int = 1
@@ -44,6 +45,9 @@ class Source:
     """(env, frame) -> draws the car's own gauges into a fitted (H, W, C) uint8 frame, in place, for a simulator
     whose drawing shows none (highway's speed bar), where `SourceConfig.gauges` asks; None where the simulator
     draws its own (CarRacing's dashboard)."""
+    view: tuple[float, float] | None = None
+    """(behind, ahead): metres of road the simulator's own 64-pixel frames show around the car, for a simulator whose
+    view can be set (`SourceConfig.view`; highway: 11.0 and 25.6); None where it cannot (CarRacing)."""
     crashes: bool = False
     """Episodes can end in a crash, reported as `info["crashed"]`, which evaluation counts."""
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -9,7 +9,7 @@ from envs.experts import CarRacingExpert
 from envs.sources.base import Source, register_source
 
 
-def _simulator(frame_size: int, render_mode: str | None) -> gym.Env:
+def _simulator(frame_size: int, render_mode: str | None, view: tuple[float, float] | None) -> gym.Env:
     # the passive checker would see the skipped frames (None) of DrivingFrames' physics-only sub-steps
     return gym.make("CarRacing-v3", continuous=True, render_mode=render_mode, disable_env_checker=True)
 

@@ -8,16 +8,23 @@ import numpy as np
 from envs.experts import HighwayExpert
 from envs.sources.base import Source, register_source
 
+SCALING = 1.75
+"""Pixels per metre of highway-env's own view, whatever the frame's size."""
+CAR_AT = 0.3
+"""highway-env's own place for the car: this share of the frame's length along the road lies behind it."""
 
-def _simulator(frame_size: int, render_mode: str | None) -> gym.Env:
+
+def _simulator(frame_size: int, render_mode: str | None, view: tuple[float, float] | None) -> gym.Env:
     import highway_env  # noqa: F401  (registers the highway environments)
 
+    scaling, car_at = (SCALING, CAR_AT) if view is None else (frame_size / sum(view), view[0] / sum(view))
     observation = {
         "type": "GrayscaleObservation",
         "observation_shape": (frame_size, frame_size),
         "stack_size": 1,
         "weights": [0.2989, 0.587, 0.114],
-        "scaling": 1.75,
+        "scaling": scaling,
+        "centering_position": [car_at, 0.5],
     }
     return gym.make("highway-fast-v0", render_mode=render_mode, config={"observation": observation})
 
@@ -53,6 +60,7 @@ HIGHWAY = register_source(
         make_simulator=_simulator,
         make_expert=lambda action_repeat: HighwayExpert(),
         gauges=_speed_bar,
+        view=(64 * CAR_AT / SCALING, 64 * (1 - CAR_AT) / SCALING),
         crashes=True,
         probes={
             "steering": {"lane_left": 0, "idle": 1, "lane_right": 2},
