@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from envs.experts import HighwayExpert
-from envs.sources import SourceConfig, make_source_env
+from envs.sources import SourceConfig, check_view, make_source_env
 from worldmodel.files import write_json_atomic
 from worldmodel.parallel import imap_unordered
 
@@ -42,8 +42,8 @@ def bench_sight(
 ) -> list[dict[str, Any]]:
     """Per sight (None: all of it): mean and std of the return over `episodes` held-out episodes, and crashes."""
     for sight in sights:
-        if sight is not None and not (len(sight) == 2 and sight[0] >= 0 and sight[1] > 0):
-            raise ValueError(f"sight {sight}: expected (behind, ahead) in metres, behind >= 0 and ahead > 0")
+        if sight is not None:
+            check_view(sight, "sight")
     if episodes < 1:
         raise ValueError(f"episodes {episodes}: expected at least 1")
     returns: dict[Any, list[float]] = {sight: [] for sight in sights}

@@ -208,13 +208,16 @@ def _sights(text: str) -> list[tuple[float, float] | None]:
         if item.strip() == "all":
             sights.append(None)
             continue
+        from envs.sources import check_view
+
         try:
-            behind, ahead = (float(part) for part in item.split(":"))
-        except ValueError:
-            behind = ahead = -1.0
-        if not (behind >= 0 and ahead > 0):
-            raise argparse.ArgumentTypeError(f"expected comma-separated BEHIND:AHEAD metres or 'all', got {item!r}")
-        sights.append((behind, ahead))
+            sight = tuple(float(part) for part in item.split(":"))
+            check_view(sight, "sight")
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated BEHIND:AHEAD metres or 'all', got {item!r}"
+            ) from error
+        sights.append(sight)
     return sights
 
 

@@ -25,7 +25,7 @@ def test_a_blinded_scripted_driver_crashes_where_the_sighted_one_does_not(tmp_pa
 
 
 def test_sight_refuses_a_view_that_shows_nothing_before_driving():
-    with pytest.raises(ValueError, match=r"expected \(behind, ahead\) in metres"):
+    with pytest.raises(ValueError, match=r"sight \(5.0, 0.0\): expected \[behind, ahead\] in metres"):
         bench_sight([(5.0, 0.0)])
     args = parse_args(["bench", "sight", "--sights", "all,13:51"])
     assert args.sights == [None, (13.0, 51.0)]

@@ -35,12 +35,20 @@ __all__ = [
     "Expert",
     "Source",
     "SourceConfig",
+    "check_view",
     "fit_frame",
     "get_source",
     "make_expert",
     "make_source_env",
     "register_source",
 ]
+
+
+def check_view(view: Any, what: str = "view") -> None:
+    """Refuses a (behind, ahead) stretch of road in metres that shows nothing ahead: `SourceConfig.view`, and the
+    sight of `bench sight`'s scripted driver."""
+    if len(view) != 2 or not (view[0] >= 0 and view[1] > 0):
+        raise ValueError(f"{what} {view}: expected [behind, ahead] in metres, behind >= 0 and ahead > 0")
 
 
 def get_source(name: str) -> Source:
@@ -85,8 +93,7 @@ class SourceConfig:
             settable = ", ".join(n for n, s in SOURCES.items() if s.view) or "none"
             if source.view is None:
                 raise ValueError(f"view: {self.name}'s view cannot be set (sources whose can: {settable})")
-            if len(self.view) != 2 or not (self.view[0] >= 0 and self.view[1] > 0):
-                raise ValueError(f"view {self.view}: expected [behind, ahead] in metres, behind >= 0 and ahead > 0")
+            check_view(self.view)
         height, width = self.frame_shape
         if height != width and source.draw_full is None:
             raise ValueError(
