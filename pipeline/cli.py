@@ -221,6 +221,17 @@ def _sights(text: str) -> list[tuple[float, float] | None]:
     return sights
 
 
+def cmd_bench_train_step(args: argparse.Namespace) -> None:
+    from bench.train_step import TrainStepBenchConfig, bench_train_step, format_table
+    from worldmodel.files import write_json_atomic
+
+    config = TrainStepBenchConfig(presets=args.presets, dtypes=args.dtypes, seconds=args.seconds, device=args.device)
+    figures = bench_train_step(config)
+    if args.json:
+        write_json_atomic(args.json, figures)
+    print(format_table(figures))
+
+
 def cmd_bench_sight(args: argparse.Namespace) -> None:
     from bench.sight import bench_sight, format_markdown, write_results
 
@@ -538,6 +549,20 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     sight.add_argument("--workers", type=_positive_int, default=2, help="processes")
     sight.add_argument("--json", default=None, help="also write the figures to this JSON file")
     sight.set_defaults(func=cmd_bench_sight)
+
+    train_step = targets.add_parser(
+        "train-step", help="one training step of each preset's tokenizer and dynamics, float32 and bf16 autocast"
+    )
+    train_step.add_argument(
+        "--presets", type=_names, default=("tiny", "small", "base"), help="comma-separated presets in configs/"
+    )
+    train_step.add_argument(
+        "--dtypes", type=_names, default=("float32", "bfloat16"), help="float32 and/or bfloat16 (autocast)"
+    )
+    train_step.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    train_step.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    train_step.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    train_step.set_defaults(func=cmd_bench_train_step)
 
     branch = targets.add_parser(
         "branch",

@@ -72,6 +72,26 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict(state_dict)
 
 
+def training_step(
+    model: nn.Module,
+    forward_batch: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    grad_clip: float,
+    bf16: bool | None = None,
+) -> dict[str, float]:
+    """One step's forward, backward and gradient clipping (the optimizer's `step` is the caller's): the loss's
+    logs plus `grad_norm`. The forward runs under bf16 autocast when `bf16`, by default on CUDA only: on a CPU
+    without bf16 instructions autocast makes training several times slower."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16):
+        loss, logs = forward_batch(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    return logs
+
+
 def train(
     model: nn.Module,
     sample_batch: Callable[[int], dict[str, torch.Tensor]],
@@ -140,12 +160,7 @@ def train(
             model.train()
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, config, seconds)
-            # bf16 autocast on GPU only: on a CPU without bf16 instructions it makes training several times slower
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, logs = forward_batch(sample_batch(step))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+            logs = training_step(model, forward_batch, optimizer, sample_batch(step), config.grad_clip)
             if step % config.log_every == 0:
                 logs = distributed.mean_over_ranks(logs, device)
                 if main:
