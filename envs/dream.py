@@ -64,6 +64,9 @@ class DreamSettings:
     """With a temperature above 0, draw among the `top_k` likeliest tokens only (None: all)."""
     refine_steps: int = 0
     """MaskGIT-style refinement rounds of each imagined frame (needs a dynamics model with a refiner)."""
+    sample_ends: bool = False
+    """False: a dream ends where the termination head says more likely than not; True: it ends with the head's
+    probability (`Sampling.sample_ends`), so a policy pays for moderate risks too."""
     dtype: str | None = None
     """The dream's precision: None keeps the model's own (float32 for a loaded checkpoint), or bfloat16
     (`WorldModel.with_dtype`)."""
@@ -78,7 +81,7 @@ class DreamSettings:
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_k, self.refine_steps)
+        return Sampling(self.temperature, self.top_k, self.refine_steps, self.sample_ends)
 
     def dream(self) -> DreamSettings:
         """Just the dream's settings (of a config that extends them, such as PPO's)."""

@@ -12,13 +12,13 @@ from envs.dream import DreamEnv, DreamVectorEnv, check_actions
 BURN_IN = 2
 
 
-def with_termination(world, always: bool):
-    """A copy of the world model whose termination head always (or never) fires."""
+def with_termination(world, always: bool, logit: float | None = None):
+    """A copy of the world model whose termination head always (or never) fires, or says `logit` everywhere."""
     world = copy.deepcopy(world)
     last = world.dynamics.termination_head[-1]
     with torch.no_grad():
         last.weight.zero_()
-        last.bias.fill_(10.0 if always else -10.0)
+        last.bias.fill_(logit if logit is not None else 10.0 if always else -10.0)
     return world
 
 
@@ -216,6 +216,26 @@ def test_termination_from_the_model(always_ends):
     env.reset(seed=0)
     _, _, terminated, truncated, _ = env.step(np.zeros(3, np.float32))
     assert terminated is True and truncated is False
+
+
+def test_sampled_ends_end_dreams_with_the_heads_probability(box_world):
+    """A head that says 30% everywhere never ends a dream at the one-half threshold; with `sample_ends` it ends
+    about 30% of the steps (each restarts in the same step), the same ones again for the same seed."""
+    risky = with_termination(box_world, always=False, logit=float(np.log(0.3 / 0.7)))
+    actions = np.zeros((64, 3), np.float32)
+
+    def ends(sample_ends: bool, seed: int) -> np.ndarray:
+        envs = DreamVectorEnv(
+            risky, 64, burn_in=BURN_IN, horizon=100, sample_ends=sample_ends, autoreset_mode=AutoresetMode.SAME_STEP
+        )
+        envs.reset(seed=seed)
+        return np.stack([envs.step(actions)[2] for _ in range(5)])
+
+    assert not ends(False, 0).any()
+    sampled = ends(True, 0)
+    assert 0.2 < sampled.mean() < 0.4  # 320 draws at p = 0.3: a standard deviation of 0.026
+    np.testing.assert_array_equal(sampled, ends(True, 0))
+    assert not np.array_equal(sampled, ends(True, 1))
 
 
 def test_next_step_autoreset(never_ends):

@@ -77,6 +77,10 @@ class Sampling:
     temperature: float = 0.0
     top_k: int | None = None
     refine_steps: int = 0
+    sample_ends: bool = False
+    """False: an imagined step ends its episode where the termination head's probability is above one half;
+    True: it ends with that probability, drawn with the dream's generator, so a risk of 30% ends 30% of the dreams
+    that run it instead of none."""
 
 
 def hidden_after(step: int, steps: int, tokens: int) -> int:
@@ -238,7 +242,13 @@ class WorldModel:
             generator,
         )
         reward = self.dynamics.step_reward(out, tokens.flatten(1)[:, None], next_tokens[:, None])[:, 0]
-        return StepPrediction(next_tokens.view(tokens.shape), reward.float(), out.termination_logit[:, 0] > 0)
+        logit = out.termination_logit[:, 0].float()
+        if sampling.sample_ends:
+            draw = torch.rand(logit.shape, generator=generator, device=logit.device)
+            terminated = draw < torch.sigmoid(logit)
+        else:
+            terminated = logit > 0
+        return StepPrediction(next_tokens.view(tokens.shape), reward.float(), terminated)
 
     @torch.no_grad()
     def burn_in(self, cache: KVCache, tokens: torch.Tensor, actions: torch.Tensor, rows: torch.Tensor) -> None:
