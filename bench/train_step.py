@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from agents.config import load_pipeline_config
 from worldmodel.dynamics import DynamicsConfig, DynamicsModel
 from worldmodel.tokenizer import Tokenizer
+from worldmodel.train import resolve_device
 from worldmodel.trainer import training_step
 
 ACTION_DIM = 3
@@ -79,7 +80,7 @@ def _models(preset: str, device: torch.device) -> dict[str, tuple[torch.nn.Modul
     }
 
 
-def _step_flops(model: torch.nn.Module, step: Callable[[], None]) -> float:
+def _step_flops(step: Callable[[], None]) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -100,7 +101,7 @@ def measure(
     model.train()
     for index in range(3):
         step(index)
-    flops = _step_flops(model, step)
+    flops = _step_flops(step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -120,9 +121,7 @@ def measure(
 
 
 def bench_train_step(config: TrainStepBenchConfig) -> dict[str, Any]:
-    from worldmodel.train import resolve_device  # the pipeline's own rule for "auto"
-
-    device = resolve_device(config.device)
+    device = resolve_device(config.device)  # the pipeline's own rule for "auto"
     unknown = [d for d in config.dtypes if d not in ("float32", "bfloat16")]
     if unknown:
         raise ValueError(f"dtypes are float32 or bfloat16, got {unknown}")
