@@ -11,19 +11,22 @@ memory on CUDA. These say how long a preset's step budget takes on a machine, an
 from __future__ import annotations
 
 import dataclasses
-import time
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import gymnasium
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from agents.config import load_pipeline_config
-from worldmodel.dynamics import DynamicsConfig, DynamicsModel
+from bench.imagination import timed_rate
+from worldmodel.dynamics import DynamicsModel
 from worldmodel.tokenizer import Tokenizer
-from worldmodel.train import resolve_device
+from worldmodel.train import fitted_dynamics_config, resolve_device
 from worldmodel.trainer import training_step
 
 ACTION_DIM = 3
@@ -52,13 +55,8 @@ def _models(preset: str, device: torch.device) -> dict[str, tuple[torch.nn.Modul
     size = config.collect.source.frame_size
     tokenizer_config = dataclasses.replace(config.tokenizer.model, image_size=size, image_width=None, channels=3)
     tokenizer_config.validate()
-    dynamics_config: DynamicsConfig = dataclasses.replace(
-        config.dynamics.model,
-        vocab_size=tokenizer_config.codebook_size,
-        tokens_per_frame=tokenizer_config.tokens_per_frame,
-        action_dim=ACTION_DIM,
-        discrete_actions=False,
-    )
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+    dynamics_config = fitted_dynamics_config(config.dynamics.model, tokenizer_config, action_space)
     frames_batch = config.tokenizer.train.batch_size
     windows, window = config.dynamics.train.batch_size, dynamics_config.context_frames
 
@@ -105,15 +103,14 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
-    began, steps = time.perf_counter(), 0
-    while True:
-        step(steps)
-        steps += 1
+    counter = itertools.count()
+
+    def synced_step() -> None:
+        step(next(counter))
         _sync(device)
-        elapsed = time.perf_counter() - began
-        if elapsed >= seconds:
-            break
-    figures = {"steps_per_s": steps / elapsed, "ms_per_step": 1000 * elapsed / steps, "flops_per_step": flops}
+
+    steps_per_s = timed_rate(synced_step, seconds)
+    figures = {"steps_per_s": steps_per_s, "ms_per_step": 1000 / steps_per_s, "flops_per_step": flops}
     figures["tflops"] = flops * figures["steps_per_s"] / 1e12
     if device.type == "cuda":
         figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

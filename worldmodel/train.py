@@ -140,6 +140,19 @@ def train_tokenizer(
     }
 
 
+def fitted_dynamics_config(model: DynamicsConfig, tokenizer: TokenizerConfig, action_space) -> DynamicsConfig:
+    """`model`'s shape fitted to a tokenizer's vocabulary and grid and to an action space (a gymnasium Discrete or
+    Box): what the dynamics stage trains, and what `bench train-step` times."""
+    discrete = action_space.shape == ()
+    return dataclasses.replace(
+        model,
+        vocab_size=tokenizer.codebook_size,
+        tokens_per_frame=tokenizer.tokens_per_frame,
+        discrete_actions=discrete,
+        action_dim=int(action_space.n) if discrete else int(action_space.shape[0]),
+    )
+
+
 def tokens_for_run(dataset_dir: str | Path, run_dir: str | Path, device: str = "cpu") -> TokenizedDataset:
     """The run's token cache (`<run>/tokens.npz`) for the dataset as it is now: episodes the cache holds from the
     same content and tokenizer are reused, new or changed ones are tokenized, and the cache is rewritten when
@@ -226,15 +239,7 @@ def train_dynamics(
         .foreseen_terminations(stage.termination_lookahead)
     )
     val_set = tokenized.select(val_ids)
-    space = dataset.action_space
-    discrete = space.shape == ()
-    config = dataclasses.replace(
-        stage.model,
-        vocab_size=tokenizer_config.codebook_size,
-        tokens_per_frame=tokenizer_config.tokens_per_frame,
-        discrete_actions=discrete,
-        action_dim=int(space.n) if discrete else int(space.shape[0]),
-    )
+    config = fitted_dynamics_config(stage.model, tokenizer_config, dataset.action_space)
     window = config.context_frames
     torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
     model = DynamicsModel(config).to(dev)

@@ -242,10 +242,10 @@ class WorldModel:
             generator,
         )
         reward = self.dynamics.step_reward(out, tokens.flatten(1)[:, None], next_tokens[:, None])[:, 0]
-        logit = out.termination_logit[:, 0].float()
+        logit = out.termination_logit[:, 0]
         if sampling.sample_ends:
             draw = torch.rand(logit.shape, generator=generator, device=logit.device)
-            terminated = draw < torch.sigmoid(logit)
+            terminated = draw < torch.sigmoid(logit.float())
         else:
             terminated = logit > 0
         return StepPrediction(next_tokens.view(tokens.shape), reward.float(), terminated)
