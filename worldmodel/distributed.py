@@ -57,17 +57,21 @@ def active() -> bool:
 
 @contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """Join torchrun's process group for the duration (nccl for CUDA, gloo otherwise); a no-op in one process."""
+    """Join torchrun's process group for the duration (nccl for CUDA, gloo otherwise); a no-op in one process.
+
+    On the way out every rank first waits for the others, so that none tears its connections down while another
+    still talks over them (a gloo rank that did aborted at exit, once in a CI run). After an error the group is
+    left as it is: the other ranks may be inside a collective, where a barrier or teardown would hang, and
+    torchrun stops them when this process dies."""
     owner = world_size() > 1 and not active()
     if owner:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield
-    finally:
-        if owner:
-            dist.destroy_process_group()
+    yield
+    if owner:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class _ForwardBatch(nn.Module):

@@ -190,5 +190,6 @@ def train(
                 val_logs = evaluate(model)
             final_step = step + 1 if config.steps > start else start
             save_checkpoint(checkpoint_path, model, kind, {"step": final_step, "val": val_logs, **(extra_meta or {})})
+        del forward_batch  # a DistributedDataParallel wrapper goes before the process group it holds
         # the other ranks wait here until rank 0 has evaluated and written the final checkpoint
         return distributed.from_main(val_logs)
