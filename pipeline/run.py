@@ -31,7 +31,7 @@ from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
-from worldmodel.rollout import write_rollout
+from worldmodel.rollout import check_video_writer, write_rollout
 from worldmodel.run_dir import Results, RunDir
 from worldmodel.train import (
     DYNAMICS,
@@ -79,6 +79,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             f"collect.source: the dynamics model, the dream and the policy take square frames, not {height}x{width};"
             " non-square frames are for `worldmodel collect`, `train tokenizer`, `eval tokenizer` and `bench tokenizer`"
         )
+    check_video_writer()  # the last stage's, before the first starts
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     run_dir, data_dir = config.run_dir, config.dataset_dir

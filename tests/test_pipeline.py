@@ -150,6 +150,20 @@ def test_summary_from_results():
     assert "steady" not in summary and "always" not in text  # CarRacing has no steady action
 
 
+def test_a_run_without_the_video_writer_stops_before_collecting(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipeline.run import run_pipeline
+
+    config = load_pipeline_config("tiny", [f"run.runs_dir={tmp_path}", "run.name=novideo"])
+    find_spec = importlib.util.find_spec
+    missing = "imageio_ffmpeg"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="imageio-ffmpeg"):
+        run_pipeline(config)
+    assert not (tmp_path / "novideo").exists()
+
+
 def test_summary_shows_highway_steady_action_beside_the_policy():
     config = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x"], source="highway")
     evaluation = {
@@ -342,6 +356,18 @@ def test_highway_micro_run(tmp_path):
     assert dataset.frame_shape == (64, 64, 1)
     assert dataset.manifest.action_space == {"type": "discrete", "n": 5}
     assert Path(summary["rollout_video"]).stat().st_size > 0
+    # the dream's verdict on each reference driver, driven on the evaluation's own seeds and steps: the same real
+    # returns as the evaluation's, every real end either caught or missed by the dream
+    verdict_json = tmp_path / "verdict.json"
+    bench = [*["bench", "verdict", "--run", str(tmp_path / "hw"), "--episodes", "1", "--workers", "1"]]
+    result = worldmodel_cli([*bench, "--json", str(verdict_json)], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| expert |" in result.stdout
+    verdict = json.loads(verdict_json.read_text())
+    assert set(verdict["drivers"]) == {"policy", "random", "expert", "steady"}
+    for kind, row in verdict["drivers"].items():
+        assert row["real_return"] == pytest.approx(summary[kind]["real_return_mean"], abs=1e-4), kind
+        assert row["caught"] + row["missed"] == row["real_ends"] and len(row["lead"]) == row["caught"]
     # played by hand, side by side: the keys are highway's meta-actions, the grayscale frames drawn as they come
     from pipeline.play import Session
 

@@ -3,6 +3,7 @@ that starts from the same context and is fed the same actions (open loop)."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,19 +74,30 @@ def compose(real: np.ndarray, recon: np.ndarray, dream: np.ndarray, scale: int, 
     return out
 
 
+def check_video_writer() -> None:
+    """Refuse, before any work, where the mp4 writer is missing: imageio picks its writer by what is installed,
+    and without its ffmpeg plugin it would hand the video to another that fails only once the frames are made."""
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise RuntimeError(
+            "the rollout video (rollout.mp4) needs imageio's ffmpeg plugin, which installing this project brings "
+            "(imageio[ffmpeg]); install it with `pip install imageio-ffmpeg`"
+        )
+
+
 def _write_atomic(path: Path, frames: list[np.ndarray], fps: int) -> None:
     with atomic_path(path) as tmp:
         if path.suffix == ".gif":
             images = [Image.fromarray(f) for f in frames]
             images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         else:
-            imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+            imageio.mimwrite(tmp, frames, format="FFMPEG", fps=fps, macro_block_size=1)
 
 
 def write_rollout(
     run_dir: str | Path, dataset_dir: str | Path, config: RolloutConfig, out: str | Path | None = None
 ) -> dict[str, object]:
     """Write `<out>.mp4` and `<out>.gif` (default `<run>/rollout`); returns paths and per-panel PSNR."""
+    check_video_writer()
     world = WorldModel.load(run_dir, with_contexts=False)
     dataset = Dataset.open(dataset_dir)
     held_out = [i for i in world.meta.get("val_episodes", []) if dataset.episodes[i].length > config.burn_in]
