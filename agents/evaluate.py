@@ -5,6 +5,7 @@ throughout (`Source.steady_action`), on the same held-out tracks."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,27 +61,39 @@ class TokenPolicy:
         return self.policy.action_for(tokens[0], space, self.deterministic)
 
 
+def make_driver(
+    kind: str, env: gym.Env, run_dir: Path, source: SourceConfig, deterministic: bool = True, policy: Path | None = None
+) -> Callable[[np.ndarray], np.ndarray | int]:
+    """`act(frame) -> action` for one of `reference_kinds(source)` driving `env`: the run's policy on the frame
+    (`policy`: another checkpoint of it), uniform random actions from `env`'s action space (seed it), the scripted
+    expert reading `env`'s state, or the source's steady action. Call it afresh for each episode."""
+    if kind == "policy":
+        actor = TokenPolicy(run_dir, deterministic, policy)
+        return lambda frame: actor(frame, env.action_space)
+    if kind == "expert":
+        expert = make_expert(source)
+        expert.reset()
+        return lambda frame: expert.act(env)
+    if kind == STEADY:
+        steady = source.source.steady_action
+        if steady is None:
+            raise ValueError(f"{source.name} has no steady action; expected a kind of {reference_kinds(source)}")
+        return lambda frame: steady[1]
+    if kind == "random":
+        return lambda frame: env.action_space.sample()
+    raise ValueError(f"unknown driver {kind!r}; expected one of {reference_kinds(source)}")
+
+
 def _episode(args: tuple[str, str, SourceConfig, EvalConfig, int, str | None]) -> tuple[str, int, float, int, bool]:
     kind, run_dir, source, config, seed, policy = args
     torch.set_num_threads(1)
     env = make_source_env(dataclasses.replace(source, max_steps=config.max_steps))
     env.action_space.seed(seed)
-    actor = TokenPolicy(Path(run_dir), config.deterministic, policy and Path(policy)) if kind == "policy" else None
-    expert = make_expert(source) if kind == "expert" else None
-    if expert is not None:
-        expert.reset()
+    act = make_driver(kind, env, Path(run_dir), source, config.deterministic, policy and Path(policy))
     obs, info = env.reset(seed=seed)
     total, steps = info.get("intro_reward", 0.0), 0
     while True:
-        if actor is not None:
-            action = actor(obs, env.action_space)
-        elif expert is not None:
-            action = expert.act(env)
-        elif kind == STEADY:
-            action = source.source.steady_action[1]
-        else:
-            action = env.action_space.sample()
-        obs, reward, terminated, truncated, info = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(act(obs))
         total += reward
         steps += 1
         if terminated or truncated:

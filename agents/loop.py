@@ -157,47 +157,88 @@ def collect_with_policy(
     return [{"record": records[episode_name(index)], "deterministic": det} for index, det in plan]
 
 
+@dataclass
+class ReplayWindows:
+    """`replay_windows`' figures, one entry per window (W windows in all)."""
+
+    episode: np.ndarray
+    """(W,) the index of the window's episode."""
+    start: np.ndarray
+    """(W,) its first step in the episode."""
+    steps: np.ndarray
+    """(W,) the steps it covers: the horizon, or fewer at the episode's end."""
+    dream: np.ndarray
+    """(W,) the dream's predicted rewards, summed up to where its termination head fired."""
+    real: np.ndarray
+    """(W,) the recorded rewards of all its steps."""
+    dream_end: np.ndarray
+    """(W,) the step of the window (from 0) after which the dream ended it, -1 where it did not."""
+    real_end: np.ndarray
+    """(W,) the step of the window after which the real episode terminated (a crash, not the time limit), -1 where
+    it did not."""
+
+
 @torch.no_grad()
-def dream_replay(
+def replay_windows(
     world: WorldModel, episodes: list[Episode], horizon: int, burn_in: int, batch: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """The dream's verdict on real episodes along the road they really took: (E,) dream and real returns.
+) -> ReplayWindows:
+    """The dream's verdict on real episodes along the road they really took, window by window.
 
     Each episode is cut into consecutive windows of `horizon` steps (the horizon the policy is trained on). A
     window's dream starts from the real frames just before it (up to `burn_in` of them, with the actions between,
     as the dream env starts its dreams), is driven by the recorded actions and pays its predicted rewards until
-    its termination head fires or the window ends; the real return sums the recorded rewards of the same steps,
-    so both cover the whole episode. One open-loop replay of a whole episode would say little: once its
-    imagined track drifts from the real one, the recorded steering leaves the dream's road. Greedy tokens."""
+    its termination head fires or the window ends. One open-loop replay of a whole episode would say little: once
+    its imagined track drifts from the real one, the recorded steering leaves the dream's road. Greedy tokens."""
     if horizon < 1 or burn_in < 1:
         raise ValueError(f"horizon and burn_in must be at least 1, got {horizon} and {burn_in}")
     windows = [(e, s) for e, episode in enumerate(episodes) for s in range(0, len(episode), horizon)]
-    dream, real = np.zeros(len(episodes)), np.zeros(len(episodes))
-    for context in sorted({min(burn_in, s + 1) for _, s in windows}):  # one cache per context length
-        group = [(e, s) for e, s in windows if min(burn_in, s + 1) == context]
+    episode_of = np.array([e for e, _ in windows], dtype=np.int64)
+    start = np.array([s for _, s in windows], dtype=np.int64)
+    steps = np.minimum(horizon, np.array([len(episodes[e]) for e in episode_of], dtype=np.int64) - start)
+    dream, real = np.zeros(len(windows)), np.zeros(len(windows))
+    dream_end, real_end = np.full(len(windows), -1), np.full(len(windows), -1)
+    for w, (e, s) in enumerate(windows):
+        real[w] = float(np.sum(episodes[e].rewards[s : s + steps[w]], dtype=np.float64))
+        ended = np.flatnonzero(np.asarray(episodes[e].terminated[s : s + steps[w]]))
+        real_end[w] = ended[0] if len(ended) else -1
+    contexts = np.minimum(burn_in, start + 1)
+    for context in np.unique(contexts):  # one cache per context length
+        group = np.flatnonzero(contexts == context)
         for first in range(0, len(group), batch):
             chunk = group[first : first + batch]
-            rows, starts = np.array([e for e, _ in chunk]), np.array([s for _, s in chunk])
-            ends = np.array([len(episodes[e]) for e in rows])  # each window stops at its episode's end
-            frames = np.stack([np.asarray(episodes[e].frames[s - context + 1 : s + 1]) for e, s in chunk])
+            rows, starts, lengths = episode_of[chunk], start[chunk], steps[chunk]
+            pairs = list(zip(rows, starts, strict=True))
+            frames = np.stack([np.asarray(episodes[e].frames[s - context + 1 : s + 1]) for e, s in pairs])
             tokens = world.tokenizer.encode(torch.from_numpy(frames).to(world.device).flatten(0, 1)).tokens
-            tokens = tokens.view(len(chunk), context, *tokens.shape[1:])
-            actions = np.stack([np.asarray(episodes[e].actions[s - context + 1 : s]) for e, s in chunk])
+            tokens = tokens.view(len(chunk), int(context), *tokens.shape[1:])
+            actions = np.stack([np.asarray(episodes[e].actions[s - context + 1 : s]) for e, s in pairs])
             cache = world.dynamics.new_cache(len(chunk))
             world.burn_in(cache, tokens, world.action_tensor(actions), torch.arange(len(chunk), device=world.device))
-            steps = np.minimum(horizon, ends - starts)
-            current, alive, earned = tokens[:, -1], np.ones(len(chunk), dtype=bool), np.zeros(len(chunk))
-            for t in range(int(steps.max())):
-                alive &= t < steps
-                taken = np.minimum(starts + t, ends - 1)
+            current, alive = tokens[:, -1], np.ones(len(chunk), dtype=bool)
+            earned, ended = np.zeros(len(chunk)), np.full(len(chunk), -1)
+            for t in range(int(lengths.max())):
+                alive &= t < lengths
+                taken = np.minimum(starts + t, starts + lengths - 1)
                 step = np.stack([np.asarray(episodes[e].actions[i]) for e, i in zip(rows, taken, strict=True)])
                 prediction = world.imagine(cache, current, world.action_tensor(step))
                 earned += np.where(alive, prediction.reward.cpu().numpy(), 0.0)
-                alive &= ~prediction.terminated.cpu().numpy()
+                fired = alive & prediction.terminated.cpu().numpy()
+                ended[fired] = t
+                alive &= ~fired
                 current = prediction.tokens
-            np.add.at(dream, rows, earned)
-            paid = [np.sum(episodes[e].rewards[s : s + n]) for e, s, n in zip(rows, starts, steps, strict=True)]
-            np.add.at(real, rows, np.array(paid, dtype=np.float64))
+            dream[chunk], dream_end[chunk] = earned, ended
+    return ReplayWindows(episode_of, start, steps, dream, real, dream_end, real_end)
+
+
+def dream_replay(
+    world: WorldModel, episodes: list[Episode], horizon: int, burn_in: int, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """(E,) dream and real returns of whole episodes: `replay_windows`' windows summed per episode, so both cover
+    every recorded step."""
+    windows = replay_windows(world, episodes, horizon, burn_in, batch)
+    dream, real = np.zeros(len(episodes)), np.zeros(len(episodes))
+    np.add.at(dream, windows.episode, windows.dream)
+    np.add.at(real, windows.episode, windows.real)
     return dream, real
 
 

@@ -182,6 +182,13 @@ def cmd_bench_reliability(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'reliability.json'} and {out / 'reliability.md'}")
 
 
+def cmd_bench_verdict(args: argparse.Namespace) -> None:
+    from bench.verdict import VerdictConfig, bench_verdict, format_markdown
+
+    config = VerdictConfig(episodes=args.episodes, seed=args.seed, kinds=args.drivers, workers=args.workers)
+    print(format_markdown(bench_verdict(args.run, config, args.json)))
+
+
 def cmd_bench_branch(args: argparse.Namespace) -> None:
     from bench.branch import branch_run
     from pipeline.run import run_pipeline
@@ -534,6 +541,21 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     reliability.add_argument("--out", default=None, help="folder of reliability.json and .md (default: RUNS/NAME)")
     reliability.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     reliability.set_defaults(func=cmd_bench_reliability)
+
+    verdict = targets.add_parser(
+        "verdict", help="what a run's dream pays real drivers' episodes, and whether it ends them where they crash"
+    )
+    verdict.add_argument("--run", required=True, help="run folder written by `worldmodel run`")
+    verdict.add_argument("--episodes", type=_positive_int, default=30, help="held-out episodes per driver")
+    verdict.add_argument(
+        "--seed", type=_non_negative_int, default=None, help="first episode seed (default: the run's eval.seed)"
+    )
+    verdict.add_argument(
+        "--drivers", type=_names, default=None, help="comma-separated: policy, random, expert, steady (default: all)"
+    )
+    verdict.add_argument("--workers", type=_positive_int, default=2, help="processes driving the simulator")
+    verdict.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    verdict.set_defaults(func=cmd_bench_verdict)
 
     sight = targets.add_parser(
         "sight", help="highway's scripted driver blinded beyond a view: how much road a frame must show"

@@ -2,6 +2,7 @@
 GAE, PPO on a toy dream whose best action is known, the dream's verdict on real episodes, and the loop itself as
 the `worldmodel` command, killed between rounds and resumed."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,13 +20,13 @@ from conftest import BOX_SPACE, TINY_DYNAMICS, make_episode, write_synthetic_dat
 from gymnasium.vector.utils import batch_space
 from test_pipeline import LIGHT, MICRO
 
-from agents.loop import dream_policy_returns, dream_replay, round_figures
+from agents.loop import ReplayWindows, dream_policy_returns, dream_replay, replay_windows, round_figures
 from agents.policy import ActorCritic, clipped_normal_mean
 from agents.ppo import PPOConfig, compute_gae, learn_from_episodes, optimise
 from bench.branch import branch_run
 from worldmodel.checkpoint import CheckpointError, copy_checkpoint, fingerprint, read_checkpoint
 from worldmodel.config import ConfigError
-from worldmodel.dataset import Dataset, EpisodeRecord, sample_windows, write_episode
+from worldmodel.dataset import Dataset, Episode, EpisodeRecord, sample_windows, write_episode
 from worldmodel.logger import RunLogger
 from worldmodel.tokens import TokenizedDataset, tokenize_dataset
 from worldmodel.train import (
@@ -367,6 +368,70 @@ def test_dream_replay_tiles_each_episode_with_windows_from_its_real_frames(box_w
         assert whole[e] == pytest.approx(_replay_by_hand(box_world, episode, 0, len(episode), 1), abs=1e-4)
     with pytest.raises(ValueError, match="at least 1"):
         dream_replay(box_world, episodes, horizon=0, burn_in=burn_in)
+
+
+class _EndsAtFrame:
+    """A world model whose dreams all end once their cache holds `frame` frames (burn-in included), else as given."""
+
+    def __init__(self, world, frame: int):
+        self.world, self.frame = world, frame
+
+    def __getattr__(self, name):
+        return getattr(self.world, name)
+
+    def imagine(self, cache, tokens, actions, *args, **kwargs):
+        prediction = self.world.imagine(cache, tokens, actions, *args, **kwargs)
+        return dataclasses.replace(prediction, terminated=cache.position >= self.frame)
+
+
+def test_replay_windows_say_where_the_dream_and_the_episode_ended(box_world, box_data):
+    dataset = Dataset.open(box_data)
+    episodes = [dataset.load(i) for i in range(3)]
+    first = episodes[0]
+    assert len(first) >= 8
+    crashed = np.zeros(8, dtype=bool)
+    crashed[7] = True  # the first episode, cut to 8 steps, crashes on its last
+    episodes[0] = Episode(first.frames[:9], first.actions[:8], first.rewards[:8], crashed, np.zeros(8, dtype=bool))
+    # every dream ends once its cache holds 5 frames: a window from C real frames (C - 1 fed before it) ends at
+    # its step 5 - C, if it has that many
+    world = _EndsAtFrame(box_world, frame=5)
+    windows = replay_windows(world, episodes, horizon=5, burn_in=3)
+    assert list(windows.episode[:2]) == [0, 0] and list(windows.start[:2]) == [0, 5]
+    assert list(windows.steps[:2]) == [5, 3]
+    context = np.minimum(3, windows.start + 1)
+    np.testing.assert_array_equal(windows.dream_end, np.where(windows.steps > 5 - context, 5 - context, -1))
+    assert list(windows.dream_end[:2]) == [4, 2]
+    assert list(windows.real_end[:2]) == [-1, 2]
+    for w in range(2, len(windows.steps)):  # the others end where their recorded episodes say
+        ended = np.flatnonzero(episodes[windows.episode[w]].terminated[windows.start[w] :][: windows.steps[w]])
+        assert windows.real_end[w] == (ended[0] if len(ended) else -1)
+    # cut short, a window pays only up to its end; the per-episode figures are the windows' sums
+    for w in range(len(windows.steps)):
+        e, start, steps = windows.episode[w], windows.start[w], windows.steps[w]
+        by_hand = _replay_by_hand(world, episodes[e], start, steps, min(3, start + 1))
+        assert windows.dream[w] == pytest.approx(by_hand, abs=1e-4)
+        assert windows.real[w] == pytest.approx(float(np.sum(episodes[e].rewards[start : start + steps])), rel=1e-5)
+    dream, real = dream_replay(world, episodes, horizon=5, burn_in=3)
+    assert dream[0] == pytest.approx(windows.dream[windows.episode == 0].sum())
+    assert real[2] == pytest.approx(float(np.sum(episodes[2].rewards)), rel=1e-5)
+
+
+def test_verdict_counts_caught_missed_and_false_ends():
+    from bench.verdict import verdict_figures
+
+    windows = ReplayWindows(
+        episode=np.array([0, 0, 1, 2, 3]),
+        start=np.array([0, 4, 0, 0, 0]),
+        steps=np.array([4, 3, 4, 2, 4]),
+        dream=np.array([4.0, 1.0, 2.0, 2.0, 1.0]),
+        real=np.array([4.0, 3.0, 4.0, 1.0, 4.0]),
+        dream_end=np.array([-1, 0, 1, -1, -1]),
+        real_end=np.array([-1, 2, -1, 1, -1]),
+    )
+    figures = verdict_figures(windows, episodes=4)
+    assert figures["real_ends"] == 2 and figures["caught"] == 1 and figures["lead"] == [2]
+    assert figures["missed"] == 1 and figures["false_ends"] == 1 and figures["windows"] == 5
+    assert figures["real_return"] == pytest.approx(16.0 / 4) and figures["gap"] == pytest.approx(-6.0 / 4)
 
 
 def test_dream_policy_returns_drive_the_dream_from_first_frames(box_world, box_data):

@@ -1,0 +1,138 @@
+"""`worldmodel bench verdict`: what a run's dream makes of real driving it did not see, driver by driver.
+
+The reference drivers of evaluation (the run's policy, the random policy, the scripted expert and, where the
+source has one, its steady action) each drive held-out episodes in the real simulator; the dream then replays
+every episode window by window, from the window's real frames with its recorded actions, as PPO dreams
+(`agents.loop.replay_windows`). Per driver it reports what the dream pays against what the simulator paid, and
+whether the dream ends the windows the simulator ended:
+
+- `caught`: the episode terminated in the window (a crash, not the time limit) and the dream ended it too, at the
+  same step or before (`lead`: by how many steps);
+- `missed`: the episode terminated in the window and the dream drove on to the window's last step;
+- `false_ends`: the dream ended a window in which the episode did not terminate.
+
+A dream in which PPO is to learn what the expert knows has to pay the expert's driving at least what it pays
+braking, and to end the windows where real driving crashes: a policy is trained on exactly these two signals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents.config import read_run_config
+from agents.evaluate import make_driver, reference_kinds
+from agents.loop import ReplayWindows, replay_windows
+from envs.collect import record_episode
+from envs.sources import SourceConfig, make_source_env
+from worldmodel.dataset import Episode
+from worldmodel.files import write_json_atomic
+from worldmodel.parallel import imap_unordered
+from worldmodel.world_model import WorldModel
+
+
+@dataclass
+class VerdictConfig:
+    episodes: int = 30
+    """Held-out episodes each driver drives."""
+    seed: int | None = None
+    """Episode i runs on seed `seed + i` (None: the run's evaluation seeds, so the real returns are those of its
+    evaluation)."""
+    kinds: tuple[str, ...] | None = None
+    """Drivers to judge (None: every kind evaluation scores on the run's source)."""
+    workers: int = 2
+
+
+def _record(args: tuple[str, str, SourceConfig, int]) -> tuple[str, int, Episode]:
+    kind, run_dir, source, seed = args
+    torch.set_num_threads(1)
+    env = make_source_env(source)
+    env.action_space.seed(seed)
+    episode, _ = record_episode(env, make_driver(kind, env, Path(run_dir), source), seed)
+    env.close()
+    return kind, seed, episode
+
+
+def verdict_figures(windows: ReplayWindows, episodes: int) -> dict[str, Any]:
+    """One driver's line from its episodes' replayed windows."""
+    real_end, dream_end = windows.real_end >= 0, windows.dream_end >= 0
+    caught = real_end & dream_end
+    return {
+        "episodes": episodes,
+        "steps": int(windows.steps.sum()),
+        "real_return": float(windows.real.sum() / episodes),
+        "dream_return": float(windows.dream.sum() / episodes),
+        "gap": float((windows.dream.sum() - windows.real.sum()) / episodes),
+        "windows": len(windows.steps),
+        "real_ends": int(real_end.sum()),
+        "caught": int(caught.sum()),
+        "lead": [int(x) for x in windows.real_end[caught] - windows.dream_end[caught]],
+        "missed": int((real_end & ~dream_end).sum()),
+        "false_ends": int((dream_end & ~real_end).sum()),
+    }
+
+
+def bench_verdict(run_dir: str | Path, config: VerdictConfig, json_path: str | Path | None = None) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if config.episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {config.episodes}")
+    pipeline = read_run_config(run_dir)
+    source = dataclasses.replace(pipeline.collect.source, max_steps=pipeline.eval.max_steps)  # as evaluation drives
+    known = reference_kinds(source)
+    kinds = known if config.kinds is None else tuple(config.kinds)
+    if not kinds or set(kinds) - set(known):
+        unknown = sorted(set(kinds) - set(known))
+        raise ValueError(f"cannot judge drivers {unknown} on {source.name}; expected some of {known}")
+    world = WorldModel.load(run_dir, "cpu")  # before any simulator runs: a run without a world model stops here
+    first = pipeline.eval.seed if config.seed is None else config.seed
+    seeds = list(range(first, first + config.episodes))
+    tasks = [(kind, str(run_dir), source, seed) for kind in kinds for seed in seeds]
+    recorded: dict[str, dict[int, Episode]] = {kind: {} for kind in kinds}
+    progress = tqdm(total=len(tasks), desc=f"drive real {source.name}", unit="episode", dynamic_ncols=True, leave=False)
+    for kind, seed, episode in imap_unordered(_record, tasks, config.workers):
+        recorded[kind][seed] = episode
+        progress.update()
+    progress.close()
+    settings = pipeline.ppo.dream()
+    horizon, burn_in = settings.horizon, settings.context_for(world.dynamics.config.context_frames)
+    drivers = {}
+    for kind in kinds:
+        windows = replay_windows(world, [recorded[kind][s] for s in seeds], horizon, burn_in)
+        drivers[kind] = verdict_figures(windows, len(seeds))
+    figures = {
+        "run": str(run_dir),
+        "source": source.name,
+        "seeds": seeds,
+        "horizon": horizon,
+        "burn_in": burn_in,
+        "config": dataclasses.asdict(config),
+        "drivers": drivers,
+    }
+    if json_path is not None:
+        write_json_atomic(json_path, figures)
+    return figures
+
+
+def format_markdown(figures: dict[str, Any]) -> str:
+    lines = [
+        f"The dream of `{figures['run']}` ({figures['source']}) replaying real episodes on seeds "
+        f"{figures['seeds'][0]} to {figures['seeds'][-1]} in windows of {figures['horizon']} steps from "
+        f"{figures['burn_in']} real frames:",
+        "",
+        "| driver | real return | dream return | gap | windows | real ends | caught (median lead) | missed "
+        "| false ends |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, row in figures["drivers"].items():
+        lead = f" ({np.median(row['lead']):.0f})" if row["lead"] else ""
+        lines.append(
+            f"| {kind} | {row['real_return']:.2f} | {row['dream_return']:.2f} | {row['gap']:+.2f} | {row['windows']} | "
+            f"{row['real_ends']} | {row['caught']}{lead} | {row['missed']} | {row['false_ends']} |"
+        )
+    return "\n".join(lines)
