@@ -3,8 +3,9 @@
 The reference drivers of evaluation (the run's policy, the random policy, the scripted expert and, where the
 source has one, its steady action) each drive held-out episodes in the real simulator; the dream then replays
 every episode window by window, from the window's real frames with its recorded actions, as PPO dreams
-(`agents.loop.replay_windows`). Per driver it reports what the dream pays against what the simulator paid, and
-whether the dream ends the windows the simulator ended:
+(`agents.loop.replay_windows`). Per driver it reports what the dream pays against what the simulator paid over the
+recorded steps (CarRacing's zoom-in reward, which evaluation adds, is not one of them), and whether the dream ends
+the windows the simulator ended:
 
 - `caught`: the episode terminated in the window (a crash, not the time limit) and the dream ended it too, at the
   same step or before (`lead`: by how many steps);
@@ -28,12 +29,13 @@ from tqdm.auto import tqdm
 
 from agents.config import read_run_config
 from agents.evaluate import make_driver, reference_kinds
-from agents.loop import ReplayWindows, replay_windows
+from agents.loop import ReplayWindows, driven_seeds, replay_windows
 from envs.collect import record_episode
 from envs.sources import SourceConfig, make_source_env
 from worldmodel.dataset import Episode
 from worldmodel.files import write_json_atomic
 from worldmodel.parallel import imap_unordered
+from worldmodel.run_dir import RunDir
 from worldmodel.world_model import WorldModel
 
 
@@ -89,9 +91,13 @@ def bench_verdict(run_dir: str | Path, config: VerdictConfig, json_path: str | P
     if not kinds or set(kinds) - set(known):
         unknown = sorted(set(kinds) - set(known))
         raise ValueError(f"cannot judge drivers {unknown} on {source.name}; expected some of {known}")
-    world = WorldModel.load(run_dir, "cpu")  # before any simulator runs: a run without a world model stops here
     first = pipeline.eval.seed if config.seed is None else config.seed
     seeds = list(range(first, first + config.episodes))
+    seen = sorted(set(seeds) & set(driven_seeds(run_dir, RunDir(run_dir).dataset)))
+    if seen:
+        raise ValueError(f"seeds {seen[:5]} were driven to make the run's data; choose --seed elsewhere")
+    # before any simulator runs: a run without a world model stops here (dreams start from the episodes' frames)
+    world = WorldModel.load(run_dir, "cpu", with_contexts=False)
     tasks = [(kind, str(run_dir), source, seed) for kind in kinds for seed in seeds]
     recorded: dict[str, dict[int, Episode]] = {kind: {} for kind in kinds}
     progress = tqdm(total=len(tasks), desc=f"drive real {source.name}", unit="episode", dynamic_ncols=True, leave=False)

@@ -368,6 +368,11 @@ def test_highway_micro_run(tmp_path):
     for kind, row in verdict["drivers"].items():
         assert row["real_return"] == pytest.approx(summary[kind]["real_return_mean"], abs=1e-4), kind
         assert row["caught"] + row["missed"] == row["real_ends"] and len(row["lead"]) == row["caught"]
+    from bench.verdict import VerdictConfig, bench_verdict
+
+    collected = Dataset.open(tmp_path / "hw" / "dataset").episodes[0].seed
+    with pytest.raises(ValueError, match="driven to make the run's data"):
+        bench_verdict(tmp_path / "hw", VerdictConfig(episodes=1, seed=collected))
     # played by hand, side by side: the keys are highway's meta-actions, the grayscale frames drawn as they come
     from pipeline.play import Session
 
