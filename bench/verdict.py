@@ -88,9 +88,9 @@ def bench_verdict(run_dir: str | Path, config: VerdictConfig, json_path: str | P
     source = dataclasses.replace(pipeline.collect.source, max_steps=pipeline.eval.max_steps)  # as evaluation drives
     known = reference_kinds(source)
     kinds = known if config.kinds is None else tuple(config.kinds)
-    if not kinds or set(kinds) - set(known):
-        unknown = sorted(set(kinds) - set(known))
-        raise ValueError(f"cannot judge drivers {unknown} on {source.name}; expected some of {known}")
+    unknown = sorted(set(kinds) - set(known))
+    if not kinds or unknown:
+        raise ValueError(f"cannot judge drivers {unknown or 'none'} on {source.name}; expected some of {known}")
     first = pipeline.eval.seed if config.seed is None else config.seed
     seeds = list(range(first, first + config.episodes))
     seen = sorted(set(seeds) & set(driven_seeds(run_dir, RunDir(run_dir).dataset)))

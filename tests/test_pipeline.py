@@ -359,7 +359,7 @@ def test_highway_micro_run(tmp_path):
     # the dream's verdict on each reference driver, driven on the evaluation's own seeds and steps: the same real
     # returns as the evaluation's, every real end either caught or missed by the dream
     verdict_json = tmp_path / "verdict.json"
-    bench = [*["bench", "verdict", "--run", str(tmp_path / "hw"), "--episodes", "1", "--workers", "1"]]
+    bench = ["bench", "verdict", "--run", str(tmp_path / "hw"), "--episodes", "1", "--workers", "1"]
     result = worldmodel_cli([*bench, "--json", str(verdict_json)], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| expert |" in result.stdout
