@@ -174,30 +174,7 @@ def test_loss_and_gradients():
         assert next(model.action_embedding.parameters()).grad.abs().sum() > 0
 
 
-def test_context_noise_corrupts_training_inputs_only():
-    torch.manual_seed(0)
-    config = DynamicsConfig(vocab_size=50, tokens_per_frame=64, d_model=32, layers=1, heads=2, context_noise=0.5)
-    model = DynamicsModel(config).train()
-    tokens = torch.randint(0, 50, (256, 3, 64))
-    changed = (model.corrupt(tokens) != tokens).float()
-    per_frame = changed.mean(-1)
-    # each frame draws its own fraction in [0, 0.5]; a replacement draws the same code 1 time in 50
-    assert 0.2 < changed.mean() < 0.27
-    assert per_frame.max() < 0.8 and per_frame.min() < 0.05 and per_frame.std() > 0.1
-    # the loss reads corrupted inputs in training, the clean ones in evaluation, and always scores the real next frame
-    actions = torch.rand(256, 2, 3) * 2 - 1
-    batch = {"tokens": tokens, "actions": actions, "rewards": torch.zeros(256, 2), "terminated": torch.zeros(256, 2)}
-    seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    model.forward_batch(batch)
-    model.eval().forward_batch(batch)
-    assert not torch.equal(seen[0], tokens[:, :-1]) and torch.equal(seen[1], tokens[:, :-1])
-    assert torch.equal(DynamicsModel(DynamicsConfig(context_noise=0.0)).train().corrupt(tokens), tokens)
-
-
 def test_config_validation():
-    with pytest.raises(ValueError):
-        DynamicsModel(DynamicsConfig(context_noise=1.5))
     with pytest.raises(ValueError):
         DynamicsModel(DynamicsConfig(d_model=30, heads=4))
     with pytest.raises(ValueError):

@@ -43,11 +43,6 @@ class DynamicsConfig:
     layers: int = 3
     heads: int = 4
     dropout: float = 0.0
-    context_noise: float = 0.0
-    """In training only: the most of each input frame's tokens replaced by random codes (each frame draws its own
-    fraction uniformly up to this), while the targets stay the real next frames. A model that imagines feeds on
-    its own mistakes; one trained only on clean frames has never seen any and drifts (GameNGen and DIAMOND
-    corrupt their context frames for the same reason). 0: clean inputs."""
     action_every_layer: bool = True
     """Also add a per-layer projection of the action to every position of its frame's block before each layer,
     so the next-frame predictions are conditioned on the action directly, not only by attending to it."""
@@ -90,8 +85,6 @@ class DynamicsConfig:
             )
         if self.refine_layers < 0:
             raise ValueError(f"refine_layers must be >= 0, got {self.refine_layers}")
-        if not 0.0 <= self.context_noise <= 1.0:
-            raise ValueError(f"context_noise is a fraction of tokens in [0, 1], got {self.context_noise}")
 
 
 def to_positions(x: torch.Tensor, config: DynamicsConfig) -> torch.Tensor:
@@ -432,8 +425,7 @@ class DynamicsModel(nn.Module):
         self, tokens: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Teacher-forced losses on a window: tokens (B, T+1, K), actions (B, T, ...), rewards/terminated (B, T)."""
-        inputs = tokens[:, :-1]
-        out = self(self.corrupt(inputs) if self.training else inputs, actions)
+        out = self(tokens[:, :-1], actions)
         target = tokens[:, 1:]
         token_loss = F.cross_entropy(rearrange(out.logits, "b t k v -> (b t k) v").float(), target.reshape(-1))
         reward_loss = F.mse_loss(self.step_reward(out, tokens[:, :-1], target).float(), rewards.float())
@@ -456,15 +448,6 @@ class DynamicsModel(nn.Module):
             "copy_last_accuracy": copy_accuracy,
             **figures,
         }
-
-    def corrupt(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, K) input tokens with up to `context_noise` of each frame's replaced by random codes: each frame
-        draws its fraction uniformly in [0, context_noise], then each token is replaced with that probability."""
-        if self.config.context_noise <= 0:
-            return tokens
-        fraction = torch.rand(*tokens.shape[:-1], 1, device=tokens.device) * self.config.context_noise
-        replaced = torch.rand(tokens.shape, device=tokens.device) < fraction
-        return torch.where(replaced, torch.randint_like(tokens, self.config.vocab_size), tokens)
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["terminated"])
