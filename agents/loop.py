@@ -176,11 +176,19 @@ class ReplayWindows:
     real_end: np.ndarray
     """(W,) the step of the window after which the real episode terminated (a crash, not the time limit), -1 where
     it did not."""
+    end_probability: np.ndarray | None = None
+    """(W, longest window) the termination head's probability at each step of the window, NaN past its end: read
+    at every step, whether the dream had ended there or not."""
 
 
 @torch.no_grad()
 def replay_windows(
-    world: WorldModel, episodes: list[Episode], horizon: int, burn_in: int, batch: int = 256
+    world: WorldModel,
+    episodes: list[Episode],
+    horizon: int,
+    burn_in: int,
+    batch: int = 256,
+    teacher_forced: bool = False,
 ) -> ReplayWindows:
     """The dream's verdict on real episodes along the road they really took, window by window.
 
@@ -188,7 +196,9 @@ def replay_windows(
     window's dream starts from the real frames just before it (up to `burn_in` of them, with the actions between,
     as the dream env starts its dreams), is driven by the recorded actions and pays its predicted rewards until
     its termination head fires or the window ends. One open-loop replay of a whole episode would say little: once
-    its imagined track drifts from the real one, the recorded steering leaves the dream's road. Greedy tokens."""
+    its imagined track drifts from the real one, the recorded steering leaves the dream's road. Greedy tokens.
+    `teacher_forced`: each step starts from the real frame instead of the one the dream drew (what the model makes
+    of real frames, as in its training; the gap to the open loop is the drift)."""
     if horizon < 1 or burn_in < 1:
         raise ValueError(f"horizon and burn_in must be at least 1, got {horizon} and {burn_in}")
     windows = [(e, s) for e, episode in enumerate(episodes) for s in range(0, len(episode), horizon)]
@@ -197,6 +207,7 @@ def replay_windows(
     steps = np.minimum(horizon, np.array([len(episodes[e]) for e in episode_of], dtype=np.int64) - start)
     dream, real = np.zeros(len(windows)), np.zeros(len(windows))
     dream_end, real_end = np.full(len(windows), -1), np.full(len(windows), -1)
+    end_probability = np.full((len(windows), int(steps.max(initial=0))), np.nan)
     for w, (e, s) in enumerate(windows):
         real[w] = float(np.sum(episodes[e].rewards[s : s + steps[w]], dtype=np.float64))
         ended = np.flatnonzero(np.asarray(episodes[e].terminated[s : s + steps[w]]))
@@ -225,9 +236,14 @@ def replay_windows(
                 fired = alive & prediction.terminated.cpu().numpy()
                 ended[fired] = t
                 alive &= ~fired
+                inside = t < lengths
+                end_probability[chunk[inside], t] = prediction.end_probability.cpu().numpy()[inside]
                 current = prediction.tokens
+                if teacher_forced:
+                    real = np.stack([np.asarray(episodes[e].frames[i + 1]) for e, i in zip(rows, taken, strict=True)])
+                    current = world.tokenizer.encode(torch.from_numpy(real).to(world.device)).tokens
             dream[chunk], dream_end[chunk] = earned, ended
-    return ReplayWindows(episode_of, start, steps, dream, real, dream_end, real_end)
+    return ReplayWindows(episode_of, start, steps, dream, real, dream_end, real_end, end_probability)
 
 
 def dream_replay(

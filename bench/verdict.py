@@ -14,6 +14,12 @@ the windows the simulator ended:
 
 A dream in which PPO is to learn what the expert knows has to pay the expert's driving at least what it pays
 braking, and to end the windows where real driving crashes: a policy is trained on exactly these two signals.
+
+`foresight` asks whether the termination head would have seen the ends coming, step by step: over every driver's
+windows, the ROC AUC of its probability against "the episode ends within the lookahead it was trained for" (1:
+every end scored above every other step; 0.5: chance), by how far the step lies into its window, once with the
+dream drawing its own frames (as PPO dreams) and once fed the real ones (as in training). The gap between the two
+is what drift costs the head.
 """
 
 from __future__ import annotations
@@ -59,6 +65,63 @@ def _record(args: tuple[str, str, SourceConfig, int]) -> tuple[str, int, Episode
     episode, _ = record_episode(env, make_driver(kind, env, Path(run_dir), source), seed)
     env.close()
     return kind, seed, episode
+
+
+def roc_auc(score: np.ndarray, label: np.ndarray) -> float:
+    """The probability that a labelled sample scores above an unlabelled one (ties count one half); NaN without both."""
+    score, label = np.asarray(score, dtype=np.float64), np.asarray(label, dtype=bool)
+    positives, negatives = int(label.sum()), int((~label).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    values, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based ranks, tied scores share their mean
+    ranks = mean_rank[inverse]
+    return float((ranks[label].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def end_labels(windows: ReplayWindows, episodes: list[Episode], lookahead: int) -> np.ndarray:
+    """(W, longest window) True at the steps whose real episode terminates within `lookahead` steps (the step of the
+    end included: the termination head's training target, `TokenizedDataset.foreseen_terminations`)."""
+    width = 0 if windows.end_probability is None else windows.end_probability.shape[1]
+    labels = np.zeros((len(windows.steps), width), dtype=bool)
+    for w, (e, start) in enumerate(zip(windows.episode, windows.start, strict=True)):
+        episode = episodes[e]
+        if len(episode) and episode.terminated[-1]:
+            index = start + np.arange(width)
+            labels[w] = index >= len(episode) - lookahead
+    return labels
+
+
+def foresight_figures(
+    replays: list[tuple[ReplayWindows, ReplayWindows, list[Episode]]], lookahead: int, horizon: int
+) -> dict[str, Any]:
+    """Termination-head ROC AUC, open loop against teacher-forced, by the step's place in its window, over the
+    (open loop, teacher-forced, episodes) replays of every driver pooled."""
+    scores: dict[str, list[np.ndarray]] = {"open_loop": [], "teacher_forced": []}
+    labels, places = [], []
+    for open_loop, forced, episodes in replays:
+        valid = ~np.isnan(open_loop.end_probability)
+        scores["open_loop"].append(open_loop.end_probability[valid])
+        scores["teacher_forced"].append(forced.end_probability[valid])
+        labels.append(end_labels(open_loop, episodes, lookahead)[valid])
+        places.append(np.broadcast_to(np.arange(valid.shape[1]), valid.shape)[valid])
+    label, place = np.concatenate(labels), np.concatenate(places)
+    pooled = {mode: np.concatenate(parts) for mode, parts in scores.items()}
+    edges = sorted({0, 1, 3, 8, horizon} & set(range(horizon + 1)))
+    spans = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)] + [(0, horizon)]
+    rows = []
+    for lo, hi in spans:
+        inside = (place >= lo) & (place < hi)
+        rows.append(
+            {
+                "from": lo,
+                "to": hi - 1,
+                "steps": int(inside.sum()),
+                "labelled": int(label[inside].sum()),
+                **{mode: roc_auc(pooled[mode][inside], label[inside]) for mode in pooled},
+            }
+        )
+    return {"lookahead": lookahead, "rows": rows}
 
 
 def verdict_figures(windows: ReplayWindows, episodes: int) -> dict[str, Any]:
@@ -107,10 +170,13 @@ def bench_verdict(run_dir: str | Path, config: VerdictConfig, json_path: str | P
     progress.close()
     settings = pipeline.ppo.dream()
     horizon, burn_in = settings.horizon, settings.context_for(world.dynamics.config.context_frames)
-    drivers = {}
+    drivers, replays = {}, []
     for kind in kinds:
-        windows = replay_windows(world, [recorded[kind][s] for s in seeds], horizon, burn_in)
+        episodes = [recorded[kind][s] for s in seeds]
+        windows = replay_windows(world, episodes, horizon, burn_in)
         drivers[kind] = verdict_figures(windows, len(seeds))
+        replays.append((windows, replay_windows(world, episodes, horizon, burn_in, teacher_forced=True), episodes))
+    lookahead = pipeline.dynamics.termination_lookahead
     figures = {
         "run": str(run_dir),
         "source": source.name,
@@ -119,6 +185,7 @@ def bench_verdict(run_dir: str | Path, config: VerdictConfig, json_path: str | P
         "burn_in": burn_in,
         "config": dataclasses.asdict(config),
         "drivers": drivers,
+        "foresight": foresight_figures(replays, lookahead, horizon),
     }
     if json_path is not None:
         write_json_atomic(json_path, figures)
@@ -141,4 +208,21 @@ def format_markdown(figures: dict[str, Any]) -> str:
             f"| {kind} | {row['real_return']:.2f} | {row['dream_return']:.2f} | {row['gap']:+.2f} | {row['windows']} | "
             f"{row['real_ends']} | {row['caught']}{lead} | {row['missed']} | {row['false_ends']} |"
         )
+    foresight = figures["foresight"]
+    lines += [
+        "",
+        f'Does the termination head see the end coming? ROC AUC of its probability against "the episode ends within '
+        f"{foresight['lookahead']} steps\", every driver's windows pooled (0.5: no better than chance):",
+        "",
+        "| steps into the window | steps | labelled | dream's own frames | real frames |",
+        "|---|---|---|---|---|",
+    ]
+    for row in foresight["rows"]:
+        span = (
+            "all"
+            if row is foresight["rows"][-1]
+            else f"{row['from']}" + (f" to {row['to']}" if row["to"] > row["from"] else "")
+        )
+        auc = [f"{row[mode]:.3f}" if np.isfinite(row[mode]) else "n/a" for mode in ("open_loop", "teacher_forced")]
+        lines.append(f"| {span} | {row['steps']} | {row['labelled']} | {auc[0]} | {auc[1]} |")
     return "\n".join(lines)

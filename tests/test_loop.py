@@ -416,6 +416,78 @@ def test_replay_windows_say_where_the_dream_and_the_episode_ended(box_world, box
     assert real[2] == pytest.approx(float(np.sum(episodes[2].rewards)), rel=1e-5)
 
 
+class _Recording:
+    """A world model that remembers the current tokens each imagined step starts from."""
+
+    def __init__(self, world):
+        self.world, self.seen, self.drawn = world, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.world, name)
+
+    def imagine(self, cache, tokens, actions, *args, **kwargs):
+        self.seen.append(tokens.clone())
+        prediction = self.world.imagine(cache, tokens, actions, *args, **kwargs)
+        self.drawn.append(prediction.tokens.clone())
+        return prediction
+
+
+def test_teacher_forced_replay_starts_each_step_from_the_real_frame(box_world, box_data):
+    dataset = Dataset.open(box_data)
+    episodes = [dataset.load(0)]
+    horizon = 4
+    for forced in (False, True):
+        world = _Recording(box_world)
+        windows = replay_windows(world, episodes, horizon=horizon, burn_in=2, teacher_forced=forced)
+        # one batch per context length: the first window (1 real frame) alone, then every later one (2 frames)
+        full = windows.start[1:-1]  # the later windows that run the whole horizon (the last may be shorter)
+        assert len(full) >= 2 and (windows.steps[1:-1] == horizon).all()
+        seen, drawn = world.seen[horizon:], world.drawn[horizon:]
+        for t in range(1, horizon):
+            real = box_world.tokenizer.encode(torch.from_numpy(np.stack([episodes[0].frames[s + t] for s in full])))
+            expected = real.tokens if forced else drawn[t - 1][: len(full)]
+            assert torch.equal(seen[t][: len(full)], expected)
+        probability = windows.end_probability
+        assert probability.shape == (len(windows.steps), horizon)
+        inside = np.arange(horizon)[None] < windows.steps[:, None]
+        assert np.isnan(probability[~inside]).all() and ((probability[inside] >= 0) & (probability[inside] <= 1)).all()
+    # a dream that draws its own frames drifts from the real ones somewhere in a box world's windows
+    open_loop = replay_windows(box_world, episodes, horizon=horizon, burn_in=2)
+    assert not np.allclose(open_loop.end_probability, windows.end_probability, equal_nan=True)
+
+
+def test_foresight_scores_the_head_against_the_ends_it_was_trained_to_foresee():
+    from bench.verdict import end_labels, foresight_figures, roc_auc
+
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert roc_auc([0.5, 0.5, 0.2], [True, False, False]) == pytest.approx(0.75)  # a tie counts one half
+    assert np.isnan(roc_auc([0.1, 0.2], [False, False]))
+    last = np.array([0, 0, 0, 0, 1], bool)
+    frames, actions, rewards = np.zeros((6, 4, 4, 3), np.uint8), np.zeros(5, np.int64), np.zeros(5, np.float32)
+    crashed = Episode(frames, actions, rewards, last, np.zeros(5, bool))
+    timed_out = Episode(crashed.frames, crashed.actions, crashed.rewards, np.zeros(5, bool), last)
+    probability = np.array([[0.1, 0.2, 0.3], [0.9, 0.8, np.nan], [0.1, 0.1, 0.1], [0.2, 0.2, np.nan]])
+    windows = ReplayWindows(
+        episode=np.array([0, 0, 1, 1]),
+        start=np.array([0, 3, 0, 3]),
+        steps=np.array([3, 2, 3, 2]),
+        dream=np.zeros(4),
+        real=np.zeros(4),
+        dream_end=np.full(4, -1),
+        real_end=np.array([-1, 1, -1, -1]),
+        end_probability=probability,
+    )
+    labels = end_labels(windows, [crashed, timed_out], lookahead=2)
+    # the crashed episode's last two steps (3 and 4) are labelled; the one cut by the time limit has none
+    assert labels.tolist() == [[False] * 3, [True, True, True], [False] * 3, [False] * 3]
+    forced = dataclasses.replace(windows, end_probability=np.where(np.isnan(probability), np.nan, 0.5))
+    figures = foresight_figures([(windows, forced, [crashed, timed_out])], lookahead=2, horizon=3)
+    rows = {(row["from"], row["to"]): row for row in figures["rows"]}
+    assert rows[(0, 0)]["labelled"] == 1 and rows[(0, 0)]["open_loop"] == pytest.approx(1.0)
+    assert rows[(0, 2)]["steps"] == 10 and rows[(0, 2)]["labelled"] == 2
+    assert rows[(0, 2)]["open_loop"] == pytest.approx(1.0) and rows[(0, 2)]["teacher_forced"] == pytest.approx(0.5)
+
+
 def test_verdict_counts_caught_missed_and_false_ends():
     from bench.verdict import verdict_figures
 

@@ -27,6 +27,7 @@ class StepPrediction:
     tokens: torch.Tensor  # (b, h, w) next frame
     reward: torch.Tensor  # (b,)
     terminated: torch.Tensor  # (b,) bool
+    end_probability: torch.Tensor  # (b,) the termination head's probability that the episode ends here
 
 
 def token_grid_space(grid_size: int, codebook_size: int) -> gym.spaces.MultiDiscrete:
@@ -243,12 +244,12 @@ class WorldModel:
         )
         reward = self.dynamics.step_reward(out, tokens.flatten(1)[:, None], next_tokens[:, None])[:, 0]
         logit = out.termination_logit[:, 0]
+        probability = torch.sigmoid(logit.float())
         if sampling.sample_ends:
-            draw = torch.rand(logit.shape, generator=generator, device=logit.device)
-            terminated = draw < torch.sigmoid(logit.float())
+            terminated = torch.rand(logit.shape, generator=generator, device=logit.device) < probability
         else:
             terminated = logit > 0
-        return StepPrediction(next_tokens.view(tokens.shape), reward.float(), terminated)
+        return StepPrediction(next_tokens.view(tokens.shape), reward.float(), terminated, probability)
 
     @torch.no_grad()
     def burn_in(self, cache: KVCache, tokens: torch.Tensor, actions: torch.Tensor, rows: torch.Tensor) -> None:
