@@ -8,6 +8,7 @@ from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
 
 from envs.dream import DreamEnv, DreamVectorEnv, check_actions
+from worldmodel.world_model import Sampling
 
 BURN_IN = 2
 
@@ -232,6 +233,11 @@ def test_sampled_ends_end_dreams_with_the_heads_probability(box_world):
         return np.stack([envs.step(actions)[2] for _ in range(5)])
 
     assert not ends(False, 0).any()
+    # the step's prediction carries the head's probability itself, whether the end is drawn or thresholded
+    tokens = torch.as_tensor(risky.contexts.tokens[:4]).long()
+    for sampling in (Sampling(), Sampling(sample_ends=True)):
+        prediction = risky.imagine(risky.dynamics.new_cache(4), tokens, torch.zeros(4, 3), sampling=sampling)
+        np.testing.assert_allclose(prediction.end_probability.numpy(), 0.3, rtol=1e-5)
     sampled = ends(True, 0)
     assert 0.2 < sampled.mean() < 0.4  # 320 draws at p = 0.3: a standard deviation of 0.026
     np.testing.assert_array_equal(sampled, ends(True, 0))
