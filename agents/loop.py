@@ -240,8 +240,8 @@ def replay_windows(
                 end_probability[chunk[inside], t] = prediction.end_probability.cpu().numpy()[inside]
                 current = prediction.tokens
                 if teacher_forced:
-                    real = np.stack([np.asarray(episodes[e].frames[i + 1]) for e, i in zip(rows, taken, strict=True)])
-                    current = world.tokenizer.encode(torch.from_numpy(real).to(world.device)).tokens
+                    seen = np.stack([np.asarray(episodes[e].frames[i + 1]) for e, i in zip(rows, taken, strict=True)])
+                    current = world.tokenizer.encode(torch.from_numpy(seen).to(world.device)).tokens
             dream[chunk], dream_end[chunk] = earned, ended
     return ReplayWindows(episode_of, start, steps, dream, real, dream_end, real_end, end_probability)
 

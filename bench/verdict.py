@@ -73,7 +73,7 @@ def roc_auc(score: np.ndarray, label: np.ndarray) -> float:
     positives, negatives = int(label.sum()), int((~label).sum())
     if positives == 0 or negatives == 0:
         return float("nan")
-    values, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
     mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based ranks, tied scores share their mean
     ranks = mean_rank[inverse]
     return float((ranks[label].sum() - positives * (positives + 1) / 2) / (positives * negatives))

@@ -441,7 +441,7 @@ def test_teacher_forced_replay_starts_each_step_from_the_real_frame(box_world, b
         windows = replay_windows(world, episodes, horizon=horizon, burn_in=2, teacher_forced=forced)
         # one batch per context length: the first window (1 real frame) alone, then every later one (2 frames)
         full = windows.start[1:-1]  # the later windows that run the whole horizon (the last may be shorter)
-        assert len(full) >= 2 and (windows.steps[1:-1] == horizon).all()
+        assert len(full) >= 1 and (windows.steps[1:-1] == horizon).all()
         seen, drawn = world.seen[horizon:], world.drawn[horizon:]
         for t in range(1, horizon):
             real = box_world.tokenizer.encode(torch.from_numpy(np.stack([episodes[0].frames[s + t] for s in full])))
@@ -451,9 +451,12 @@ def test_teacher_forced_replay_starts_each_step_from_the_real_frame(box_world, b
         assert probability.shape == (len(windows.steps), horizon)
         inside = np.arange(horizon)[None] < windows.steps[:, None]
         assert np.isnan(probability[~inside]).all() and ((probability[inside] >= 0) & (probability[inside] <= 1)).all()
-    # a dream that draws its own frames drifts from the real ones somewhere in a box world's windows
+    # a dream that draws its own frames drifts from the real ones somewhere in a box world's windows; the windows'
+    # real figures do not depend on how the dream is fed
     open_loop = replay_windows(box_world, episodes, horizon=horizon, burn_in=2)
     assert not np.allclose(open_loop.end_probability, windows.end_probability, equal_nan=True)
+    np.testing.assert_array_equal(open_loop.real, windows.real)
+    np.testing.assert_array_equal(open_loop.real_end, windows.real_end)
 
 
 def test_foresight_scores_the_head_against_the_ends_it_was_trained_to_foresee():
