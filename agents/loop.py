@@ -228,7 +228,8 @@ def replay_windows(
             current, alive = tokens[:, -1], np.ones(len(chunk), dtype=bool)
             earned, ended = np.zeros(len(chunk)), np.full(len(chunk), -1)
             for t in range(int(lengths.max())):
-                alive &= t < lengths
+                inside = t < lengths  # the window still has a step t (its dream may have ended)
+                alive &= inside
                 taken = np.minimum(starts + t, starts + lengths - 1)
                 step = np.stack([np.asarray(episodes[e].actions[i]) for e, i in zip(rows, taken, strict=True)])
                 prediction = world.imagine(cache, current, world.action_tensor(step))
@@ -236,7 +237,6 @@ def replay_windows(
                 fired = alive & prediction.terminated.cpu().numpy()
                 ended[fired] = t
                 alive &= ~fired
-                inside = t < lengths
                 end_probability[chunk[inside], t] = prediction.end_probability.cpu().numpy()[inside]
                 current = prediction.tokens
                 if teacher_forced:
