@@ -259,14 +259,13 @@ def dream_replay(
 
 
 @torch.no_grad()
-def dream_policy_returns(
-    world: WorldModel, first_tokens: torch.Tensor, lengths: np.ndarray, policy: ActorCritic
-) -> np.ndarray:
+def dream_policy_returns(world: WorldModel, first_tokens: torch.Tensor, steps: int, policy: ActorCritic) -> np.ndarray:
     """What the dream pays `policy` over whole episodes: (E,) sums of predicted rewards.
 
     Each dream starts from its frame's tokens `first_tokens` (E, h, w) with no other context, as a real episode
-    does, and runs `lengths[e]` steps or until its termination head fires, the policy acting as it is scored
-    (closed loop: the dream's own return of the policy). Greedy tokens."""
+    does, and runs `steps` steps or until its termination head fires, the policy acting as it is scored (closed
+    loop: the dream's own return of the policy). Greedy tokens. The real episode's length is no limit: a dream
+    that does not foresee the crash that ended it goes on paying, and that is the flattery this figure shows."""
     count, device = len(first_tokens), world.device
     space = world.action_space
     bounds = action_bounds(space, device)
@@ -277,8 +276,7 @@ def dream_policy_returns(
     world.burn_in(cache, tokens[:, None], world.action_tensor(empty), rows)
     totals = np.zeros(count)
     alive = np.ones(count, dtype=bool)
-    for t in range(int(max(lengths))):
-        alive &= t < lengths
+    for _ in range(steps):
         if not alive.any():
             break
         action = policy.act(tokens, deterministic=True, bounds=bounds)[0]
@@ -304,8 +302,9 @@ def dream_gap(
       windows of the `settings`' horizon from its burn-in's real frames, as PPO dreams, driven by the recorded
       actions); `dream_gap` is it minus the real return (positive: the dream pays for what did not pay);
     - `dream_policy_return` (and `real_policy_return`): from the first frames of the episodes in which the policy
-      acted deterministically, the policy driving the dream for their whole length, against those episodes'
-      real returns."""
+      acted deterministically, the policy driving the dream until the dream ends it or for as many steps as the
+      dataset's longest episode (the simulator's time limit, as far as the data shows it), against those
+      episodes' real returns."""
     names = {record.name: i for i, record in enumerate(dataset.episodes)}
     episodes = [dataset.load(names[item["record"].name]) for item in collected]
     burn_in = settings.context_for(world.dynamics.config.context_frames)
@@ -319,8 +318,8 @@ def dream_gap(
     if chosen.any():
         frames = np.stack([np.asarray(episodes[i].frames[0]) for i in np.flatnonzero(chosen)])
         first = world.tokenizer.encode(torch.from_numpy(frames).to(world.device)).tokens
-        lengths = np.array([len(episodes[i]) for i in np.flatnonzero(chosen)])
-        figures["dream_policy_return"] = float(dream_policy_returns(world, first, lengths, policy).mean())
+        limit = max(record.length for record in dataset.episodes)
+        figures["dream_policy_return"] = float(dream_policy_returns(world, first, limit, policy).mean())
         figures["real_policy_return"] = float(real[chosen].mean())
     return figures
 

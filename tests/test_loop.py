@@ -39,6 +39,7 @@ from worldmodel.train import (
     train_dynamics,
 )
 from worldmodel.trainer import TrainConfig
+from worldmodel.world_model import StepPrediction
 
 # --- the manifest ------------------------------------------------------------------------------------------------
 
@@ -516,11 +517,36 @@ def test_dream_policy_returns_drive_the_dream_from_first_frames(box_world, box_d
     policy = ActorCritic.for_spaces(
         gym.spaces.MultiDiscrete(np.full((4, 4), 12)), box_world.action_space, (4, 3), hidden=16
     )
-    lengths = np.array([12, 5, 9])
-    together = dream_policy_returns(box_world, first, lengths, policy)
-    alone = [dream_policy_returns(box_world, first[i : i + 1], lengths[i : i + 1], policy) for i in range(3)]
+    together = dream_policy_returns(box_world, first, 9, policy)
+    alone = [dream_policy_returns(box_world, first[i : i + 1], 9, policy) for i in range(3)]
     np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-5, atol=1e-5)
     assert np.isfinite(together).all()
+
+
+class _Ending(_Recording):
+    """A world model that pays 1 a step and ends row r's dream at its step `ends[r]` (-1: never)."""
+
+    def __init__(self, world, ends):
+        super().__init__(world)
+        self.ends = torch.as_tensor(ends)
+
+    def imagine(self, cache, tokens, actions, *args, **kwargs):
+        prediction = super().imagine(cache, tokens, actions, *args, **kwargs)
+        ended = self.ends == len(self.seen) - 1
+        return StepPrediction(prediction.tokens, torch.ones(len(tokens)), ended, ended.float())
+
+
+def test_dream_policy_returns_run_until_the_dream_ends_not_the_real_episode(box_world, box_data):
+    """The dream's return of a policy is what the dream would pay it: a dream that misses the crash that ended a
+    real episode after 3 steps pays on to the time limit."""
+    dataset = Dataset.open(box_data)
+    first = box_world.tokenizer.encode(torch.from_numpy(np.stack([dataset.load(i).frames[0] for i in range(3)])))
+    policy = ActorCritic.for_spaces(
+        gym.spaces.MultiDiscrete(np.full((4, 4), 12)), box_world.action_space, (4, 3), hidden=16
+    )
+    world = _Ending(box_world, [2, -1, 0])
+    np.testing.assert_array_equal(dream_policy_returns(world, first.tokens, 10, policy), [3.0, 10.0, 1.0])
+    assert len(world.seen) == 10
 
 
 def test_round_figures_score_the_deterministic_episodes_with_their_intro_reward():
