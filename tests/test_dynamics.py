@@ -1,5 +1,3 @@
-import dataclasses
-
 import pytest
 import torch
 
@@ -176,35 +174,7 @@ def test_loss_and_gradients():
         assert next(model.action_embedding.parameters()).grad.abs().sum() > 0
 
 
-def test_own_frames_feed_the_models_own_guesses_in_training_only():
-    torch.manual_seed(0)
-    config = DynamicsConfig(vocab_size=12, tokens_per_frame=16, action_dim=3, d_model=32, layers=1, heads=2, patch=2)
-    tokens, actions = torch.randint(0, 12, (8, 4, 16)), torch.rand(8, 3, 3) * 2 - 1
-    batch = {"tokens": tokens, "actions": actions, "rewards": torch.zeros(8, 3), "terminated": torch.zeros(8, 3)}
-    for own in (0.0, 1.0, 0.5):
-        model = DynamicsModel(dataclasses.replace(config, own_frames=own)).train()
-        seen = []
-        model.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0]))
-        model.forward_batch(batch)
-        passes, inputs = len(seen), seen[-1]
-        guesses = model(tokens[:, :-1], actions).logits.argmax(-1)  # the guess at each next frame
-        assert torch.equal(inputs[:, 0], tokens[:, 0])  # a window's first frame is always real
-        own_frame = (inputs[:, 1:] == guesses[:, :-1]).all(-1)
-        real_frame = (inputs[:, 1:] == tokens[:, 1:-1]).all(-1)
-        assert (own_frame | real_frame).all()
-        if own == 0.0:
-            assert passes == 1 and real_frame.all()
-        elif own == 1.0:
-            assert own_frame.all() and not real_frame.all()
-        else:
-            assert own_frame.any() and real_frame.any()
-        model.eval().forward_batch(batch)  # evaluation reads the real frames
-        assert torch.equal(seen[-1], tokens[:, :-1])
-
-
 def test_config_validation():
-    with pytest.raises(ValueError):
-        DynamicsModel(DynamicsConfig(own_frames=1.5))
     with pytest.raises(ValueError):
         DynamicsModel(DynamicsConfig(d_model=30, heads=4))
     with pytest.raises(ValueError):

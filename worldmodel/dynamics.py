@@ -43,11 +43,6 @@ class DynamicsConfig:
     layers: int = 3
     heads: int = 4
     dropout: float = 0.0
-    own_frames: float = 0.0
-    """In training only: the probability that an input frame after a window's first is replaced by the model's own
-    greedy prediction of it (from a first pass without gradients over the real frames), while the targets stay the
-    real next frames: parallel scheduled sampling, so that the model learns to predict from frames it drew itself,
-    as it must when it imagines. Costs a forward pass per step. 0: real inputs only."""
     action_every_layer: bool = True
     """Also add a per-layer projection of the action to every position of its frame's block before each layer,
     so the next-frame predictions are conditioned on the action directly, not only by attending to it."""
@@ -90,8 +85,6 @@ class DynamicsConfig:
             )
         if self.refine_layers < 0:
             raise ValueError(f"refine_layers must be >= 0, got {self.refine_layers}")
-        if not 0.0 <= self.own_frames <= 1.0:
-            raise ValueError(f"own_frames is a probability in [0, 1], got {self.own_frames}")
 
 
 def to_positions(x: torch.Tensor, config: DynamicsConfig) -> torch.Tensor:
@@ -432,10 +425,7 @@ class DynamicsModel(nn.Module):
         self, tokens: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Teacher-forced losses on a window: tokens (B, T+1, K), actions (B, T, ...), rewards/terminated (B, T)."""
-        inputs = tokens[:, :-1]
-        if self.training and self.config.own_frames > 0:
-            inputs = self.own_inputs(inputs, actions)
-        out = self(inputs, actions)
+        out = self(tokens[:, :-1], actions)
         target = tokens[:, 1:]
         token_loss = F.cross_entropy(rearrange(out.logits, "b t k v -> (b t k) v").float(), target.reshape(-1))
         reward_loss = F.mse_loss(self.step_reward(out, tokens[:, :-1], target).float(), rewards.float())
@@ -458,16 +448,6 @@ class DynamicsModel(nn.Module):
             "copy_last_accuracy": copy_accuracy,
             **figures,
         }
-
-    @torch.no_grad()
-    def own_inputs(self, inputs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """(B, T, K) input frames with each frame after the first replaced, with probability `own_frames`, by this
-        model's greedy prediction of it from the real frames before it."""
-        predicted = self(inputs, actions).logits.argmax(-1)  # predicted[:, t] is the guess at inputs[:, t + 1]
-        swap = torch.rand(*inputs.shape[:2], 1, device=inputs.device)[:, 1:] < self.config.own_frames
-        mixed = inputs.clone()
-        mixed[:, 1:] = torch.where(swap, predicted[:, :-1], inputs[:, 1:])
-        return mixed
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["terminated"])
