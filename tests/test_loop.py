@@ -510,13 +510,17 @@ def test_verdict_counts_caught_missed_and_false_ends():
     assert figures["real_return"] == pytest.approx(16.0 / 4) and figures["gap"] == pytest.approx(-6.0 / 4)
 
 
+def _first_frames_and_policy(world, data):
+    """The box dataset's first three episodes' first-frame tokens and an untrained policy for its dream."""
+    dataset = Dataset.open(data)
+    frames = np.stack([np.asarray(dataset.load(i).frames[0]) for i in range(3)])
+    grid = gym.spaces.MultiDiscrete(np.full((4, 4), 12))
+    policy = ActorCritic.for_spaces(grid, world.action_space, (4, 3), hidden=16)
+    return world.tokenizer.encode(torch.from_numpy(frames)).tokens, policy
+
+
 def test_dream_policy_returns_drive_the_dream_from_first_frames(box_world, box_data):
-    dataset = Dataset.open(box_data)
-    episodes = [dataset.load(i) for i in range(3)]
-    first = box_world.tokenizer.encode(torch.from_numpy(np.stack([np.asarray(e.frames[0]) for e in episodes]))).tokens
-    policy = ActorCritic.for_spaces(
-        gym.spaces.MultiDiscrete(np.full((4, 4), 12)), box_world.action_space, (4, 3), hidden=16
-    )
+    first, policy = _first_frames_and_policy(box_world, box_data)
     together = dream_policy_returns(box_world, first, 9, policy)
     alone = [dream_policy_returns(box_world, first[i : i + 1], 9, policy) for i in range(3)]
     np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-5, atol=1e-5)
@@ -539,13 +543,9 @@ class _Ending(_Recording):
 def test_dream_policy_returns_run_until_the_dream_ends_not_the_real_episode(box_world, box_data):
     """The dream's return of a policy is what the dream would pay it: a dream that misses the crash that ended a
     real episode after 3 steps pays on to the time limit."""
-    dataset = Dataset.open(box_data)
-    first = box_world.tokenizer.encode(torch.from_numpy(np.stack([dataset.load(i).frames[0] for i in range(3)])))
-    policy = ActorCritic.for_spaces(
-        gym.spaces.MultiDiscrete(np.full((4, 4), 12)), box_world.action_space, (4, 3), hidden=16
-    )
+    first, policy = _first_frames_and_policy(box_world, box_data)
     world = _Ending(box_world, [2, -1, 0])
-    np.testing.assert_array_equal(dream_policy_returns(world, first.tokens, 10, policy), [3.0, 10.0, 1.0])
+    np.testing.assert_array_equal(dream_policy_returns(world, first, 10, policy), [3.0, 10.0, 1.0])
     assert len(world.seen) == 10
 
 
