@@ -189,10 +189,16 @@ def test_collect_twice_in_one_process_uses_each_config(tmp_path):
     assert dataset.episodes[0].length == 6
 
 
-def _road_width(frame: np.ndarray) -> int:
-    """Pixels between the outermost lane lines of a highway frame, across the road (its lines run down the frame)."""
+def _road_lines(frame: np.ndarray) -> tuple[int, int]:
+    """Columns of the outermost lane lines of a highway frame (its lines run down the frame)."""
     lines = np.flatnonzero((frame[..., 0] > 200).mean(axis=0) > 0.3)
-    return int(lines[-1] - lines[0])
+    return int(lines[0]), int(lines[-1])
+
+
+def _road_width(frame: np.ndarray) -> int:
+    """Pixels between the outermost lane lines of a highway frame, across the road."""
+    first, last = _road_lines(frame)
+    return last - first
 
 
 def test_highway_view_sets_the_metres_the_frame_shows():
@@ -210,8 +216,32 @@ def test_highway_view_sets_the_metres_the_frame_shows():
     assert _road_width(far) == pytest.approx(12 * 1.0, abs=1)
     with pytest.raises(ValueError, match="carracing's view cannot be set.*highway"):
         SourceConfig("carracing", view=(10.0, 40.0))
-    with pytest.raises(ValueError, match=r"expected \[behind, ahead\] in metres"):
+    with pytest.raises(ValueError, match=r"expected \[behind, ahead\] or \[behind, ahead, across\] in metres"):
         SourceConfig("highway", view=(10.0, 0.0))
+    with pytest.raises(ValueError, match="across > 0"):
+        SourceConfig("highway", view=(10.0, 40.0, 0.0))
+
+
+def test_highway_view_across_stretches_the_road_and_keeps_it_put():
+    """A third figure, metres across the road, draws the three 4-metre lanes over the frame's width (17 m across:
+    45 pixels, not 12) with the road's middle in the frame's middle, so that a lane change moves the car, not the
+    road; along the road the frame still spans `behind + ahead` metres (the car 13 pixels from its top edge)."""
+    env = make_source_env(SourceConfig("highway", view=(13.0, 51.0, 17.0)))
+    frame, _ = env.reset(seed=2)
+    assert frame.shape == (64, 64, 1)
+    start = env.unwrapped.vehicle.position[1]
+    frames = [frame] + [env.step(action)[0] for action in (0, 0, 1)]  # LANE_LEFT twice, then IDLE
+    assert env.unwrapped.vehicle.position[1] != pytest.approx(start, abs=1.0)  # it did change lane
+    env.close()
+    lines = {_road_lines(frame) for frame in frames}
+    assert len(lines) == 1, f"the road moved across the frame: {lines}"
+    first, last = lines.pop()
+    assert last - first == pytest.approx(12 * 64 / 17, abs=1.5)
+    assert (first + last) / 2 == pytest.approx(31.5, abs=1.5)
+    # the car (green, mid-grey here; the others are yellow, lighter) is where its lane is, 13 pixels from the top
+    column = round(31.5 + (start - 4.0) * 64 / 17)
+    car = frames[0][10:17, column - 2 : column + 3, 0]
+    assert ((car > 110) & (car < 160)).sum() >= 8
 
 
 def test_collect_highway(tmp_path):

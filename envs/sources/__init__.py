@@ -44,11 +44,15 @@ __all__ = [
 ]
 
 
-def check_view(view: Any, what: str = "view") -> None:
-    """Refuses a (behind, ahead) stretch of road in metres that shows nothing ahead: `SourceConfig.view`, and the
-    sight of `bench sight`'s scripted driver."""
-    if len(view) != 2 or not (view[0] >= 0 and view[1] > 0):
-        raise ValueError(f"{what} {view}: expected [behind, ahead] in metres, behind >= 0 and ahead > 0")
+def check_view(view: Any, what: str = "view", across: bool = False) -> None:
+    """Refuses a (behind, ahead) stretch of road in metres that shows nothing ahead: the sight of `bench sight`'s
+    scripted driver, and, with `across` (a third figure allowed: the metres shown across the road, > 0),
+    `SourceConfig.view`."""
+    shape = "[behind, ahead] or [behind, ahead, across]" if across else "[behind, ahead]"
+    sizes = (2, 3) if across else (2,)
+    if len(view) not in sizes or not (view[0] >= 0 and view[1] > 0 and (len(view) == 2 or view[2] > 0)):
+        extra = ", across > 0" if across else ""
+        raise ValueError(f"{what} {view}: expected {shape} in metres, behind >= 0 and ahead > 0{extra}")
 
 
 def get_source(name: str) -> Source:
@@ -76,11 +80,13 @@ class SourceConfig:
     """Draw the car's own gauges into the frames of a simulator that shows none (`Source.gauges`; highway: its speed
     as a bar at the right edge). Off by default: on highway the dream then tells FASTER from SLOWER, but its
     policies speed into crashes it does not foresee (docs/loop.md, "highway's speed bar")."""
-    view: tuple[float, float] | None = None
-    """(behind, ahead): metres of road the frames show behind and ahead of the car, for a simulator whose view can be
+    view: tuple[float, ...] | None = None
+    """(behind, ahead) or (behind, ahead, across): metres of road the frames show behind and ahead of the car, and
+    across the road centred on it (default: as many as along it, square pixels), for a simulator whose view can be
     set (`Source.view`; highway's own: 11.0 and 25.6 on 64 pixels, 1.75 pixels per metre); None: the simulator's own
     view. Farther means smaller cars; nearer can hide what decides the driving: the scripted highway driver, blinded
-    beyond 25.6 m ahead, scores below braking (docs/loop.md, "highway's view ahead")."""
+    beyond 25.6 m ahead, scores below braking (docs/loop.md, "highway's view ahead"). Fewer metres across than along
+    stretch the road sideways over the frame's width: highway's [13, 51, 21] draws each car 6 pixels wide, not 2."""
 
     def __post_init__(self) -> None:
         source = get_source(self.name)
@@ -93,7 +99,7 @@ class SourceConfig:
             settable = ", ".join(n for n, s in SOURCES.items() if s.view) or "none"
             if source.view is None:
                 raise ValueError(f"view: {self.name}'s view cannot be set (sources whose can: {settable})")
-            check_view(self.view)
+            check_view(self.view, across=True)
         height, width = self.frame_shape
         if height != width and source.draw_full is None:
             raise ValueError(

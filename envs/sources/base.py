@@ -24,9 +24,9 @@ class Source:
     """The name presets and `--source` use."""
     simulator: str
     """The simulator's own id, as tables and benches show it (`CarRacing-v3`)."""
-    make_simulator: Callable[[int, str | None, tuple[float, float] | None], gym.Env]
+    make_simulator: Callable[[int, str | None, tuple[float, ...] | None], gym.Env]
     """(frame_size, render_mode, view) -> the simulator, configured to draw frames near that size, showing `view`'s
-    (behind, ahead) metres of road around the car (None: its own view)."""
+    (behind, ahead) or (behind, ahead, across) metres of road around the car (None: its own view)."""
     make_expert: Callable[[int], Expert]
     """(action_repeat) -> the scripted driver, which reads the simulator's state through `env.unwrapped`."""
     action_repeat: int = 1

@@ -14,19 +14,51 @@ CAR_AT = 0.3
 """highway-env's own place for the car: this share of the frame's length along the road lies behind it."""
 
 
-def _simulator(frame_size: int, render_mode: str | None, view: tuple[float, float] | None) -> gym.Env:
+def _simulator(frame_size: int, render_mode: str | None, view: tuple[float, ...] | None) -> gym.Env:
     import highway_env  # noqa: F401  (registers the highway environments)
 
-    scaling, car_at = (SCALING, CAR_AT) if view is None else (frame_size / sum(view), view[0] / sum(view))
+    length, width = frame_size, frame_size  # pixels drawn along and across the road
+    if view is None:
+        scaling, car_at = SCALING, CAR_AT
+    else:
+        along = view[0] + view[1]
+        scaling, car_at = frame_size / (view[2] if len(view) == 3 else along), view[0] / along
+        if len(view) == 3:
+            # drawn longer than the frame (squashed to it along the road by `fit_frame`, so that the pixels across
+            # show fewer metres, larger) and wider, centred on the car, for `_AcrossTheRoad` to cut the road from
+            length, width = round(along * scaling), 2 * frame_size
     observation = {
         "type": "GrayscaleObservation",
-        "observation_shape": (frame_size, frame_size),
+        "observation_shape": (length, width),
         "stack_size": 1,
         "weights": [0.2989, 0.587, 0.114],
         "scaling": scaling,
         "centering_position": [car_at, 0.5],
     }
-    return gym.make("highway-fast-v0", render_mode=render_mode, config={"observation": observation})
+    env = gym.make("highway-fast-v0", render_mode=render_mode, config={"observation": observation})
+    return env if width == frame_size else _AcrossTheRoad(env, frame_size, scaling)
+
+
+class _AcrossTheRoad(gym.ObservationWrapper):
+    """Cuts `frame_size` pixels across the road, centred on the road's middle, from a drawing centred on the car: the
+    road stays put in the frame and the car moves across it when it changes lane (highway-env's own view follows the
+    car sideways, so every lane change would move the whole road)."""
+
+    def __init__(self, env: gym.Env, frame_size: int, scaling: float):
+        super().__init__(env)
+        self.frame_size, self.scaling = frame_size, scaling
+        stack, length, _ = env.observation_space.shape
+        self.observation_space = gym.spaces.Box(0, 255, (stack, length, frame_size), np.uint8)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        unwrapped = self.env.unwrapped
+        network = unwrapped.road.network
+        sides = [network.get_lane(index).position(0.0, 0.0)[1] for index in network.lanes_dict()]
+        middle = (min(sides) + max(sides)) / 2
+        drawn = observation.shape[-1]  # the car is drawn in its middle
+        first = round(drawn / 2 + (middle - float(unwrapped.vehicle.position[1])) * self.scaling - self.frame_size / 2)
+        first = min(max(first, 0), drawn - self.frame_size)
+        return observation[..., first : first + self.frame_size]
 
 
 SPEED_RANGE = (15.0, 35.0)
