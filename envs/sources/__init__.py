@@ -82,11 +82,12 @@ class SourceConfig:
     policies speed into crashes it does not foresee (docs/loop.md, "highway's speed bar")."""
     view: tuple[float, ...] | None = None
     """(behind, ahead) or (behind, ahead, across): metres of road the frames show behind and ahead of the car, and
-    across the road centred on it (default: as many as along it, square pixels), for a simulator whose view can be
+    across the road (default: as many as along it, square pixels, centred on the car; given: centred on the road's
+    middle, so that the road stays put and the car moves across it), for a simulator whose view can be
     set (`Source.view`; highway's own: 11.0 and 25.6 on 64 pixels, 1.75 pixels per metre); None: the simulator's own
     view. Farther means smaller cars; nearer can hide what decides the driving: the scripted highway driver, blinded
     beyond 25.6 m ahead, scores below braking (docs/loop.md, "highway's view ahead"). Fewer metres across than along
-    stretch the road sideways over the frame's width: highway's [13, 51, 21] draws each car 6 pixels wide, not 2."""
+    stretch the road sideways over the frame's width: highway's [13, 51, 17] draws each car 7 pixels wide, not 2."""
 
     def __post_init__(self) -> None:
         source = get_source(self.name)
