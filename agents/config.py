@@ -109,6 +109,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
             "ppo.epochs",
             "ppo.minibatches",
             "ppo.hidden",
+            "ppo.policy_frames",
             "loop.episodes",
             "loop.dynamics_steps",
             "loop.ppo_steps",

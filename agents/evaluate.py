@@ -44,21 +44,24 @@ class EvalConfig:
 
 
 class TokenPolicy:
-    """The trained actor-critic acting on real frames passed through the run's tokenizer."""
+    """The trained actor-critic driving one real episode: each frame passes through the run's tokenizer, and the
+    policy sees as many of the latest grids as it was trained on (`TokenHistory`). Make one for each episode."""
 
     def __init__(self, run_dir: Path, deterministic: bool, policy: Path | None = None):
-        from agents.policy import ActorCritic, PolicyConfig
+        from agents.policy import ActorCritic, PolicyConfig, TokenHistory
         from agents.ppo import POLICY
 
         self.tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)
         self.policy, _, _ = load_module(policy or RunDir(run_dir).policy, POLICY, ActorCritic, PolicyConfig)
         self.policy.eval()
         self.deterministic = deterministic
+        self.history = TokenHistory(self.policy.config.frames)
 
     @torch.no_grad()
     def __call__(self, frame: np.ndarray, space: gym.Space) -> np.ndarray | int:
         tokens = self.tokenizer.encode(torch.from_numpy(np.array(frame))[None]).tokens
-        return self.policy.action_for(tokens[0], space, self.deterministic)
+        seen = self.history.start(tokens) if self.history.grids is None else self.history.push(tokens)
+        return self.policy.action_for(seen[0], space, self.deterministic)
 
 
 def make_driver(

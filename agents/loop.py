@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.evaluate import TokenPolicy
-from agents.policy import ActorCritic, action_bounds
+from agents.policy import ActorCritic, TokenHistory, action_bounds
 from envs.collect import episode_name, record_episode, worker_env
 from envs.dream import DreamSettings
 from envs.sources import SourceConfig
@@ -274,12 +274,16 @@ def dream_policy_returns(world: WorldModel, first_tokens: torch.Tensor, steps: i
     empty = np.zeros((count, 0, *space.shape), dtype=space.dtype)
     tokens = first_tokens.to(device)
     world.burn_in(cache, tokens[:, None], world.action_tensor(empty), rows)
+    history = TokenHistory(policy.config.frames)
+    seen = history.start(tokens)
     totals = np.zeros(count)
     alive = np.ones(count, dtype=bool)
-    for _ in range(steps):
+    for step in range(steps):
         if not alive.any():
             break
-        action = policy.act(tokens, deterministic=True, bounds=bounds)[0]
+        if step:
+            seen = history.push(tokens)
+        action = policy.act(seen, deterministic=True, bounds=bounds)[0]
         action = action.clamp(bounds[0], bounds[1]) if bounds is not None else action
         prediction = world.imagine(cache, tokens, action)
         totals += np.where(alive, prediction.reward.cpu().numpy(), 0.0)

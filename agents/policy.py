@@ -21,6 +21,9 @@ class PolicyConfig:
     """The tokenizer's FSQ levels: each token is fed to the policy as its code vector plus a learned embedding."""
     action_dim: int = 3
     discrete_actions: bool = False
+    frames: int = 1
+    """How many of the latest token grids the policy sees, newest last (`TokenHistory`): 1 is the current frame
+    alone; 2 or more show motion, such as how fast the other cars close in on highway."""
     embedding_dim: int = 16
     hidden: int = 256
     init_log_std: float = -0.5
@@ -79,7 +82,9 @@ class ActorCritic(nn.Module):
         self.config = config
         self.quantizer = FSQ(config.levels)
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
-        channels = self.quantizer.dim + config.embedding_dim
+        if config.frames < 1:
+            raise ValueError(f"a policy sees at least 1 frame, got frames={config.frames}")
+        channels = (self.quantizer.dim + config.embedding_dim) * config.frames
         side = (config.grid_size + 1) // 2
         self.trunk = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1),
@@ -113,10 +118,17 @@ class ActorCritic(nn.Module):
         )
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) tokens -> (B, hidden)."""
+        """(B, frames, h, w) token grids, oldest first (or (B, h, w) for a policy of one frame) -> (B, hidden)."""
         tokens = tokens.long()
+        if tokens.dim() == 3 and self.config.frames == 1:
+            tokens = tokens[:, None]
+        if tokens.dim() != 4 or tokens.shape[1] != self.config.frames:
+            raise ValueError(
+                f"this policy sees {self.config.frames} token grid(s) a step: expected (B, {self.config.frames}, h, w)"
+                f" tokens, got shape {tuple(tokens.shape)}"
+            )
         x = torch.cat([self.quantizer.indices_to_codes(tokens), self.embedding(tokens)], dim=-1)
-        return self.trunk(rearrange(x, "b h w d -> b d h w"))
+        return self.trunk(rearrange(x, "b k h w d -> b (k d) h w"))
 
     def distribution(self, hidden: torch.Tensor) -> Categorical | Normal:
         out = self.actor(hidden)
@@ -129,8 +141,9 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def action_for(self, tokens: torch.Tensor, space: gym.Space, deterministic: bool = True) -> np.ndarray | int:
-        """The action one (h, w) token grid asks of `space`, as an environment takes it: an int, or a clipped
-        float32 array (deterministic: the likeliest, or the mean of the clipped Gaussian)."""
+        """The action one observation ((frames, h, w) token grids, or (h, w) for one frame) asks of `space`, as an
+        environment takes it: an int, or a clipped float32 array (deterministic: the likeliest, or the mean of the
+        clipped Gaussian)."""
         discrete = isinstance(space, gym.spaces.Discrete)
         bounds = action_bounds(space)
         action, *_ = self.act(tokens[None], deterministic=deterministic, bounds=bounds)
@@ -167,3 +180,49 @@ class ActorCritic(nn.Module):
         if not self.config.discrete_actions:
             log_prob, entropy = log_prob.sum(-1), entropy.sum(-1)
         return action, log_prob, entropy, self.critic(hidden).squeeze(-1)
+
+
+class TokenHistory:
+    """What a policy of `frames` frames sees in each of a batch of episodes: their latest token grids, (B, frames,
+    h, w), oldest first. Before an episode has that many, its first grid stands in for the ones it has not seen yet
+    (as Gymnasium's `FrameStackObservation` pads with the reset's observation), the same in the dream and in the
+    real simulator, and in `stack_history` over a recorded episode."""
+
+    def __init__(self, frames: int):
+        if frames < 1:
+            raise ValueError(f"a history holds at least 1 frame, got frames={frames}")
+        self.frames = frames
+        self.grids: torch.Tensor | None = None
+
+    def start(self, tokens: torch.Tensor, rows: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Begin the episodes of `rows` (all when None) at their first grids `tokens` (len(rows), h, w); returns the
+        whole batch's history."""
+        filled = tokens[:, None].expand(-1, self.frames, *tokens.shape[1:])
+        if rows is None:
+            self.grids = filled.clone()
+        elif self.grids is None:
+            raise ValueError("the first start of a history covers every episode (rows=None)")
+        else:
+            self.grids[torch.as_tensor(rows, device=self.grids.device)] = filled
+        return self.grids
+
+    def then(self, tokens: torch.Tensor, rows: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """The history of `rows` (all when None) with `tokens` seen next, without keeping it (an episode's final
+        observation, whose history PPO bootstraps from after the env has already restarted it)."""
+        if self.grids is None:
+            raise ValueError("start the history before stepping it")
+        before = self.grids if rows is None else self.grids[torch.as_tensor(rows, device=self.grids.device)]
+        return torch.cat([before[:, 1:], tokens[:, None]], dim=1)
+
+    def push(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every episode saw its next grid, `tokens` (B, h, w); returns the history."""
+        self.grids = self.then(tokens)
+        return self.grids
+
+
+def stack_history(tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """(T, h, w) grids of one episode from its first frame -> (T, frames, h, w): at each step what a policy of
+    `frames` frames saw there (`TokenHistory`)."""
+    steps = torch.arange(len(tokens), device=tokens.device)
+    back = torch.arange(1 - frames, 1, device=tokens.device)
+    return tokens[(steps[:, None] + back[None]).clamp(min=0)]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.policy import ActorCritic, PolicyConfig, action_bounds
+from agents.policy import ActorCritic, PolicyConfig, TokenHistory, action_bounds, stack_history
 from envs.dream import DreamSettings, DreamVectorEnv
 from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 from worldmodel.logger import RunLogger
@@ -57,6 +57,9 @@ class PPOConfig(DreamSettings):
     max_grad_norm: float = 0.5
     reward_scale: float = 1.0
     hidden: int = 256
+    policy_frames: int = 1
+    """How many of the latest token grids the policy sees, newest last: 1, the current frame alone; 2 or more show it
+    motion, such as how fast the other cars close in on highway (`PolicyConfig.frames`)."""
     init_log_std: float = -0.5
     """A fresh continuous policy's log standard deviation on every action dimension (PPO learns it from there;
     a policy that is continued keeps its own)."""
@@ -122,6 +125,7 @@ def train_ppo(
         world.tokenizer.config.levels,
         hidden=config.hidden,
         init_log_std=config.init_log_std,
+        frames=config.policy_frames,
     )
     if init is None:
         policy = fresh
@@ -192,15 +196,15 @@ def learn_from_episodes(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """PPO's clipped updates on recorded episodes that `policy` itself drove sampling its actions (the loop's real
-    collection), updating it in place. Each episode is a dict of `tokens` (T + 1, h, w), `actions`, `rewards` and
-    `terminated` (T, ...); one whose last step did not terminate was cut by a time limit and bootstraps from the
-    value of its final frame. Advantages come from the policy's own critic, as in `optimise`. The actions are those
-    the environment executed in `action_space`: a Box's are the policy's samples clipped to its bounds, and their
+    collection), updating it in place. Each episode is a dict of `tokens` (T + 1, h, w) from its first frame, `actions`,
+    `rewards` and `terminated` (T, ...); one whose last step did not terminate was cut by a time limit and bootstraps
+    from the value of its final frame. Advantages come from the policy's own critic, as in `optimise`. The actions are
+    those the environment executed in `action_space`: a Box's are the policy's samples clipped to its bounds, and their
     probabilities are the clipped Gaussian's (`clipped_normal_log_prob`).
 
-    A caller that updates on several batches in turn passes one `optimizer` to every call: a fresh Adam's first
-    steps move every weight by about `lr` whatever its gradient, and restarting it at each batch of a few updates
-    left a toy policy unsettled on 9 of 20 seeds where one Adam throughout settled on all 20."""
+    A caller that updates on several batches in turn passes one `optimizer` to every call: a fresh Adam's first steps
+    move every weight by about `lr` whatever its gradient, and restarting it at each batch of a few updates left a toy
+    policy unsettled on 9 of 20 seeds where one Adam throughout settled on all 20."""
     if not episodes:
         raise ValueError("no episodes to learn from")
     dev = next(policy.parameters()).device
@@ -211,6 +215,7 @@ def learn_from_episodes(
             tokens = torch.as_tensor(np.asarray(episode["tokens"], dtype=np.int64), device=dev)
             actions = torch.as_tensor(np.asarray(episode["actions"]), device=dev)
             actions = actions.long() if policy.config.discrete_actions else actions.float()
+            tokens = stack_history(tokens, policy.config.frames)
             values = policy.value(tokens)  # (T + 1,)
             _, logp, _, _ = policy.act(tokens[:-1], actions, bounds=bounds)
             rewards = torch.as_tensor(np.asarray(episode["rewards"]), device=dev, dtype=torch.float32)
@@ -253,8 +258,10 @@ class Rollout:
         obs: torch.Tensor,
         config: PPOConfig,
         observe: Callable[[np.ndarray], torch.Tensor],
+        history: TokenHistory,
     ) -> tuple[torch.Tensor, float]:
-        """Step `envs` from `obs` for the buffer's length; returns the next observation and the mean reward per step."""
+        """Step `envs` from `obs` (the policy's view, `history`'s grids) for the buffer's length; returns the next
+        view and the mean reward per step."""
         dev = obs.device
         step_rewards = []
         for t in range(len(self.obs)):
@@ -268,15 +275,19 @@ class Rollout:
             cut = truncated & ~terminated
             if cut.any():
                 # bootstrap through time-limit truncation with the value of the observation before the reset
-                final = observe(np.stack(info["final_obs"][cut]))
+                final = history.then(observe(np.stack(info["final_obs"][cut])), np.flatnonzero(cut))
                 with torch.no_grad():
                     reward[torch.as_tensor(cut, device=dev)] += config.gamma * policy.value(final)
             self.rew[t] = reward
             self.done[t] = torch.as_tensor(terminated | truncated, device=dev, dtype=torch.float32)
-            for i in np.flatnonzero(terminated | truncated):
+            ended = np.flatnonzero(terminated | truncated)
+            for i in ended:
                 self.finished.append(float(self.episode_returns[i]))
                 self.episode_returns[i] = 0
-            obs = observe(next_obs)
+            seen = observe(next_obs)
+            obs = history.push(seen)
+            if len(ended):  # autoreset: those envs' observations are their next episodes' first
+                obs = history.start(seen[torch.as_tensor(ended, device=dev)], ended)
         return obs, float(np.mean(step_rewards))
 
     def batch(self, policy: ActorCritic, next_obs: torch.Tensor, config: PPOConfig) -> dict[str, torch.Tensor]:
@@ -303,18 +314,20 @@ def optimise(
     after_update: Callable[[int], None] | None = None,
     log_prefix: str = "ppo/train",
 ) -> dict[str, float]:
-    """PPO on `envs` for `config.total_steps` steps or `config.max_minutes`, updating `policy` in place: a rollout,
-    its advantages, the clipped updates, over and over.
+    """PPO on `envs` for `config.total_steps` steps or `config.max_minutes`, updating `policy` in place: a rollout, its
+    advantages, the clipped updates, over and over.
 
     `envs` must autoreset in SAME_STEP mode (Gymnasium 1.x), reporting a finished episode's last observation in
-    `info["final_obs"]`; `observe` turns a batch of its observations into the policy's token grids (default: they
-    are token grids already). `after_update(steps)` is called after every update. Returns the environment steps
-    taken (`steps`), their rate and the mean return of the last 100 finished episodes (`episode_return`)."""
+    `info["final_obs"]`; `observe` turns a batch of its observations into token grids (default: they are token grids
+    already), and the policy sees the latest `policy.config.frames` of them (`TokenHistory`). `after_update(steps)` is
+    called after every update. Returns the environment steps taken (`steps`), their rate and the mean return of the last
+    100 finished episodes (`episode_return`)."""
     dev = next(policy.parameters()).device
     observe = observe or (lambda batch: torch.as_tensor(batch, device=dev))
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+    history = TokenHistory(policy.config.frames)
     obs, _ = envs.reset(seed=config.seed)
-    obs = observe(obs)
+    obs = history.start(observe(obs))
     rollout = Rollout(envs, obs, config.rollout_steps)
     batch = envs.num_envs * config.rollout_steps
     iterations = max(1, config.total_steps // batch)
@@ -330,7 +343,7 @@ def optimise(
         dynamic_ncols=True,
     )
     for iteration in range(iterations):
-        obs, reward_per_step = rollout.collect(envs, policy, obs, config, observe)
+        obs, reward_per_step = rollout.collect(envs, policy, obs, config, observe, history)
         update = clipped_updates(
             policy, optimizer, rollout.batch(policy, obs, config), config, batch // config.minibatches
         )

@@ -73,6 +73,7 @@ def train_real_ppo(
             tokenizer.config.levels,
             hidden=ppo.hidden,
             init_log_std=ppo.init_log_std,
+            frames=ppo.policy_frames,
         )
 
         @torch.no_grad()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from agents.config import read_run_config
+from agents.policy import TokenHistory
 from agents.ppo import load_policy
 from envs.dream import SHIPPED_MODEL, DreamEnv
 from envs.sources import make_source_env
@@ -92,6 +93,8 @@ class Session:
             self.policy = load_policy(policy_path, self.device).eval()
         elif self.policy_drives:
             raise CheckpointError(f"{policy_path}.json not found: this run has no policy to drive with")
+        # the dream's latest grids as the policy sees them, kept while the keys drive too, so it can take over
+        self.seen = TokenHistory(1 if self.policy is None else self.policy.config.frames)
         # one long dream: it ends when the model predicts the episode's end, or when the user restarts
         self.dream = DreamEnv(self.model_dir, device=self.device, render_mode="rgb_array", horizon=10**9)
         self.real = make_source_env(self.source) if self.side_by_side else None
@@ -111,6 +114,7 @@ class Session:
         else:
             self._tokens, _ = self.dream.reset(seed=seed)
             self.panels = [Panel("dream", self.dream.render())]
+        self.seen.start(torch.as_tensor(self._tokens)[None])
 
     def toggle_policy(self) -> None:
         if self.policy is not None:
@@ -120,11 +124,10 @@ class Session:
         """One step of every panel with the action the keys mean (or the policy's); returns the action. An episode
         that ends in either panel restarts both."""
         action = (
-            self.policy.action_for(torch.as_tensor(self._tokens), self.action_space)
-            if self.policy_drives
-            else self.controls(keys)
+            self.policy.action_for(self.seen.grids[0], self.action_space) if self.policy_drives else self.controls(keys)
         )
         self._tokens, reward, terminated, truncated, _ = self.dream.step(action)
+        self.seen.push(torch.as_tensor(self._tokens)[None])
         dream = self.panels[0]
         dream.frame, dream.reward, dream.ret = self.dream.render(), float(reward), dream.ret + float(reward)
         ended = terminated or truncated

@@ -1,15 +1,24 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
+import gymnasium as gym
+import numpy as np
 import pytest
+import torch
 
-from agents.evaluate import POLICIES, STEADY, EvalConfig, _episode, evaluate, reference_kinds
+from agents.evaluate import POLICIES, STEADY, EvalConfig, TokenPolicy, _episode, evaluate, reference_kinds
+from agents.policy import ActorCritic, PolicyConfig, stack_history
+from agents.ppo import POLICY
+from envs.dream import SHIPPED_MODEL
 from envs.sources import SourceConfig
+from worldmodel.checkpoint import load_module, save_checkpoint
 
 
 def test_evaluation_refuses_collection_seeds(tmp_path):
@@ -104,3 +113,20 @@ def test_holding_slower_drives_a_highway_episode_without_crashing():
     task = (STEADY, "unused", SourceConfig("highway"), EvalConfig(max_steps=None), 1_000_000, None)
     kind, _, total, steps, crashed = _episode(task)
     assert (kind, crashed) == (STEADY, False) and steps == 30 and total > 15.0
+
+
+def test_the_run_s_policy_drives_a_real_episode_seeing_its_latest_frames(tmp_path):
+    # what the evaluation, the loop's episodes and its playoff drive with: real frames through the tokenizer, and a
+    # policy of three frames sees the last three of this episode, the first standing in before there are three
+    run = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, run)
+    shipped, _, _ = load_module(run / POLICY, POLICY, ActorCritic, PolicyConfig)
+    save_checkpoint(run / POLICY, ActorCritic(replace(shipped.config, frames=3)), POLICY, {})
+    driver = TokenPolicy(run, deterministic=True)
+    space = gym.spaces.Box(np.float32([-1, 0, 0]), np.float32([1, 1, 1]))  # CarRacing's
+    frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    for t, frame in enumerate(frames):
+        assert space.contains(driver(frame, space))
+        with torch.no_grad():
+            tokens = driver.tokenizer.encode(torch.from_numpy(frames[: t + 1])).tokens
+        assert torch.equal(driver.history.grids[0], stack_history(tokens, 3)[-1])

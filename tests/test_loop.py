@@ -287,6 +287,103 @@ def test_ppo_learns_a_toy_dream_whose_best_action_is_known(space, tmp_path):
     assert_learned_the_best_action(policy, env)
 
 
+class MovingToyDream(ToyDream):
+    """A toy whose best action only motion shows: each episode's grid counts up or down by one (mod 3) at every
+    step, and the reward is 1 for the action that says which (1: up, 3: down). A single grid cannot tell; the first
+    step of an episode has nothing before it to tell by."""
+
+    def __init__(self, num_envs: int = 16, horizon: int = 4):
+        super().__init__(gym.spaces.Discrete(5), num_envs, horizon)
+
+    def reset(self, *, seed=None, options=None):
+        self.rng = np.random.default_rng(seed)
+        self.steps = np.zeros(self.num_envs, dtype=int)
+        self.direction = self.rng.choice([-1, 1], self.num_envs)
+        self.value = self.rng.integers(0, 3, self.num_envs)
+        return self._show(), {}
+
+    def _show(self) -> np.ndarray:
+        return np.broadcast_to(self.value[:, None, None], (self.num_envs, 4, 4)).copy()
+
+    def step(self, actions):
+        rewards = (np.asarray(actions) == np.where(self.direction == 1, 1, 3)).astype(np.float32)
+        self.steps += 1
+        self.value = (self.value + self.direction) % 3
+        truncated, terminated = self.steps >= self.horizon, np.zeros(self.num_envs, dtype=bool)
+        obs, infos = self._show(), {}
+        if truncated.any():
+            infos = {
+                "final_obs": np.array([o if t else None for o, t in zip(obs, truncated, strict=True)]),
+                "_final_obs": truncated,
+            }
+            count = int(truncated.sum())
+            self.direction[truncated] = self.rng.choice([-1, 1], count)
+            self.value[truncated] = self.rng.integers(0, 3, count)
+            self.steps[truncated] = 0
+            obs = self._show()
+        return obs, rewards, terminated, truncated, infos
+
+
+def test_a_policy_that_sees_two_frames_learns_which_way_the_grid_moves(tmp_path):
+    # a policy of one frame cannot: each grid is as likely moving up as down, so it gets at most half of them right
+    torch.manual_seed(0)
+    env = MovingToyDream()
+    space = env.single_action_space
+    policy = ActorCritic.for_spaces(env.single_observation_space, space, (4, 3), hidden=32, frames=2)
+    config = PPOConfig(rollout_steps=16, total_steps=16 * 16 * 40, lr=3e-3, gamma=0.5, epochs=4, minibatches=4)
+    optimise(env, policy, config, RunLogger(tmp_path))
+    pairs = [(v, (v + d) % 3, d) for v in range(3) for d in (-1, 1)]  # every (before, now) with its direction
+    views = torch.tensor([[[[a]], [[b]]] for a, b, _ in pairs]).expand(-1, -1, 4, 4)
+    with torch.no_grad():
+        chosen = policy.act(views, deterministic=True)[0]
+    assert chosen.tolist() == [1 if d == 1 else 3 for *_, d in pairs]
+
+
+class CountingToyDream(MovingToyDream):
+    """Every grid says where it is: 3 * (episode number mod 4) + step, so an episode's grids are told from the last
+    one's. Episodes are 3 steps long."""
+
+    def __init__(self, num_envs: int = 4):
+        super().__init__(num_envs, horizon=3)
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed)
+        self.episode = np.arange(self.num_envs)
+        self.value = 3 * (self.episode % 4)
+        return self._show(), info
+
+    def step(self, actions):
+        _, rewards, terminated, truncated, infos = super().step(actions)
+        self.episode[truncated] += self.num_envs
+        self.value = 3 * (self.episode % 4) + self.steps
+        return self._show(), rewards, terminated, truncated, infos
+
+
+def test_ppo_starts_the_view_of_a_restarted_episode_afresh(tmp_path):
+    # after an autoreset the policy sees the new episode's first grid alone (repeated), never the old episode's
+    env = CountingToyDream()
+    policy = ActorCritic.for_spaces(env.single_observation_space, env.single_action_space, (4, 3), hidden=32, frames=3)
+    views, act = [], policy.act
+
+    def watched(obs, *args, **kwargs):
+        if not args and "action" not in kwargs:  # acting, not PPO's update
+            views.append(obs[:, :, 0, 0].tolist())
+        return act(obs, *args, **kwargs)
+
+    policy.act = watched
+    optimise(
+        env,
+        policy,
+        PPOConfig(num_envs=4, rollout_steps=7, total_steps=28, epochs=1, minibatches=1),
+        RunLogger(tmp_path),
+    )
+    assert len(views) == 7
+    for t, seen in enumerate(views):
+        step, episodes = t % 3, np.arange(4) + 4 * (t // 3)
+        expected = [[3 * (e % 4) + max(0, step - k) for k in (2, 1, 0)] for e in episodes]
+        assert seen == expected, t
+
+
 def _drive(env: ToyDream, policy: ActorCritic) -> list[dict[str, np.ndarray]]:
     """One episode per toy env, the policy sampling its actions, recorded as the loop records real episodes."""
     grids = [env._grids(env.num_envs)]

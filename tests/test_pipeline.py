@@ -183,7 +183,9 @@ def micro_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     # the two policies play off for the one to keep, each on two more tracks
     playoff = ["loop.playoff_episodes=2", "loop.playoff_candidates=2"]
-    args = ["run", "--name", "smoke", *MICRO, *LIGHT, *playoff, f"run.runs_dir={runs}"]
+    # a policy that sees the last two frames drives every stage: the dream's PPO, the real update, the loop's episodes,
+    # the playoff and the evaluation (every other run's policy sees one)
+    args = ["run", "--name", "smoke", *MICRO, *LIGHT, *playoff, "ppo.policy_frames=2", f"run.runs_dir={runs}"]
     result = worldmodel_cli(args, cwd=runs)
     return runs, args, result
 
@@ -206,6 +208,7 @@ def test_micro_run_writes_summary(micro_run):
     assert video.parent == run_dir
     for name in ("tokenizer", "dynamics", "policy"):
         assert (run_dir / f"{name}.safetensors").is_file() and (run_dir / f"{name}.json").is_file()
+    assert json.loads((run_dir / "policy.json").read_text())["config"]["frames"] == 2
     assert (run_dir / "tokens.npz").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert "summary" in result.stdout

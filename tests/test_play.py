@@ -1,6 +1,7 @@
 """The shipped world model, `worldmodel export` that makes it, and `worldmodel play` that drives it by hand."""
 
 import shutil
+from dataclasses import replace
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -105,6 +106,33 @@ def test_a_session_steps_the_dream_with_the_keys_and_hands_over_to_the_policy():
     space = session.action_space
     assert action.shape == (3,) and np.all(action >= space.low) and np.all(action <= space.high)
     assert not np.array_equal(action, [-1, 0, 0])
+    session.close()
+
+
+def test_a_policy_of_three_frames_takes_over_seeing_the_dream_s_last_three(tmp_path):
+    import torch
+
+    from agents.policy import ActorCritic, PolicyConfig
+    from agents.ppo import POLICY
+    from worldmodel.checkpoint import load_module, save_checkpoint
+
+    run = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, run)
+    shipped, _, _ = load_module(run / POLICY, POLICY, ActorCritic, PolicyConfig)
+    torch.manual_seed(0)
+    save_checkpoint(run / POLICY, ActorCritic(replace(shipped.config, frames=3)), POLICY, {})
+    session = Session(run, seed=3)
+    grids = [session._tokens.copy()]
+    for _ in range(4):
+        session.step(frozenset({"up"}))
+        grids.append(session._tokens.copy())
+    np.testing.assert_array_equal(session.seen.grids[0].numpy(), np.stack(grids[-3:]))
+    session.toggle_policy()
+    action = session.step(frozenset())
+    space = session.action_space
+    assert action.shape == (3,) and np.all(action >= space.low) and np.all(action <= space.high)
+    session.restart()  # a new episode begins from its first frame alone
+    np.testing.assert_array_equal(session.seen.grids[0].numpy(), np.stack([session._tokens] * 3))
     session.close()
 
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal
 
-from agents.policy import ActorCritic, PolicyConfig, clipped_normal_log_prob, clipped_normal_mean
+from agents.policy import (
+    ActorCritic,
+    PolicyConfig,
+    TokenHistory,
+    clipped_normal_log_prob,
+    clipped_normal_mean,
+    stack_history,
+)
 from agents.ppo import POLICY, PPOConfig, learn_from_episodes, train_ppo
 from worldmodel.checkpoint import CheckpointError, load_module
 from worldmodel.logger import RunLogger
@@ -151,6 +158,54 @@ def test_actor_critic_gradients(discrete):
     assert policy.embedding.weight.grad.abs().sum() > 0
     if not discrete:
         assert policy.log_std.grad.abs().sum() > 0
+
+
+def test_token_history_steps_as_stack_history_over_each_episode():
+    # the plain path (a recorded episode's views, `stack_history`) and the stepping one (`TokenHistory`, as PPO and the
+    # real simulator's driver see an episode) agree, episodes restarting at different steps in one batch
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 2, 7]
+    episodes = [torch.randint(0, 12, (n, 4, 4), generator=g) for n in lengths]
+    for frames in (1, 2, 3):
+        stacked = [stack_history(e, frames) for e in episodes]
+        assert stacked[0].shape == (5, frames, 4, 4)
+        for e, views in zip(episodes, stacked, strict=True):
+            for t in range(len(e)):  # each view ends at its own step and reaches back to the first frame, no further
+                assert torch.equal(views[t, -1], e[t])
+                assert torch.equal(views[t, 0], e[max(0, t - frames + 1)])
+        history = TokenHistory(frames)
+        step = [0, 0, 0]  # per row: which episode step its view is at; a finished row begins its episode again
+        seen = history.start(torch.stack([e[0] for e in episodes]))
+        for _ in range(12):
+            for row in range(3):
+                assert torch.equal(seen[row], stacked[row][step[row]])
+            step = [(t + 1) % n for t, n in zip(step, lengths, strict=True)]
+            grids = torch.stack([e[t] for e, t in zip(episodes, step, strict=True)])
+            restarted = [row for row in range(3) if step[row] == 0]
+            ahead = history.then(grids)
+            seen = history.push(grids)
+            assert torch.equal(ahead, seen)  # `then` is `push` without keeping it
+            if restarted:
+                seen = history.start(grids[restarted], np.array(restarted))
+    with pytest.raises(ValueError, match="at least 1"):
+        TokenHistory(0)
+
+
+def test_a_policy_of_two_frames_sees_both_and_refuses_one():
+    policy = ActorCritic.for_spaces(
+        gym.spaces.MultiDiscrete(np.full((4, 4), 12)), gym.spaces.Discrete(5), (4, 3), hidden=32, frames=2
+    )
+    views = torch.randint(0, 12, (6, 2, 4, 4))
+    older = views.clone()
+    older[:, 0] = (older[:, 0] + 1) % 12  # the same current frame after another one
+    assert not torch.allclose(policy.features(views), policy.features(older))
+    with pytest.raises(ValueError, match=r"sees 2 token grid\(s\) a step: expected \(B, 2, h, w\)"):
+        policy.act(views[:, 1])
+    assert isinstance(policy.action_for(views[0], gym.spaces.Discrete(5)), int)
+    # a one-frame policy takes a history of one as well as the bare grid, alike
+    single = make_policy(True)
+    grids = torch.randint(0, 12, (3, 4, 4))
+    torch.testing.assert_close(single.features(grids), single.features(stack_history(grids, 1)))
 
 
 def test_clipped_normal_mean_is_the_mean_of_the_executed_action():
