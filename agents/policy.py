@@ -185,8 +185,9 @@ class ActorCritic(nn.Module):
 class TokenHistory:
     """What a policy of `frames` frames sees in each of a batch of episodes: their latest token grids, (B, frames,
     h, w), oldest first. Before an episode has that many, its first grid stands in for the ones it has not seen yet
-    (as Gymnasium's `FrameStackObservation` pads with the reset's observation), the same in the dream and in the
-    real simulator, and in `stack_history` over a recorded episode."""
+    (as Gymnasium's `FrameStackObservation` pads with the reset's observation): at a real episode's first frame, in
+    `stack_history` over a recorded episode, and in a dream started there. A dream started further into a real
+    episode starts from the real grids before it instead (the dream env's `info["context_tokens"]`)."""
 
     def __init__(self, frames: int):
         if frames < 1:
@@ -195,9 +196,13 @@ class TokenHistory:
         self.grids: torch.Tensor | None = None
 
     def start(self, tokens: torch.Tensor, rows: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
-        """Begin the episodes of `rows` (all when None) at their first grids `tokens` (len(rows), h, w); returns the
-        whole batch's history."""
-        filled = tokens[:, None].expand(-1, self.frames, *tokens.shape[1:])
+        """Begin the episodes of `rows` (all when None) at their first grids `tokens` (len(rows), h, w), or at the
+        grids up to it, oldest first (len(rows), C, h, w), whose oldest stands in for any more the history holds;
+        returns the whole batch's history."""
+        if tokens.dim() == 3:
+            tokens = tokens[:, None]
+        missing = max(0, self.frames - tokens.shape[1])
+        filled = torch.cat([tokens[:, :1].expand(-1, missing, *tokens.shape[2:]), tokens[:, -self.frames :]], dim=1)
         if rows is None:
             self.grids = filled.clone()
         elif self.grids is None:

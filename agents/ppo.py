@@ -238,6 +238,16 @@ def learn_from_episodes(
     return {"steps": float(len(batch["adv"])), **figures}
 
 
+def first_grids(info: dict, seen: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+    """What the episodes of `rows` (all when None) began from, for `TokenHistory.start`: the dream env's
+    `info["context_tokens"]` (the real grids before its first observation), else the token grids `seen` of their
+    first observations (a real simulator's episode begins there)."""
+    if "context_tokens" in info:
+        context = info["context_tokens"] if rows is None else info["context_tokens"][rows]
+        return torch.as_tensor(context, device=seen.device)
+    return seen if rows is None else seen[torch.as_tensor(rows, device=seen.device)]
+
+
 class Rollout:
     """PPO's experience of one iteration: `steps` steps of every env, what the policy saw and did, the reward it got
     (plus, where a time limit cut an episode, the discounted value of its final observation), and the returns of the
@@ -287,7 +297,7 @@ class Rollout:
             seen = observe(next_obs)
             obs = history.push(seen)
             if len(ended):  # autoreset: those envs' observations are their next episodes' first
-                obs = history.start(seen[torch.as_tensor(ended, device=dev)], ended)
+                obs = history.start(first_grids(info, seen, ended), ended)
         return obs, float(np.mean(step_rewards))
 
     def batch(self, policy: ActorCritic, next_obs: torch.Tensor, config: PPOConfig) -> dict[str, torch.Tensor]:
@@ -326,8 +336,8 @@ def optimise(
     observe = observe or (lambda batch: torch.as_tensor(batch, device=dev))
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
     history = TokenHistory(policy.config.frames)
-    obs, _ = envs.reset(seed=config.seed)
-    obs = history.start(observe(obs))
+    obs, info = envs.reset(seed=config.seed)
+    obs = history.start(first_grids(info, observe(obs)))
     rollout = Rollout(envs, obs, config.rollout_steps)
     batch = envs.num_envs * config.rollout_steps
     iterations = max(1, config.total_steps // batch)

@@ -4,7 +4,8 @@ forward pass; `DreamEnv` is the single-environment view of it.
 Each dream starts from real context frames sampled from the run's dataset (its first frames and actions are
 fed to the model, the last frame is the first observation). `step` predicts the next frame's tokens, the
 reward and termination; dreams are truncated at `horizon` steps. `reset(options={"frames": ..., "actions": ...})`
-starts from the caller's own real frames instead (see `DreamVectorEnv._reset_from_context`). Actions outside a
+starts from the caller's own real frames instead (see `DreamVectorEnv._reset_from_context`). Wherever a dream starts,
+`info["context_tokens"]` holds the token grids it started from (`DreamVectorEnv.context_tokens`). Actions outside a
 Box's bounds are clipped (as the real simulators do); actions of the wrong shape or dtype, or NaN/inf, and
 context frames of the wrong size raise ValueError.
 """
@@ -183,6 +184,8 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         device_ = model.device
         self._cache = model.dynamics.new_cache(num_envs)
         self._tokens = torch.zeros(num_envs, grid, grid, dtype=torch.long, device=device_)
+        self.context_length = model.dynamics.config.context_frames
+        self._context = torch.zeros(num_envs, self.context_length, grid, grid, dtype=torch.long, device=device_)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
         self._np_random, _ = gym.utils.seeding.np_random(None)
@@ -209,6 +212,9 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         rows_t = torch.as_tensor(rows, device=self.model.device)
         self.model.burn_in(self._cache, tokens, actions, rows_t)
         self._tokens[rows_t] = tokens[:, -1]
+        missing = max(0, self.context_length - tokens.shape[1])
+        padded = torch.cat([tokens[:, :1].expand(-1, missing, *tokens.shape[2:]), tokens], dim=1)
+        self._context[rows_t] = padded[:, -self.context_length :]
         self._steps[rows] = 0
         self._needs_reset[rows] = False
 
@@ -257,6 +263,24 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         acts = self.model.action_tensor(flat.reshape(self.num_envs, steps, *space.shape))
         self._start_rows(np.arange(self.num_envs), tokens, acts)
 
+    def context_tokens(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), context_length, h, w) the token grids each dream of `rows` (all when None) started from, oldest
+        first, its first observation last; one that had fewer (an episode's first frame, or a caller's short
+        context) repeats its oldest. The real past a policy that sees several frames looks back on
+        (`agents.policy.TokenHistory`), in `info["context_tokens"]` at reset and wherever a dream restarts."""
+        context = self._context if rows is None else self._context[torch.as_tensor(rows, device=self._context.device)]
+        return context.cpu().numpy().copy()
+
+    def _restarted_info(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The vector info of dreams `rows` that restarted this step: their `context_tokens`, masked."""
+        if len(rows) == 0:
+            return {}
+        context = np.zeros((self.num_envs, *self._context.shape[1:]), dtype=np.int64)
+        context[rows] = self.context_tokens(rows)
+        mask = np.zeros(self.num_envs, dtype=bool)
+        mask[rows] = True
+        return {"context_tokens": context, "_context_tokens": mask}
+
     def _observe(self, rows: np.ndarray | None = None) -> np.ndarray:
         """The observations of `rows` (all envs when None): token grids, or frames decoded from them."""
         tokens = self._tokens if rows is None else self._tokens[torch.as_tensor(rows, device=self._tokens.device)]
@@ -271,7 +295,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             self._np_random, _ = gym.utils.seeding.np_random(seed)
             self._generator.manual_seed(int(seed))
         self._reset_all(options)
-        return self._observe(), {}
+        return self._observe(), {"context_tokens": self.context_tokens()}
 
     def step(self, actions: Any):
         return self._step(check_actions(actions, self.single_action_space, self.num_envs))
@@ -306,7 +330,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             if len(resets):
                 self._reset_rows(resets)
             self._needs_reset = terminated | truncated
-            return self._observe(), rewards, terminated, truncated, {}
+            return self._observe(), rewards, terminated, truncated, self._restarted_info(resets)
         if self.autoreset_mode == AutoresetMode.DISABLED:
             return self._observe(), rewards, terminated, truncated, {}
         done = np.flatnonzero(terminated | truncated)
@@ -318,7 +342,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
                 final_obs[row] = observed[row].copy()
             self._reset_rows(done)
             observed[done] = self._observe(done)  # only the restarted dreams' observations changed
-            infos = {"final_obs": final_obs, "_final_obs": terminated | truncated}
+            infos = {"final_obs": final_obs, "_final_obs": terminated | truncated, **self._restarted_info(done)}
         return observed, rewards, terminated, truncated, infos
 
     def render(self) -> np.ndarray | None:
@@ -365,7 +389,7 @@ class DreamEnv(gym.Env):
         if seed is not None:
             vector._generator.manual_seed(int(seed))
         vector._reset_all(options)
-        return vector._observe()[0], {}
+        return vector._observe()[0], {"context_tokens": vector.context_tokens()[0]}
 
     def step(self, action: Any):
         batched = check_actions(action, self.action_space, None)[None]

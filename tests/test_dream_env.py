@@ -447,6 +447,55 @@ def test_dreams_from_episode_starts_begin_at_the_first_frame_with_no_context(nev
     assert mid._cache.valid.sum(1).tolist() == [2] * 6  # burn_in - 1 real steps of context per dream
 
 
+def _is_a_real_window(world, context: np.ndarray) -> bool:
+    """Whether the grids `context` (C, h, w) follow each other in one of the run's context episodes."""
+    tokens = world.contexts.tokens.astype(np.int64)
+    for begin, end in zip(world.contexts.frame_offsets[:-1], world.contexts.frame_offsets[1:], strict=True):
+        for at in range(begin, end - len(context) + 1):
+            if np.array_equal(tokens[at : at + len(context)], context):
+                return True
+    return False
+
+
+def test_every_start_reports_the_real_grids_the_dream_began_from(never_ends):
+    # `info["context_tokens"]`: what a policy of several frames looks back on; a dream from an episode's first frame
+    # repeats it, one started further in holds its burn-in's real grids, padded with the oldest
+    world = never_ends
+    length = world.dynamics.config.context_frames
+    env = DreamVectorEnv(world, 8, burn_in=3, horizon=2, start_fraction=0.5, autoreset_mode="SameStep")
+    obs, info = env.reset(seed=1)
+    context = info["context_tokens"]
+    assert context.shape == (8, length, *obs.shape[1:])
+    np.testing.assert_array_equal(context[:, -1], obs)
+    at_start = [bool((c == c[-1]).all()) for c in context]
+    assert 0 < sum(at_start) < 8  # both kinds on this seed
+    for c, first in zip(context, at_start, strict=True):
+        if not first:
+            assert (c[: length - 3] == c[length - 3]).all() and _is_a_real_window(world, c[-3:])
+    actions = np.zeros((8, 3), np.float32)
+    _, _, _, truncated, info = env.step(actions)
+    assert not truncated.any() and "context_tokens" not in info
+    obs, _, _, truncated, info = env.step(actions)
+    assert truncated.all() and info["_context_tokens"].all()
+    np.testing.assert_array_equal(info["context_tokens"][:, -1], obs)
+    np.testing.assert_array_equal(info["context_tokens"], env.context_tokens())
+    # NEXT_STEP: the restarted rows' context comes with the step that restarts them, masked to those rows
+    later = DreamVectorEnv(world, 3, burn_in=3, horizon=5, start_fraction=0.0)
+    later.reset(seed=2)
+    later._steps[1] = 4
+    _, _, _, truncated, info = later.step(np.zeros((3, 3), np.float32))
+    assert truncated.tolist() == [False, True, False] and "context_tokens" not in info
+    obs, _, _, _, info = later.step(np.zeros((3, 3), np.float32))
+    assert info["_context_tokens"].tolist() == [False, True, False]
+    np.testing.assert_array_equal(info["context_tokens"][1, -1], obs[1])
+    # a caller's own frames: theirs, the oldest repeated
+    frames, actions = real_context(world, 2)
+    _, info = DreamEnv(world, burn_in=BURN_IN, horizon=10).reset(options={"frames": frames, "actions": actions})
+    with torch.no_grad():
+        tokens = world.tokenizer.encode(torch.as_tensor(frames)).tokens.numpy()
+    np.testing.assert_array_equal(info["context_tokens"], np.concatenate([tokens[:1]] * (length - 3) + [tokens]))
+
+
 # --- contexts given at reset, pickling, unbounded dreams -------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from gymnasium.vector.utils import batch_space
 from test_pipeline import LIGHT, MICRO
 
 from agents.loop import ReplayWindows, dream_policy_returns, dream_replay, replay_windows, round_figures
-from agents.policy import ActorCritic, clipped_normal_mean
+from agents.policy import ActorCritic, TokenHistory, clipped_normal_mean
 from agents.ppo import PPOConfig, compute_gae, learn_from_episodes, optimise
 from bench.branch import branch_run
 from worldmodel.checkpoint import CheckpointError, copy_checkpoint, fingerprint, read_checkpoint
@@ -339,49 +339,95 @@ def test_a_policy_that_sees_two_frames_learns_which_way_the_grid_moves(tmp_path)
     assert chosen.tolist() == [1 if d == 1 else 3 for *_, d in pairs]
 
 
-class CountingToyDream(MovingToyDream):
-    """Every grid says where it is: 3 * (episode number mod 4) + step, so an episode's grids are told from the last
-    one's. Episodes are 3 steps long."""
+class CountingToyDream(gym.vector.VectorEnv):
+    """Every grid says where it is in its env's episodes: 4 * (episode number mod 2) + step. Env i's episodes last
+    `LENGTHS[i]` steps; env 0's end by termination, the others' are cut by a time limit, with the grid of their last
+    step as `final_obs`. With `context`, every start also reports two made-up grids before its first (9, 10) in
+    `info["context_tokens"]`, as the dream env reports the real grids a dream began from."""
 
-    def __init__(self, num_envs: int = 4):
-        super().__init__(num_envs, horizon=3)
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+    LENGTHS = np.array([2, 3, 3, 2])
+    BEFORE = [9, 10]
+
+    def __init__(self, context: bool):
+        self.num_envs, self.context = 4, context
+        self.single_observation_space = gym.spaces.MultiDiscrete(np.full((4, 4), 12))
+        self.single_action_space = gym.spaces.Discrete(5)
+        self.observation_space = batch_space(self.single_observation_space, 4)
+        self.action_space = batch_space(self.single_action_space, 4)
+
+    def _show(self) -> np.ndarray:
+        return np.broadcast_to((4 * (self.episode % 2) + self.steps)[:, None, None], (4, 4, 4)).copy()
+
+    def _started(self, rows: np.ndarray) -> dict:
+        if not self.context:
+            return {}
+        context = np.zeros((4, 3, 4, 4), dtype=np.int64)
+        context[:, 0], context[:, 1], context[:, 2] = *self.BEFORE, self._show()
+        return {"context_tokens": context, "_context_tokens": np.isin(np.arange(4), rows)}
 
     def reset(self, *, seed=None, options=None):
-        obs, info = super().reset(seed=seed)
-        self.episode = np.arange(self.num_envs)
-        self.value = 3 * (self.episode % 4)
-        return self._show(), info
+        self.episode, self.steps = np.zeros(4, dtype=int), np.zeros(4, dtype=int)
+        return self._show(), self._started(np.arange(4))
 
     def step(self, actions):
-        _, rewards, terminated, truncated, infos = super().step(actions)
-        self.episode[truncated] += self.num_envs
-        self.value = 3 * (self.episode % 4) + self.steps
-        return self._show(), rewards, terminated, truncated, infos
+        self.steps += 1
+        ended = self.steps >= self.LENGTHS
+        terminated, truncated = ended & (np.arange(4) == 0), ended & (np.arange(4) != 0)
+        final = np.empty(4, dtype=object)
+        for row in np.flatnonzero(ended):
+            final[row] = self._show()[row]
+        self.episode[ended] += 1
+        self.steps[ended] = 0
+        infos = {"final_obs": final, "_final_obs": ended, **self._started(np.flatnonzero(ended))} if ended.any() else {}
+        return self._show(), np.zeros(4, np.float32), terminated, truncated, infos
 
 
-def test_ppo_starts_the_view_of_a_restarted_episode_afresh(tmp_path):
-    # after an autoreset the policy sees the new episode's first grid alone (repeated), never the old episode's
-    env = CountingToyDream()
+def _expected_view(before: list[int], grids: list[int], frames: int) -> list[int]:
+    """What a policy of `frames` frames sees after an episode's `grids`, which began from `before`: the latest, the
+    oldest known standing in for the rest."""
+    known = before + grids
+    return ([known[0]] * frames + known)[-frames:]
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["first-grid", "dream-context"])
+def test_ppo_gives_the_policy_each_episode_s_own_grids_and_bootstraps_from_them(context, tmp_path):
+    # the views PPO acts on, and those it values for a cut episode's bootstrap, by hand: episodes of different
+    # lengths restart at different steps, and a restarted one never sees the old episode's grids
+    env = CountingToyDream(context)
     policy = ActorCritic.for_spaces(env.single_observation_space, env.single_action_space, (4, 3), hidden=32, frames=3)
-    views, act = [], policy.act
+    acted, valued = [], []
+    act, value = policy.act, policy.value
 
-    def watched(obs, *args, **kwargs):
+    def watch_act(obs, *args, **kwargs):
         if not args and "action" not in kwargs:  # acting, not PPO's update
-            views.append(obs[:, :, 0, 0].tolist())
+            acted.append(obs[:, :, 0, 0].tolist())
         return act(obs, *args, **kwargs)
 
-    policy.act = watched
-    optimise(
-        env,
-        policy,
-        PPOConfig(num_envs=4, rollout_steps=7, total_steps=28, epochs=1, minibatches=1),
-        RunLogger(tmp_path),
-    )
-    assert len(views) == 7
-    for t, seen in enumerate(views):
-        step, episodes = t % 3, np.arange(4) + 4 * (t // 3)
-        expected = [[3 * (e % 4) + max(0, step - k) for k in (2, 1, 0)] for e in episodes]
-        assert seen == expected, t
+    def watch_value(obs):
+        valued.append(obs[:, :, 0, 0].tolist())
+        return value(obs)
+
+    policy.act, policy.value = watch_act, watch_value
+    config = PPOConfig(num_envs=4, rollout_steps=7, total_steps=28, epochs=1, minibatches=1)
+    optimise(env, policy, config, RunLogger(tmp_path))
+    before = CountingToyDream.BEFORE if context else []
+    episode, step = [0] * 4, [0] * 4
+    expected_acted, expected_valued = [], []
+    for _ in range(7):
+        grids = [[4 * (episode[r] % 2) + k for k in range(step[r] + 1)] for r in range(4)]
+        expected_acted.append([_expected_view(before, grids[r], 3) for r in range(4)])
+        cut = []
+        for r in range(4):
+            step[r] += 1
+            if step[r] == CountingToyDream.LENGTHS[r]:
+                if r != 0:  # cut by the time limit: valued from the episode's own grids and its final one
+                    cut.append(_expected_view(before, grids[r] + [4 * (episode[r] % 2) + step[r]], 3))
+                episode[r], step[r] = episode[r] + 1, 0
+        if cut:
+            expected_valued.append(cut)
+    assert acted == expected_acted
+    assert valued[: len(expected_valued)] == expected_valued  # then PPO's own value of the rollout's next view
 
 
 def _drive(env: ToyDream, policy: ActorCritic) -> list[dict[str, np.ndarray]]:
@@ -622,6 +668,42 @@ def test_dream_policy_returns_drive_the_dream_from_first_frames(box_world, box_d
     alone = [dream_policy_returns(box_world, first[i : i + 1], 9, policy) for i in range(3)]
     np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-5, atol=1e-5)
     assert np.isfinite(together).all()
+
+
+def test_a_policy_of_several_frames_drives_the_dream_seeing_the_grids_it_drew(box_world, box_data):
+    first, _ = _first_frames_and_policy(box_world, box_data)
+    grid = gym.spaces.MultiDiscrete(np.full((4, 4), 12))
+    policy = ActorCritic.for_spaces(grid, box_world.action_space, (4, 3), hidden=16, frames=3)
+    views, act = [], policy.act
+    policy.act = lambda obs, *args, **kwargs: views.append(obs.clone()) or act(obs, *args, **kwargs)
+    world = _Recording(box_world)
+    dream_policy_returns(world, first, 5, policy)
+    grids = [first, *world.drawn]  # the first frame, then each step's drawn grids
+    for t, view in enumerate(views):
+        expected = torch.stack([grids[max(0, t - k)] for k in (2, 1, 0)], dim=1)
+        assert torch.equal(view, expected), t
+
+
+def test_the_update_on_real_episodes_sees_them_as_the_policy_drove_them():
+    # `learn_from_episodes` values and re-scores each recorded step on the same view of the episode that
+    # `TokenHistory` gave the policy while it drove it
+    space = gym.spaces.Discrete(5)
+    policy = ActorCritic.for_spaces(gym.spaces.MultiDiscrete(np.full((4, 4), 12)), space, (4, 3), hidden=16, frames=2)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 12, (6, 4, 4), generator=g)
+    history, driven = TokenHistory(2), []
+    for t in range(6):
+        driven.append((history.start(tokens[:1]) if t == 0 else history.push(tokens[t : t + 1]))[0].clone())
+    values, value = [], policy.value
+    policy.value = lambda obs: values.append(obs.clone()) or value(obs)
+    episode = {
+        "tokens": tokens.numpy(),
+        "actions": np.zeros(5, np.int64),
+        "rewards": np.ones(5, np.float32),
+        "terminated": np.zeros(5, bool),
+    }
+    learn_from_episodes(policy, [episode], space, PPOConfig(num_envs=1, rollout_steps=5, minibatches=1), epochs=1)
+    assert torch.equal(values[0], torch.stack(driven))
 
 
 class _Ending(_Recording):

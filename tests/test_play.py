@@ -128,9 +128,10 @@ def test_a_policy_of_three_frames_takes_over_seeing_the_dream_s_last_three(tmp_p
         grids.append(session._tokens.copy())
     np.testing.assert_array_equal(session.seen.grids[0].numpy(), np.stack(grids[-3:]))
     session.toggle_policy()
-    action = session.step(frozenset())
-    space = session.action_space
-    assert action.shape == (3,) and np.all(action >= space.low) and np.all(action <= space.high)
+    expected = session.policy.action_for(torch.as_tensor(np.stack(grids[-3:])), session.action_space)
+    still = session.policy.action_for(torch.as_tensor(np.stack(grids[-1:] * 3)), session.action_space)
+    assert not np.array_equal(expected, still)  # the history, not the current grid alone, decides the action
+    np.testing.assert_array_equal(session.step(frozenset()), expected)
     session.restart()  # a new episode begins from its first frame alone
     np.testing.assert_array_equal(session.seen.grids[0].numpy(), np.stack([session._tokens] * 3))
     session.close()
