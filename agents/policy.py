@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 from worldmodel.fsq import FSQ
+from worldmodel.tokens import latest_grids
 
 
 @dataclass
@@ -201,8 +202,7 @@ class TokenHistory:
         returns the whole batch's history."""
         if tokens.dim() == 3:
             tokens = tokens[:, None]
-        missing = max(0, self.frames - tokens.shape[1])
-        filled = torch.cat([tokens[:, :1].expand(-1, missing, *tokens.shape[2:]), tokens[:, -self.frames :]], dim=1)
+        filled = latest_grids(tokens, self.frames)
         if rows is None:
             self.grids = filled.clone()
         elif self.grids is None:

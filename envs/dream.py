@@ -24,6 +24,7 @@ from gymnasium.vector.utils import batch_space
 
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.runtime import keep_freed_memory
+from worldmodel.tokens import latest_grids
 from worldmodel.world_model import Sampling, WorldModel, token_grid_space
 
 ObsMode = Literal["tokens", "pixels"]
@@ -212,9 +213,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         rows_t = torch.as_tensor(rows, device=self.model.device)
         self.model.burn_in(self._cache, tokens, actions, rows_t)
         self._tokens[rows_t] = tokens[:, -1]
-        missing = max(0, self.context_length - tokens.shape[1])
-        padded = torch.cat([tokens[:, :1].expand(-1, missing, *tokens.shape[2:]), tokens], dim=1)
-        self._context[rows_t] = padded[:, -self.context_length :]
+        self._context[rows_t] = latest_grids(tokens, self.context_length)
         self._steps[rows] = 0
         self._needs_reset[rows] = False
 

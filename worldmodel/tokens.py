@@ -15,6 +15,13 @@ from worldmodel.files import atomic_path
 from worldmodel.tokenizer import Tokenizer
 
 
+def latest_grids(grids: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, C, h, w) token grids, oldest first -> (B, length, h, w): the last `length` of them, the oldest repeated
+    before them where there are fewer (as Gymnasium's `FrameStackObservation` pads with the first observation)."""
+    missing = max(0, length - grids.shape[1])
+    return torch.cat([grids[:, :1].expand(-1, missing, *grids.shape[2:]), grids[:, -length:]], dim=1)
+
+
 @dataclass
 class TokenizedDataset:
     """Episodes as token grids, concatenated; episode e spans frames[frame_offsets[e]:frame_offsets[e+1]]."""
