@@ -109,12 +109,13 @@ class Session:
         self.episodes += 1
         if self.real is not None:
             frame, _ = self.real.reset(seed=seed)
-            self._tokens, _ = self.dream.reset(seed=seed, options={"frames": frame[None]})
+            self._tokens, info = self.dream.reset(seed=seed, options={"frames": frame[None]})
             self.panels = [Panel("dream", self.dream.render()), Panel("real", frame)]
         else:
-            self._tokens, _ = self.dream.reset(seed=seed)
+            self._tokens, info = self.dream.reset(seed=seed)
             self.panels = [Panel("dream", self.dream.render())]
-        self.seen.start(torch.as_tensor(self._tokens)[None])
+        # from the real grids the dream began from, as PPO's histories start (agents.ppo.first_grids)
+        self.seen.start(torch.as_tensor(info["context_tokens"])[None])
 
     def toggle_policy(self) -> None:
         if self.policy is not None:

@@ -132,8 +132,11 @@ def test_a_policy_of_three_frames_takes_over_seeing_the_dream_s_last_three(tmp_p
     still = session.policy.action_for(torch.as_tensor(np.stack(grids[-1:] * 3)), session.action_space)
     assert not np.array_equal(expected, still)  # the history, not the current grid alone, decides the action
     np.testing.assert_array_equal(session.step(frozenset()), expected)
-    session.restart()  # a new episode begins from its first frame alone
-    np.testing.assert_array_equal(session.seen.grids[0].numpy(), np.stack([session._tokens] * 3))
+    session.restart()  # a new dream begins from the real grids it was started from, as PPO's histories do
+    context = session.dream._vector.context_tokens()[0]
+    assert not np.array_equal(context[-3], context[-1])  # a history that differs from its first frame repeated
+    np.testing.assert_array_equal(session.seen.grids[0].numpy(), context[-3:])
+    np.testing.assert_array_equal(context[-1], session._tokens)
     session.close()
 
 
