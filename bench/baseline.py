@@ -1,13 +1,14 @@
 """`worldmodel bench baseline`: the dream pipeline against PPO trained directly in the real simulator.
 
-For a finished run, PPO with the run's own settings and policy network trains in the real simulator for a
-wall-clock budget (`agents.real_ppo`, the run's tokenizer giving it the same observations; that tokenizer's
-training is not counted in its time). Its snapshots, and the dream pipeline's policies (the one trained before
-the loop and each loop round's), are scored on the run's held-out evaluation tracks. The table and plot give the
-held-out return against wall time and against real environment steps (recorded steps, each 4 simulator frames on
-CarRacing), and `time_ratio`: the wall time the real-simulator PPO needed to reach the dream pipeline's held-out
-score over the dream pipeline's wall time to its kept policy (a lower bound when it never did in its budget).
-Everything is resumable: a trained baseline and every scored policy are kept in `<run>/real_ppo/`.
+For a finished run, PPO with the run's own settings and policy network trains in the real simulator for a wall-clock
+budget (`agents.real_ppo`, the run's tokenizer giving it the same observations; that tokenizer's training is not
+counted in its time). Its snapshots, and the dream pipeline's policies (the one trained before the loop and each
+loop round's), are scored on the run's held-out evaluation tracks. The table and plot give the held-out return
+against wall time and against real environment steps (recorded steps, each 4 simulator frames on CarRacing; on
+highway the table counts crashes too), and `time_ratio`: the wall time the real-simulator PPO needed to reach the
+dream pipeline's held-out score over the dream pipeline's wall time to its kept policy (a lower bound when it never
+did in its budget). Everything is resumable: a trained baseline and every scored policy are kept in
+`<run>/real_ppo/`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from agents.config import read_run_config
 from agents.evaluate import evaluate
 from agents.loop import driven_seeds
 from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
+from envs.sources import SOURCES
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
@@ -67,7 +69,12 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     def score(key: str, policy: Path) -> dict[str, Any]:
         if key not in scores:
             result = evaluate(run_dir, pipeline.collect.source, eval_config, used, ("policy",), policy)["policy"]
-            scores[key] = {"mean": result["mean"], "std": result["std"], "returns": result["returns"]}
+            scores[key] = {
+                "mean": result["mean"],
+                "std": result["std"],
+                "returns": result["returns"],
+                "crashes": result["crashes"],
+            }
             write_json_atomic(scores_path, scores)
         return scores[key]
 
@@ -102,11 +109,13 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
             "mean": dream_score,
             "std": summary["policy"]["real_return_std"],
             "returns": None,
+            "crashes": summary["policy"].get("crashes"),
         }
     )
     ratio = time_ratio(baseline_curve, dream_score, pipeline_wall, 60 * training["minutes"])
     results = {
         "run": str(run_dir),
+        "source": pipeline.collect.source.name,
         "dream_pipeline": {"score": dream_score, "wall_s": round(pipeline_wall, 1), "curve": dream_curve},
         "real_ppo": {
             "minutes": training["minutes"],
@@ -138,11 +147,12 @@ def time_ratio(curve: list[dict[str, Any]], score: float, wall_s: float, budget_
 
 def format_markdown(results: dict[str, Any]) -> str:
     dream, real = results["dream_pipeline"], results["real_ppo"]
+    crashes = SOURCES[results.get("source", "carracing")].crashes
     lines = [
         f"Held-out return over {results['eval_episodes']} episodes (run `{results['run']}`).",
         "",
-        "| what | wall time | real steps | held-out return |",
-        "|---|---|---|---|",
+        "| what | wall time | real steps | held-out return |" + (" crashes |" if crashes else ""),
+        "|---|---|---|---|" + ("---|" if crashes else ""),
     ]
     rows = [
         ("dream pipeline, kept policy" if row["policy"] == "kept" else f"dream pipeline, policy {row['policy']}", row)
@@ -150,7 +160,10 @@ def format_markdown(results: dict[str, Any]) -> str:
     ] + [("real-simulator PPO", row) for row in real["curve"]]
     for label, row in rows:
         held_out = f"{row['mean']:.1f} +- {row['std']:.1f}"
-        lines.append(f"| {label} | {row['wall_s'] / 60:.1f} min | {row['real_steps']:,} | {held_out} |")
+        line = f"| {label} | {row['wall_s'] / 60:.1f} min | {row['real_steps']:,} | {held_out} |"
+        if crashes:  # scores kept from before crashes were recorded have none
+            line += f" {'?' if row.get('crashes') is None else row['crashes']} |"
+        lines.append(line)
     ratio = results["time_ratio"]
     lines += [
         "",

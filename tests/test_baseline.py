@@ -8,6 +8,7 @@ import pytest
 
 from agents.ppo import POLICY, PPOConfig, load_policy
 from agents.real_ppo import RealPPOConfig, train_real_ppo
+from bench.baseline import format_markdown as baseline_markdown
 from bench.baseline import time_ratio
 from bench.reliability import (
     SEED_STRIDE,
@@ -27,6 +28,39 @@ def test_time_ratio_is_the_first_snapshot_that_reaches_the_score_or_a_lower_boun
     curve = [{"wall_s": 60.0, "mean": -20.0}, {"wall_s": 120.0, "mean": 300.0}, {"wall_s": 180.0, "mean": 500.0}]
     assert time_ratio(curve, 250.0, 60.0, 600.0) == {"value": 2.0, "bound": "<="}
     assert time_ratio(curve, 800.0, 60.0, 600.0) == {"value": 10.0, "bound": ">"}
+
+
+def _baseline_results(source: str) -> dict:
+    kept = {"policy": "kept", "wall_s": 1680.0, "real_steps": 40_000, "mean": 22.4, "std": 3.1, "crashes": 3}
+    snapshot = {"wall_s": 420.0, "real_steps": 30_000, "mean": 21.0, "std": 4.0, "crashes": 6}
+    return {
+        "run": "runs/x",
+        "source": source,
+        "dream_pipeline": {"score": 22.4, "wall_s": 1680.0, "curve": [kept]},
+        "real_ppo": {
+            "minutes": 7,
+            "num_envs": 8,
+            "real_steps": 30_000,
+            "steps_per_second": 71.0,
+            "curve": [snapshot, {**snapshot, "crashes": None}],
+            "best": 21.0,
+        },
+        "time_ratio": {"value": 0.25, "bound": ">"},
+        "eval_episodes": 50,
+    }
+
+
+def test_the_baseline_table_counts_crashes_where_the_source_has_them():
+    table = baseline_markdown(_baseline_results("highway")).splitlines()
+    assert table[2].endswith("| held-out return | crashes |") and table[3] == "|---|---|---|---|---|"
+    assert table[4] == "| dream pipeline, kept policy | 28.0 min | 40,000 | 22.4 +- 3.1 | 3 |"
+    assert table[5] == "| real-simulator PPO | 7.0 min | 30,000 | 21.0 +- 4.0 | 6 |"
+    assert table[6].endswith("| 21.0 +- 4.0 | ? |")  # a score kept from before crashes were recorded
+    carracing = baseline_markdown(_baseline_results("carracing"))
+    assert (
+        "crashes" not in carracing
+        and "| dream pipeline, kept policy | 28.0 min | 40,000 | 22.4 +- 3.1 |\n" in carracing
+    )
 
 
 def _summary(policy: list[float], random: list[float], curve: list[float] | None = None) -> dict:
