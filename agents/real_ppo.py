@@ -87,6 +87,8 @@ def train_real_ppo(
             due = (len(snapshots) + 1) * 60 * config.snapshot_minutes
             if not final and elapsed < due:
                 return
+            if final and snapshots and snapshots[-1]["real_steps"] == steps:
+                return  # the last update's own snapshot is the final one
             name = f"{POLICY}-{len(snapshots):03d}"
             meta = {"real_steps": steps, "wall_s": round(elapsed, 1)}
             save_checkpoint(out / name, policy, POLICY, meta)

@@ -139,13 +139,15 @@ def test_real_ppo_trains_in_the_real_simulator_and_keeps_snapshots(box_run, tmp_
     shutil.copytree(box_run, run)  # its tokenizer reads 16x16 frames: CarRacing is drawn at that size here
     source = SourceConfig("carracing", frame_size=16)
     ppo = PPOConfig(rollout_steps=8, epochs=1, minibatches=2, hidden=32)
-    real = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.1)
+    real = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.001)  # a snapshot after every update
     figures = train_real_ppo(run, source, ppo, real, RunLogger(run))
     assert figures["real_steps"] >= 16 and figures["real_steps"] % 16 == 0
     snapshots = json.loads((run / "real_ppo" / "snapshots.json").read_text())
     assert snapshots == figures["snapshots"] and len(snapshots) >= 2
     assert snapshots[-1]["real_steps"] == figures["real_steps"]
     assert [s["wall_s"] for s in snapshots] == sorted(s["wall_s"] for s in snapshots)
+    steps = [s["real_steps"] for s in snapshots]
+    assert steps == sorted(set(steps))  # the end of training adds no second snapshot of its last update
     policy = load_policy(run / "real_ppo" / snapshots[-1]["checkpoint"])
     assert policy.config.grid_size == 4 and policy.config.action_dim == 3
     assert (run / "real_ppo" / f"{POLICY}-000.safetensors").is_file()
