@@ -89,11 +89,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from agents.evaluate import evaluate
     from agents.loop import driven_seeds
+    from agents.ppo import POLICY
+    from worldmodel.checkpoint import read_checkpoint
 
     config = _config(args)
+    policy = Path(args.policy) if args.policy else None
+    if policy is not None:
+        read_checkpoint(policy, POLICY)  # a missing or foreign checkpoint stops here, before any episode is driven
     data = Path(args.data) if args.data else config.dataset_dir
     used = driven_seeds(config.run_dir, data)
-    print(json.dumps(evaluate(config.run_dir, config.collect.source, config.eval, used), indent=2))
+    print(json.dumps(evaluate(config.run_dir, config.collect.source, config.eval, used, None, policy), indent=2))
 
 
 def cmd_rollout(args: argparse.Namespace) -> None:
@@ -400,6 +405,11 @@ def _pipeline_commands(commands: Any) -> None:
     evaluate = commands.add_parser("evaluate", help="score policy, random and expert in the real simulator")
     _common(evaluate)
     evaluate.add_argument("--data", default=None, help="dataset folder, to refuse its seeds")
+    evaluate.add_argument(
+        "--policy",
+        default=None,
+        help="a policy checkpoint to score instead of the run's, e.g. runs/NAME/loop/01/policy.safetensors",
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
     rollout = commands.add_parser("rollout", help="video: real vs tokenizer vs dream on a held-out episode")

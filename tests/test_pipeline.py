@@ -394,3 +394,11 @@ def test_a_setting_added_to_the_project_since_a_stage_finished_does_not_block_it
     assert _changed({"lr": 1e-3}, {"lr": 2e-3, "top_k": None}, defaults)
     assert _changed({"model": {"layers": 3}}, {"model": {"layers": 4}}, defaults)
     assert _changed({"lr": 1e-3, "gone": 1}, {"lr": 1e-3}, defaults)
+
+
+def test_evaluate_refuses_a_missing_policy_checkpoint_before_driving(tmp_path):
+    missing = tmp_path / "runs" / "x" / "loop" / "01" / "policy.safetensors"
+    args = ["evaluate", "--name", "x", f"run.runs_dir={tmp_path / 'runs'}", "--policy", str(missing)]
+    result = worldmodel_cli(args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{missing} not found" in result.stderr and "Traceback" not in result.stderr
