@@ -147,7 +147,7 @@ def time_ratio(curve: list[dict[str, Any]], score: float, wall_s: float, budget_
 
 def format_markdown(results: dict[str, Any]) -> str:
     dream, real = results["dream_pipeline"], results["real_ppo"]
-    crashes = SOURCES[results.get("source", "carracing")].crashes
+    crashes = SOURCES[results["source"]].crashes
     lines = [
         f"Held-out return over {results['eval_episodes']} episodes (run `{results['run']}`).",
         "",

@@ -98,7 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         read_checkpoint(policy, POLICY)  # a missing or foreign checkpoint stops here, before any episode is driven
     data = Path(args.data) if args.data else config.dataset_dir
     used = driven_seeds(config.run_dir, data)
-    print(json.dumps(evaluate(config.run_dir, config.collect.source, config.eval, used, None, policy), indent=2))
+    print(json.dumps(evaluate(config.run_dir, config.collect.source, config.eval, used, policy=policy), indent=2))
 
 
 def cmd_rollout(args: argparse.Namespace) -> None:
