@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from agents.evaluate import TokenPolicy
 from agents.policy import ActorCritic, TokenHistory, action_bounds
-from envs.collect import episode_name, record_episode, worker_env
+from envs.collect import ExpertLabels, episode_name, record_episode, worker_env
 from envs.dream import DreamSettings
 from envs.sources import SourceConfig
 from worldmodel.dataset import Dataset, DatasetError, Episode, EpisodeRecord, write_episode
@@ -104,7 +104,7 @@ def _policy_episode(args: tuple[SourceConfig, str, str, str, bool, int, int, int
     torch.manual_seed(seed)  # a sampling policy draws the same actions on the same seed
     env = worker_env(source)
     actor = TokenPolicy(Path(run_dir), deterministic, Path(policy))
-    episode, intro = record_episode(env, lambda obs: actor(obs, env.action_space), seed)
+    episode, intro = record_episode(env, lambda obs: actor(obs, env.action_space), seed, ExpertLabels(source, env))
     name = episode_name(index)
     write_episode(root, name, episode)
     kind = "policy" if deterministic else "policy-sampled"

@@ -55,6 +55,7 @@ class _Driver:
         self.held: np.ndarray | int | None = None
         self.held_dims: np.ndarray | None = None
         self.hold_left = 0
+        self.decision: np.ndarray | int | None = None
         if self.kind == "expert" and self.rng.random() < config.start_perturb_prob:
             self._perturb()
 
@@ -68,50 +69,82 @@ class _Driver:
             self.held_dims[self.rng.integers(self.space.shape[0])] = True
 
     def act(self) -> np.ndarray | int:
+        # the expert decides on every step, whatever drives: its decision, as the simulator would take it, is the
+        # step's label (`decision`), and asking it each step keeps its internal state in step with the simulator
+        action = self.expert.act(self.env)
+        self.decision = executed(action, self.space, self.config.source.pedals)
         if self.kind == "random":
             return self.space.sample()
         if self.hold_left == 0 and self.rng.random() < self.config.perturb_prob:
             self._perturb()
         if self.hold_left > 0:
             self.hold_left -= 1
-            action = self.expert.act(self.env)  # also keeps the expert's internal state in step with the simulator
             if isinstance(self.space, gym.spaces.Box):
-                return self._one_pedal(np.where(self.held_dims, self.held, action))
+                return one_pedal(np.where(self.held_dims, self.held, action), self.config.source.pedals)
             return self.held
-        action = self.expert.act(self.env)
         if isinstance(self.space, gym.spaces.Discrete):
             return self.space.sample() if self.rng.random() < self.config.action_noise else int(action)
         noisy = action + self.rng.normal(0, self.config.action_noise, size=action.shape)
-        return self._one_pedal(np.clip(noisy, self.space.low, self.space.high))
+        return one_pedal(np.clip(noisy, self.space.low, self.space.high), self.config.source.pedals)
 
-    def _one_pedal(self, action: np.ndarray) -> np.ndarray:
-        """Gas and brake pressed together become their difference on one pedal.
 
-        Noise on the expert's zero brake would otherwise press it half the time, and a uniformly random action
-        presses both pedals at once nearly always: in such data the car is almost never seen rolling with no
-        pedal pressed, and a model trained on it is free to imagine a car that drives off without gas. The
-        difference of two uniform pedals is often near zero, so perturbations now show idling and coasting too.
-        Fully random episodes keep raw uniform actions, so both pedals together are still in the data."""
-        pedals = self.config.source.pedals
-        if pedals is None:
-            return action.astype(np.float32)
-        gas, brake = pedals
-        net = action[gas] - action[brake]
-        action = action.copy()
-        action[gas], action[brake] = max(net, 0.0), max(-net, 0.0)
+def one_pedal(action: np.ndarray, pedals: tuple[int, int] | None) -> np.ndarray:
+    """Gas and brake pressed together become their difference on one pedal.
+
+    Noise on the expert's zero brake would otherwise press it half the time, and a uniformly random action
+    presses both pedals at once nearly always: in such data the car is almost never seen rolling with no
+    pedal pressed, and a model trained on it is free to imagine a car that drives off without gas. The
+    difference of two uniform pedals is often near zero, so perturbations now show idling and coasting too.
+    Fully random episodes keep raw uniform actions, so both pedals together are still in the data."""
+    if pedals is None:
         return action.astype(np.float32)
+    gas, brake = pedals
+    net = action[gas] - action[brake]
+    action = action.copy()
+    action[gas], action[brake] = max(net, 0.0), max(-net, 0.0)
+    return action.astype(np.float32)
+
+
+def executed(action: np.ndarray | int, space: gym.Space, pedals: tuple[int, int] | None) -> np.ndarray | int:
+    """A scripted driver's action as the collection executes it when it adds no noise: an int for a Discrete
+    space; clipped to the Box and on one pedal (`one_pedal`) for a Box."""
+    if isinstance(space, gym.spaces.Discrete):
+        return int(action)
+    return one_pedal(np.clip(action, space.low, space.high), pedals)
+
+
+class ExpertLabels:
+    """`record_episode`'s `label` for an episode something else drives (a policy): the source's scripted driver's
+    decision in each step's state, as it would have executed it."""
+
+    def __init__(self, source: SourceConfig, env: gym.Env):
+        self.expert = make_expert(source)
+        self.expert.reset()
+        self.env = env
+        self.pedals = source.pedals
+
+    def __call__(self) -> np.ndarray | int:
+        return executed(self.expert.act(self.env), self.env.action_space, self.pedals)
 
 
 _worker_envs: dict[SourceConfig, gym.Env] = {}
 
 
-def record_episode(env: gym.Env, act: Callable[[np.ndarray], np.ndarray | int], seed: int) -> tuple[Episode, float]:
+def record_episode(
+    env: gym.Env,
+    act: Callable[[np.ndarray], np.ndarray | int],
+    seed: int,
+    label: Callable[[], np.ndarray | int] | None = None,
+) -> tuple[Episode, float]:
     """Drive one episode on `seed` with `act(observation) -> action`; returns it and the reward of the steps the
-    source skipped at reset (CarRacing's zoom-in; see `DrivingFrames`), so that the two add up to the return."""
+    source skipped at reset (CarRacing's zoom-in; see `DrivingFrames`), so that the two add up to the return.
+    `label()`, called after each `act` in the same state, gives the step's `expert_actions`."""
     obs, info = env.reset(seed=seed)
-    frames, actions, rewards, terminated, truncated = [obs], [], [], [], []
+    frames, actions, rewards, terminated, truncated, labels = [obs], [], [], [], [], []
     while True:
         action = act(obs)
+        if label is not None:
+            labels.append(label())
         obs, reward, term, trunc, _ = env.step(action)
         frames.append(obs)
         actions.append(action)
@@ -120,13 +153,14 @@ def record_episode(env: gym.Env, act: Callable[[np.ndarray], np.ndarray | int], 
         truncated.append(trunc)
         if term or trunc:
             break
-    discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    dtype = np.int64 if isinstance(env.action_space, gym.spaces.Discrete) else np.float32
     episode = Episode(
         frames=np.stack(frames),
-        actions=np.array(actions, dtype=np.int64 if discrete else np.float32),
+        actions=np.array(actions, dtype=dtype),
         rewards=np.array(rewards, dtype=np.float32),
         terminated=np.array(terminated, dtype=bool),
         truncated=np.array(truncated, dtype=bool),
+        expert_actions=None if label is None else np.array(labels, dtype=dtype),
     )
     return episode, float(info.get("intro_reward", 0.0))
 
@@ -143,7 +177,7 @@ def _record(config: CollectConfig, root: str, index: int) -> EpisodeRecord:
     env = worker_env(config.source)
     seed = config.seed + index
     driver = _Driver(config, env, seed)
-    episode, intro = record_episode(env, lambda obs: driver.act(), seed)
+    episode, intro = record_episode(env, lambda obs: driver.act(), seed, label=lambda: driver.decision)
     write_episode(root, episode_name(index), episode)
     ret = float(episode.rewards.sum())
     return EpisodeRecord(episode_name(index), len(episode), seed, ret, driver.kind, intro_reward=intro)

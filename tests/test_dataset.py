@@ -117,6 +117,34 @@ def test_missing_and_inconsistent_episode_files(tmp_path):
         assert dataset.usable() == []
 
 
+def test_expert_actions_are_optional_and_checked(tmp_path):
+    rng = np.random.default_rng(2)
+    dataset = Dataset.create(tmp_path, "synthetic", (16, 16, 3), BOX_SPACE)
+    plain = make_episode(6, 16, 3, BOX_SPACE, rng)
+    labelled = make_episode(6, 16, 3, BOX_SPACE, rng)
+    labelled.expert_actions = np.clip(labelled.actions + 0.5, 0.0, 1.0).astype(np.float32)
+    for name, episode in (("000000", plain), ("000001", labelled)):
+        write_episode(tmp_path, name, episode)
+        dataset.add(EpisodeRecord(name, 6))
+    assert dataset.load(0).expert_actions is None
+    assert not (dataset.episode_dir(0) / "expert_actions.npy").exists()
+    loaded = dataset.load(1)
+    np.testing.assert_array_equal(loaded.expert_actions, labelled.expert_actions)
+    # the labels are no input to the tokens, so they do not change the episode's content key
+    key = dataset.content_key(1)
+    np.save(dataset.episode_dir(1) / "expert_actions.npy", np.zeros((6, 3), np.float32))
+    assert dataset.content_key(1) == key
+    # labels of another length or kind than the actions are refused, naming them
+    np.save(dataset.episode_dir(1) / "expert_actions.npy", np.zeros((5, 3), np.float32))
+    with pytest.raises(EpisodeError, match="expert_actions"):
+        dataset.load(1)
+    np.save(dataset.episode_dir(1) / "expert_actions.npy", np.zeros(6, np.int64))
+    with pytest.raises(EpisodeError, match="expert_actions"):
+        dataset.load(1)
+    with pytest.raises(EpisodeError, match="expert_actions"):
+        write_episode(tmp_path, "000002", Episode(**{**vars(plain), "expert_actions": np.zeros(6, np.int64)}))
+
+
 def test_wrong_frame_shape_is_rejected(tmp_path):
     dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=1, steps=4)
     np.save(dataset.episode_dir(0) / "frames.npy", np.zeros((5, 8, 8, 3), np.uint8))

@@ -801,6 +801,11 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
     assert [e.policy for e in episodes[4:]] == [f"loop/{j:02d}/policy" for j in (0, 0, 1, 1, 2, 2)]
     assert {e.kind for e in episodes[4:]} == {"policy", "policy-sampled"}
     assert len({e.seed for e in episodes}) == len(episodes)
+    # each step of every episode, the policies' too, carries the scripted driver's decision there (DAgger's labels)
+    dataset = Dataset.open(run / "dataset")
+    for index in range(len(episodes)):
+        episode = dataset.load(index)
+        assert episode.expert_actions is not None and episode.expert_actions.shape == episode.actions.shape
     # the token cache holds every episode trained on (the last policy's scoring round is not), and the run's world
     # model is the last round's
     assert TokenizedDataset.load(run / "tokens.npz").episode_ids.tolist() == list(range(8))

@@ -149,6 +149,7 @@ def test_collect_writes_a_dataset_and_resumes(tmp_path):
         assert len(episode) == record.length == 10
         assert episode.truncated[-1] and not episode.truncated[:-1].any()
         assert episode.actions.dtype == np.float32 and episode.actions.shape == (10, 3)
+        assert episode.expert_actions.dtype == np.float32 and episode.expert_actions.shape == (10, 3)
         assert record.ret == pytest.approx(float(episode.rewards.sum()), abs=1e-3)
         assert record.kind in ("expert", "random")
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "episodes").iterdir()}
@@ -265,6 +266,31 @@ def test_collect_highway(tmp_path):
     assert len(Dataset.open(tmp_path / "data")) == 3
 
 
+def test_collection_labels_every_step_with_the_scripted_drivers_decision(tmp_path):
+    """Whatever drives (noise, a perturbation, random actions), each step records what the scripted driver would
+    have done there (DART's labels); without noise the labels are the actions."""
+    source = SourceConfig("highway", max_steps=8)
+    quiet = CollectConfig(source=source, episodes=2, workers=1, random_fraction=0.0, action_noise=0.0, perturb_prob=0.0)
+    for episode in map(collect(quiet, tmp_path / "quiet").load, range(2)):
+        assert episode.expert_actions.dtype == np.int64
+        np.testing.assert_array_equal(episode.expert_actions, episode.actions)
+    noisy = dataclasses.replace(quiet, episodes=6, random_fraction=0.5, action_noise=0.5, perturb_prob=0.2)
+    dataset = collect(noisy, tmp_path / "noisy")
+    differ = 0
+    for index, record in enumerate(dataset.episodes):
+        episode = dataset.load(index)
+        env = make_source_env(source)  # replay: the label is the driver's decision in the state the step began in
+        env.reset(seed=record.seed)
+        expert = make_expert(source)
+        expert.reset()
+        for action, label in zip(episode.actions, episode.expert_actions, strict=True):
+            assert expert.act(env) == label
+            env.step(int(action))
+        env.close()
+        differ += int((episode.expert_actions != episode.actions).sum())
+    assert differ > 0
+
+
 def test_start_perturbations_open_expert_episodes_with_a_held_action():
     class Stub:  # the driver reads only the action space before its first step
         action_space = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
@@ -305,5 +331,6 @@ def test_exploration_presses_one_pedal_at_a_time_and_coasts():
     # highway-env has no pedals; CarRacing's random episodes keep both pedals, so the data still shows them
     assert SourceConfig("highway").pedals is None
     random_driver = collect_module._Driver(dataclasses.replace(config, random_fraction=1.0), Stub(), 0)
+    random_driver.expert = FullGas()
     both = np.array([random_driver.act() for _ in range(200)])
     assert ((both[:, 1] > 0) & (both[:, 2] > 0)).mean() > 0.5

@@ -8,6 +8,7 @@ Layout (documented for users in docs/dataset_format.md)::
     <root>/episodes/<name>/rewards.npy     (T,) float32           reward for actions[t]
     <root>/episodes/<name>/terminated.npy  (T,) bool
     <root>/episodes/<name>/truncated.npy   (T,) bool
+    <root>/episodes/<name>/expert_actions.npy  optional, like actions: the scripted driver's decision at each step
 
 Episodes are written to a temporary folder and renamed into place, and the manifest is rewritten
 atomically after each one, so a crash loses at most the episode in flight. Arrays are memory-mapped,
@@ -31,6 +32,8 @@ from worldmodel.files import atomic_path, write_json_atomic
 FORMAT_NAME = "worldmodel-dataset"
 FORMAT_VERSION = 1
 ARRAYS = ("frames", "actions", "rewards", "terminated", "truncated")
+OPTIONAL_ARRAYS = ("expert_actions",)
+"""Arrays an episode may hold beside `ARRAYS`; a file that is absent loads as None."""
 
 
 class DatasetError(ValueError):
@@ -69,6 +72,9 @@ class Episode:
     rewards: np.ndarray  # (T,) float32
     terminated: np.ndarray  # (T,) bool
     truncated: np.ndarray  # (T,) bool
+    expert_actions: np.ndarray | None = None
+    """Like `actions`: what the scripted driver would have done in the state of each step, whatever drove it (the
+    collection's noise and perturbations, a policy). Labels without the noise, as DART and DAgger clone from."""
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -86,6 +92,12 @@ class Episode:
         for name in ("actions", "terminated", "truncated"):
             if len(getattr(self, name)) != steps:
                 raise EpisodeError(f"{where}: {name} has {len(getattr(self, name))} entries, expected {steps}")
+        labels = self.expert_actions
+        if labels is not None and (labels.shape != self.actions.shape or labels.dtype != self.actions.dtype):
+            raise EpisodeError(
+                f"{where}: expert_actions are {labels.shape} {labels.dtype}; expected the actions' "
+                f"{self.actions.shape} {self.actions.dtype}"
+            )
 
 
 @dataclass
@@ -131,8 +143,10 @@ def write_episode(root: str | Path, name: str, episode: Episode) -> Path:
     episode.validate(where=f"episode {name}")
     final = Path(root) / "episodes" / name
     with atomic_path(final, folder=True) as tmp:
-        for array_name in ARRAYS:
-            np.save(tmp / f"{array_name}.npy", np.ascontiguousarray(getattr(episode, array_name)))
+        for array_name in ARRAYS + OPTIONAL_ARRAYS:
+            array = getattr(episode, array_name)
+            if array is not None:
+                np.save(tmp / f"{array_name}.npy", np.ascontiguousarray(array))
     return final
 
 
@@ -246,8 +260,10 @@ class Dataset:
         record = self.manifest.episodes[index]
         folder = self.episode_dir(index)
         arrays = {}
-        for name in ARRAYS:
+        for name in ARRAYS + OPTIONAL_ARRAYS:
             path = folder / f"{name}.npy"
+            if name in OPTIONAL_ARRAYS and not path.is_file():
+                continue
             try:
                 arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
             except FileNotFoundError as err:
@@ -261,8 +277,9 @@ class Dataset:
         return episode
 
     def content_key(self, index: int) -> str:
-        """A digest of episode `index`'s arrays as stored: it changes whenever any of its files does, so caches
-        derived from the episode (its tokens) can tell that they are stale."""
+        """A digest of episode `index`'s arrays as stored: it changes whenever any file of `ARRAYS` does, so caches
+        derived from the episode (its tokens) can tell that they are stale (the optional labels are no input to
+        them)."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(self.manifest.episodes[index].name.encode())
         for name in ARRAYS:
