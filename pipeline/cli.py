@@ -136,6 +136,16 @@ def _positive_int(text: str) -> int:
     return values[0]
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def cmd_bench_imagination(args: argparse.Namespace) -> None:
     from bench.imagination import ImaginationBenchConfig, bench_imagination, format_table
 
@@ -210,6 +220,15 @@ def cmd_bench_baseline(args: argparse.Namespace) -> None:
 
     real = RealPPOConfig(minutes=args.minutes, num_envs=args.envs, snapshot_minutes=args.snapshot_minutes)
     results = bench_baseline(args.run, BaselineConfig(real, args.episodes), Path(args.out) if args.out else None)
+    print(format_markdown(results))
+
+
+def cmd_bench_clone(args: argparse.Namespace) -> None:
+    from agents.clone import CloneConfig
+    from bench.clone import bench_clone, format_markdown
+
+    config = CloneConfig(minutes=args.minutes)
+    results = bench_clone(args.run, config, args.episodes, Path(args.out) if args.out else None)
     print(format_markdown(results))
 
 
@@ -536,6 +555,15 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     baseline.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per policy")
     baseline.add_argument("--out", default=None, help="folder of baseline.json, .md and .png (default: RUN/real_ppo)")
     baseline.set_defaults(func=cmd_bench_baseline)
+
+    clone = targets.add_parser(
+        "clone", help="a finished run's dream policy against a clone of the scripted driver's recorded decisions"
+    )
+    clone.add_argument("--run", required=True, help="run folder written by `worldmodel run`")
+    clone.add_argument("--minutes", type=_positive_float, default=3.0, help="the clone's wall-clock budget")
+    clone.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per driver")
+    clone.add_argument("--out", default=None, help="folder of clone.json and .md (default: RUN/clone)")
+    clone.set_defaults(func=cmd_bench_clone)
 
     reliability = targets.add_parser(
         "reliability", help="the whole pipeline on several seeds: held-out return per seed, mean, median, worst"

@@ -68,6 +68,11 @@ class RunDir:
         return self.root / "real_ppo"
 
     @property
+    def clone(self) -> Path:
+        """`bench clone`'s folder: the clone of the scripted driver's decisions, and its scores."""
+        return self.root / "clone"
+
+    @property
     def rollout(self) -> Path:
         """The rollout video's stem (`.mp4` and `.gif`)."""
         return self.root / "rollout"

@@ -1,0 +1,93 @@
+"""`worldmodel bench clone`: the dream pipeline against a clone of the scripted driver's decisions in its own data.
+
+For a finished run, the dream policy's network is fitted to the `expert_actions` its dataset records
+(`agents.clone`), and the clone, the run's kept policy and the scripted driver itself are scored on the run's held-out
+evaluation episodes. Resumable: the clone and every score are kept in `<run>/clone/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from agents.clone import CloneConfig, train_clone
+from agents.config import read_run_config
+from agents.evaluate import evaluate
+from agents.loop import driven_seeds
+from envs.sources import SOURCES
+from worldmodel.checkpoint import read_checkpoint
+from worldmodel.files import write_json_atomic, write_text_atomic
+from worldmodel.run_dir import RunDir
+
+CLONE_POLICY = "policy"
+"""The clone's checkpoint stem in the run's clone folder."""
+
+
+def bench_clone(
+    run_dir: str | Path, config: CloneConfig, episodes: int | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    pipeline = read_run_config(run_dir)
+    folder = run.clone
+    checkpoint = folder / CLONE_POLICY
+    if not checkpoint.with_suffix(".json").is_file():
+        train_clone(run_dir, config, checkpoint)
+    fit = json.loads(checkpoint.with_suffix(".json").read_text())["clone"]
+    read_checkpoint(checkpoint, "policy")  # refuse a clone whose weights are missing or damaged before scoring it
+
+    eval_config = pipeline.eval
+    if episodes is not None:
+        eval_config.episodes = episodes
+    used = driven_seeds(run_dir, run.dataset)
+    scores_path = folder / "scores.json"
+    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    scores = scores if scores.get("episodes") == eval_config.episodes else {"episodes": eval_config.episodes}
+    for key, kind, policy in (
+        ("clone", "policy", checkpoint),
+        ("dream policy", "policy", run.policy),
+        ("scripted driver", "expert", None),
+    ):
+        if key not in scores:
+            result = evaluate(run_dir, pipeline.collect.source, eval_config, used, (kind,), policy)[kind]
+            scores[key] = {k: result[k] for k in ("mean", "std", "returns", "crashes")}
+            write_json_atomic(scores_path, scores)
+    results = {
+        "run": str(run_dir),
+        "source": pipeline.collect.source.name,
+        "eval_episodes": eval_config.episodes,
+        "clone": fit,
+        "scores": {key: value for key, value in scores.items() if key != "episodes"},
+    }
+    out = out or folder
+    write_json_atomic(out / "clone.json", results)
+    write_text_atomic(out / "clone.md", format_markdown(results) + "\n")
+    return results
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    crashes = SOURCES[results["source"]].crashes
+    fit = results["clone"]
+    lines = [
+        f"Held-out return over {results['eval_episodes']} episodes (run `{results['run']}`).",
+        "",
+        "| what | held-out return |" + (" crashes |" if crashes else ""),
+        "|---|---|" + ("---|" if crashes else ""),
+    ]
+    for key, row in results["scores"].items():
+        line = f"| {key} | {row['mean']:.1f} +- {row['std']:.1f} |"
+        if crashes:
+            line += f" {row['crashes']} |"
+        lines.append(line)
+    if "val_accuracy" in fit:
+        quality = f"held-out accuracy {fit['val_accuracy']:.3f}"
+    else:
+        quality = "held-out squared error per action part " + ", ".join(f"{e:.3f}" for e in fit["val_squared_error"])
+    lines += [
+        "",
+        f"Clone: the dream policy's network fitted to the scripted driver's decisions on {fit['train_steps']:,} steps "
+        f"of {fit['labelled_episodes']:,} labelled episodes ({fit['unlabelled_episodes']:,} without labels), "
+        f"{fit['steps']:,} updates, the best of them by held-out likelihood at update {fit['step']:,}: {quality}.",
+    ]
+    return "\n".join(lines)
