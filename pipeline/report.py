@@ -4,8 +4,9 @@ The page opens from disk with no server and no network: its plots and the rollou
 its style is inline. It shows what the run folder holds: the summary table, the rollout video (real, tokenizer,
 dream), the learning curves from `metrics.jsonl` (tokenizer PSNR, dynamics accuracy, the dream's return during
 PPO, the real return of each loop round's policy), the loop's rounds, and, where the benches wrote them, fidelity by
-horizon (`bench dynamics`), the real-simulator baseline (`bench baseline`) and the reliability table (`bench
-reliability`) of the seeds this run belongs to. `worldmodel run` writes it at its end.
+horizon (`bench dynamics`), the real-simulator baseline (`bench baseline`), the clone of the scripted driver
+(`bench clone`) and the reliability table (`bench reliability`) of the seeds this run belongs to. `worldmodel
+run` writes it at its end.
 """
 
 from __future__ import annotations
@@ -259,6 +260,7 @@ def build_report(run_dir: str | Path) -> str:
 
     for title, markdown, plot in (
         ("The baseline: PPO in the real simulator", run.real_ppo / "baseline.md", run.real_ppo / "baseline.png"),
+        ("The baseline: a clone of the scripted driver", run.clone / "clone.md", None),
         ("Reliability over seeds", _reliability_md(run), None),
     ):
         if markdown is not None and markdown.is_file():

@@ -59,6 +59,12 @@ def test_the_report_shows_the_summary_the_loop_and_the_benches_with_every_asset_
     assert "http://" not in page and "https://" not in page
     assert "always" not in page  # CarRacing's summary holds no steady action
 
+    assert "a clone of the scripted driver" not in page
+    (run / "clone").mkdir()
+    (run / "clone" / "clone.md").write_text("Held-out return.\n\n| what | return |\n|---|---|\n| clone | 134.5 |\n")
+    assert "<h2>The baseline: a clone of the scripted driver</h2>" in build_report(run)
+    assert "<td>clone</td><td>134.5</td>" in build_report(run)
+
     (run / "fidelity.json").write_text(json.dumps({"psnr_by_horizon": {"dream": {"1": 24.0, "8": 19.5}}}))
     assert '<td>dream</td><td class="num">24.0</td><td class="num">19.5</td>' in build_report(run)
 
