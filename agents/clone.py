@@ -48,11 +48,10 @@ class Labelled:
     labels: torch.Tensor
 
 
-def labelled_steps(run_dir: Path, frames: int, discrete: bool) -> tuple[dict[int, Labelled], int]:
-    """Per dataset episode that carries `expert_actions` and is in the run's token cache, its steps; and how many
-    tokenized episodes carry none (your own data, or a dataset recorded before the labels were)."""
+def labelled_steps(run_dir: Path, dataset: Dataset, frames: int, discrete: bool) -> tuple[dict[int, Labelled], int]:
+    """Per episode of the run's `dataset` that carries `expert_actions` and is in the run's token cache, its steps;
+    and how many tokenized episodes carry none (your own data, or a dataset recorded before the labels were)."""
     run = RunDir(run_dir)
-    dataset = Dataset.open(run.dataset)
     tokens = TokenizedDataset.load(run.tokens)
     found, unlabelled = {}, 0
     for position, index in enumerate(tokens.episode_ids.tolist()):
@@ -65,7 +64,7 @@ def labelled_steps(run_dir: Path, frames: int, discrete: bool) -> tuple[dict[int
         found[int(index)] = Labelled(stack_history(grids, frames)[:-1], target.long() if discrete else target.float())
     if len(found) < 2:
         raise DatasetError(
-            f"{run.dataset} holds {len(found)} tokenized episode(s) with expert_actions; a clone needs at least 2 "
+            f"{dataset.root} holds {len(found)} tokenized episode(s) with expert_actions; a clone needs at least 2 "
             "(datasets recorded before the scripted driver's decisions were kept have none: collect again)"
         )
     return found, unlabelled
@@ -104,12 +103,13 @@ def train_clone(run_dir: str | Path, config: CloneConfig, out: Path) -> dict[str
     run_dir = Path(run_dir)
     reference = load_policy(RunDir(run_dir).policy)
     discrete = reference.config.discrete_actions
-    episodes, unlabelled = labelled_steps(run_dir, reference.config.frames, discrete)
+    dataset = Dataset.open(RunDir(run_dir).dataset)
+    episodes, unlabelled = labelled_steps(run_dir, dataset, reference.config.frames, discrete)
     order = np.random.default_rng(config.seed).permutation(sorted(episodes))
     held = max(1, round(config.val_fraction * len(order)))
     val = _joined([episodes[int(i)] for i in order[:held]])
     train = _joined([episodes[int(i)] for i in order[held:]])
-    bounds = action_bounds(Dataset.open(RunDir(run_dir).dataset).action_space)
+    bounds = action_bounds(dataset.action_space)
 
     torch.manual_seed(config.seed)
     policy = ActorCritic(reference.config)

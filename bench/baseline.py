@@ -22,9 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from agents.config import read_run_config
-from agents.evaluate import evaluate
 from agents.loop import driven_seeds
 from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
+from bench.scores import HeldOutScores
 from envs.sources import SOURCES
 from worldmodel.checkpoint import CheckpointError
 from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
@@ -37,10 +37,6 @@ class BaselineConfig:
     real: RealPPOConfig
     episodes: int | None = None
     """Held-out episodes per scored policy (default: the run's `eval.episodes`)."""
-
-
-def _scores(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None = None) -> dict[str, Any]:
@@ -63,20 +59,7 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     if config.episodes is not None:
         eval_config.episodes = config.episodes
     used = driven_seeds(run_dir, RunDir(run_dir).dataset)
-    scores_path = folder / "scores.json"
-    scores = _scores(scores_path)
-
-    def score(key: str, policy: Path) -> dict[str, Any]:
-        if key not in scores:
-            result = evaluate(run_dir, pipeline.collect.source, eval_config, used, ("policy",), policy)["policy"]
-            scores[key] = {
-                "mean": result["mean"],
-                "std": result["std"],
-                "returns": result["returns"],
-                "crashes": result["crashes"],
-            }
-            write_json_atomic(scores_path, scores)
-        return scores[key]
+    score = HeldOutScores(folder / "scores.json", run_dir, pipeline.collect.source, eval_config, used)
 
     baseline_curve = []
     for snap in tqdm(training["snapshots"], desc="score real-simulator PPO snapshots"):

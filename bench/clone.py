@@ -13,8 +13,8 @@ from typing import Any
 
 from agents.clone import CloneConfig, train_clone
 from agents.config import read_run_config
-from agents.evaluate import evaluate
 from agents.loop import driven_seeds
+from bench.scores import HeldOutScores
 from envs.sources import SOURCES
 from worldmodel.checkpoint import read_checkpoint
 from worldmodel.files import write_json_atomic, write_text_atomic
@@ -41,24 +41,18 @@ def bench_clone(
     if episodes is not None:
         eval_config.episodes = episodes
     used = driven_seeds(run_dir, run.dataset)
-    scores_path = folder / "scores.json"
-    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
-    scores = scores if scores.get("episodes") == eval_config.episodes else {"episodes": eval_config.episodes}
-    for key, kind, policy in (
-        ("clone", "policy", checkpoint),
-        ("dream policy", "policy", run.policy),
-        ("scripted driver", "expert", None),
-    ):
-        if key not in scores:
-            result = evaluate(run_dir, pipeline.collect.source, eval_config, used, (kind,), policy)[kind]
-            scores[key] = {k: result[k] for k in ("mean", "std", "returns", "crashes")}
-            write_json_atomic(scores_path, scores)
+    score = HeldOutScores(folder / "scores.json", run_dir, pipeline.collect.source, eval_config, used)
+    scores = {
+        "clone": score("clone", checkpoint),
+        "dream policy": score("dream policy", run.policy),
+        "scripted driver": score("scripted driver", kind="expert"),
+    }
     results = {
         "run": str(run_dir),
         "source": pipeline.collect.source.name,
         "eval_episodes": eval_config.episodes,
         "clone": fit,
-        "scores": {key: value for key, value in scores.items() if key != "episodes"},
+        "scores": scores,
     }
     out = out or folder
     write_json_atomic(out / "clone.json", results)

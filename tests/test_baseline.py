@@ -151,3 +151,26 @@ def test_real_ppo_trains_in_the_real_simulator_and_keeps_snapshots(box_run, tmp_
     policy = load_policy(run / "real_ppo" / snapshots[-1]["checkpoint"])
     assert policy.config.grid_size == 4 and policy.config.action_dim == 3
     assert (run / "real_ppo" / f"{POLICY}-000.safetensors").is_file()
+
+
+def test_held_out_scores_are_kept_and_never_mixed_across_episode_counts(tmp_path, monkeypatch):
+    import bench.scores
+    from agents.evaluate import EvalConfig
+
+    calls = []
+
+    def fake_evaluate(run_dir, source, config, used, kinds, policy):
+        calls.append((kinds, policy, config.episodes))
+        return {kinds[0]: {"mean": float(len(calls)), "std": 0.0, "returns": [], "crashes": 0, "steps": 9}}
+
+    monkeypatch.setattr(bench.scores, "evaluate", fake_evaluate)
+    path = tmp_path / "scores.json"
+    source = SourceConfig("highway")
+    score = bench.scores.HeldOutScores(path, tmp_path, source, EvalConfig(episodes=5), [])
+    assert score("a", tmp_path / "p")["mean"] == 1.0 and score("a")["mean"] == 1.0  # kept, not scored again
+    assert score("b", kind="expert")["mean"] == 2.0 and calls[1][0] == ("expert",)
+    assert "steps" not in json.loads(path.read_text())["a"]
+    again = bench.scores.HeldOutScores(path, tmp_path, source, EvalConfig(episodes=5), [])
+    assert again("a")["mean"] == 1.0 and len(calls) == 2  # a resumed bench reads the file
+    other = bench.scores.HeldOutScores(path, tmp_path, source, EvalConfig(episodes=50), [])
+    assert other("a")["mean"] == 3.0 and calls[-1][2] == 50  # scores over 5 episodes are not taken for 50
