@@ -24,6 +24,7 @@ from agents.policy import ActorCritic
 from agents.ppo import POLICY, PPOConfig, optimise
 from envs.sources import SourceConfig, make_source_env
 from worldmodel.checkpoint import save_checkpoint
+from worldmodel.config import ConfigError
 from worldmodel.files import write_json_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.run_dir import RunDir
@@ -32,6 +33,8 @@ from worldmodel.world_model import token_grid_space
 
 REAL_PPO = "real_ppo"
 """The baseline's folder inside a run folder."""
+SNAPSHOTS = "snapshots.json"
+"""The list of a training's snapshots, in its folder: there, an earlier training that is not overwritten."""
 
 
 @dataclass
@@ -56,6 +59,16 @@ def train_real_ppo(
     (default `<run>/real_ppo`). Returns the steps taken, their rate and the snapshots."""
     run_dir = Path(run_dir)
     out = out or RunDir(run_dir).real_ppo
+    if not config.minutes > 0 or not config.snapshot_minutes > 0 or config.num_envs < 1:
+        raise ConfigError(
+            f"the real-simulator PPO needs positive minutes, snapshot minutes and simulators, got {config.minutes}, "
+            f"{config.snapshot_minutes} and {config.num_envs}"
+        )
+    if (out / SNAPSHOTS).exists():
+        raise ConfigError(
+            f"{out} holds an earlier real-simulator training ({SNAPSHOTS}); move it away to train again, or score it "
+            "with `worldmodel bench baseline`"
+        )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(ppo.seed)
     tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)
@@ -93,7 +106,7 @@ def train_real_ppo(
             meta = {"real_steps": steps, "wall_s": round(elapsed, 1)}
             save_checkpoint(out / name, policy, POLICY, meta)
             snapshots.append({"checkpoint": name, **meta})
-            write_json_atomic(out / "snapshots.json", snapshots)
+            write_json_atomic(out / SNAPSHOTS, snapshots)
 
         budget = dataclasses.replace(
             ppo, total_steps=10**12, max_minutes=config.minutes - (time.monotonic() - began) / 60

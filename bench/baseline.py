@@ -13,7 +13,6 @@ did in its budget). Everything is resumable: a trained baseline and every scored
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from agents.real_ppo import REAL_PPO, RealPPOConfig, train_real_ppo
 from bench.scores import HeldOutScores
 from envs.sources import SOURCES
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
+from worldmodel.config import ConfigError
+from worldmodel.files import read_json, save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.run_dir import RunDir
 
@@ -37,6 +37,9 @@ class BaselineConfig:
     real: RealPPOConfig
     episodes: int | None = None
     """Held-out episodes per scored policy (default: the run's `eval.episodes`)."""
+    checked: tuple[str, ...] = ("minutes", "num_envs")
+    """The settings of `real` an earlier training in RUN/real_ppo must have been made with to be scored instead of
+    trained again (the command line checks the flags it was given)."""
 
 
 def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None = None) -> dict[str, Any]:
@@ -45,20 +48,30 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     summary_path = RunDir(run_dir).summary
     if not summary_path.is_file():
         raise CheckpointError(f"{summary_path} not found; finish the run (`worldmodel run`) before its baseline")
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path)
+    used = driven_seeds(run_dir, RunDir(run_dir).dataset)  # before training: a run without its dataset stops here
     folder = RunDir(run_dir).real_ppo
     trained = folder / "training.json"
-    if not trained.is_file():
+    if trained.is_file():
+        earlier = read_json(trained)
+        differ = [key for key in config.checked if getattr(config.real, key) != earlier[key]]
+        if differ:
+            was = ", ".join(f"{key} {earlier[key]}" for key in differ)
+            asked = ", ".join(f"{key} {getattr(config.real, key)}" for key in differ)
+            raise ConfigError(
+                f"{folder} holds a training with {was}, not {asked}: leave those flags out to score it, or move the "
+                "folder away to train again"
+            )
+    else:
         logger = RunLogger(folder)
         figures = train_real_ppo(run_dir, pipeline.collect.source, pipeline.ppo, config.real, logger, folder)
         logger.close()
         write_json_atomic(trained, {"minutes": config.real.minutes, "num_envs": config.real.num_envs, **figures})
-    training = json.loads(trained.read_text())
+    training = read_json(trained)
 
     eval_config = pipeline.eval
     if config.episodes is not None:
         eval_config.episodes = config.episodes
-    used = driven_seeds(run_dir, RunDir(run_dir).dataset)
     score = HeldOutScores(folder / "scores.json", run_dir, pipeline.collect.source, eval_config, used)
 
     baseline_curve = []

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from agents.evaluate import EvalConfig, evaluate
 from envs.sources import SourceConfig
-from worldmodel.files import write_json_atomic
+from worldmodel.files import read_json, write_json_atomic
 
 KEPT = ("mean", "std", "returns", "crashes")
 
@@ -21,7 +20,7 @@ class HeldOutScores:
         self, path: Path, run_dir: Path, source: SourceConfig, config: EvalConfig, used_seeds: list[int]
     ) -> None:
         self.path, self.run_dir, self.source, self.config, self.used_seeds = path, run_dir, source, config, used_seeds
-        kept = json.loads(path.read_text()) if path.is_file() else {}
+        kept = read_json(path, {})
         self.scores: dict[str, Any] = kept if kept.get("episodes") == config.episodes else {"episodes": config.episodes}
 
     def __call__(self, key: str, policy: Path | None = None, kind: str = "policy") -> dict[str, Any]:

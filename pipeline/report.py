@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.files import write_text_atomic
+from worldmodel.files import read_json, write_text_atomic
 from worldmodel.run_dir import RunDir
 
 STYLE = """
@@ -188,7 +188,7 @@ def build_report(run_dir: str | Path) -> str:
     run = RunDir(run_dir)
     if not (run.summary.is_file() or run.results.is_file() or run.metrics.is_file()):
         raise CheckpointError(f"{run.root} holds no run to report on (no summary.json, results.json or metrics)")
-    summary = json.loads(run.summary.read_text()) if run.summary.is_file() else {}
+    summary = read_json(run.summary, {})
     name = run.root.resolve().name
     written = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"<h1>World model run <code>{html.escape(name)}</code></h1>"]
@@ -333,5 +333,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report (default `RUN/report.html`, atomically); returns its path."""
     path = Path(out) if out is not None else RunDir(run_dir).report
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the report's file name (such as {path / 'report.html'})")
     write_text_atomic(path, build_report(run_dir))
     return path

@@ -3,13 +3,16 @@
 import json
 import shutil
 
+import gymnasium as gym
 import numpy as np
 import pytest
+import yaml
+from conftest import write_synthetic_dataset
 
 from agents.ppo import POLICY, PPOConfig, load_policy
 from agents.real_ppo import RealPPOConfig, train_real_ppo
+from bench.baseline import BaselineConfig, time_ratio
 from bench.baseline import format_markdown as baseline_markdown
-from bench.baseline import time_ratio
 from bench.reliability import (
     SEED_STRIDE,
     ReliabilityConfig,
@@ -21,6 +24,8 @@ from bench.reliability import (
 )
 from envs.sources import SourceConfig
 from pipeline.cli import build_parser
+from worldmodel.config import ConfigError
+from worldmodel.dataset import DatasetError
 from worldmodel.logger import RunLogger
 
 
@@ -174,3 +179,33 @@ def test_held_out_scores_are_kept_and_never_mixed_across_episode_counts(tmp_path
     assert again("a")["mean"] == 1.0 and len(calls) == 2  # a resumed bench reads the file
     other = bench.scores.HeldOutScores(path, tmp_path, source, EvalConfig(episodes=50), [])
     assert other("a")["mean"] == 3.0 and calls[-1][2] == 50  # scores over 5 episodes are not taken for 50
+
+
+def test_real_ppo_never_overwrites_an_earlier_training_and_refuses_empty_budgets(tmp_path):
+    folder = tmp_path / "run" / "real_ppo"
+    folder.mkdir(parents=True)
+    (folder / "snapshots.json").write_text("[]")
+    source, ppo = SourceConfig("carracing", frame_size=16), PPOConfig()
+    with pytest.raises(ConfigError, match="earlier real-simulator training"):
+        train_real_ppo(tmp_path / "run", source, ppo, RealPPOConfig(minutes=1.0), RunLogger(tmp_path))
+    assert (folder / "snapshots.json").read_text() == "[]"
+    for bad in (RealPPOConfig(minutes=-1.0), RealPPOConfig(snapshot_minutes=0.0), RealPPOConfig(num_envs=0)):
+        with pytest.raises(ConfigError, match="positive minutes"):
+            train_real_ppo(tmp_path / "other", source, ppo, bad, RunLogger(tmp_path))
+    assert not (tmp_path / "other").exists()
+
+
+def test_baseline_checks_the_dataset_and_an_earlier_training_before_it_trains(tmp_path, monkeypatch):
+    import bench.baseline
+
+    run = tmp_path / "run"
+    (run / "real_ppo").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"collect": {"source": {"name": "highway"}}}))
+    (run / "summary.json").write_text("{}")
+    monkeypatch.setattr(bench.baseline, "train_real_ppo", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(DatasetError):  # no dataset: refused before any training
+        bench.baseline.bench_baseline(run, BaselineConfig(RealPPOConfig(minutes=5.0)))
+    write_synthetic_dataset(run / "dataset", gym.spaces.Discrete(5), episodes=1, steps=3, size=16, channels=1)
+    (run / "real_ppo" / "training.json").write_text(json.dumps({"minutes": 29.7, "num_envs": 8, "snapshots": []}))
+    with pytest.raises(ConfigError, match="minutes 29.7, not minutes 5.0"):  # another budget is not scored as this one
+        bench.baseline.bench_baseline(run, BaselineConfig(RealPPOConfig(minutes=5.0)))

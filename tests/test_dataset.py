@@ -72,6 +72,10 @@ def test_create_reopens_compatible_and_refuses_mismatch(tmp_path):
         Dataset.create(tmp_path, "synthetic", (32, 32, 3), BOX_SPACE)
     with pytest.raises(DatasetError, match="source"):
         Dataset.create(tmp_path, "other", (16, 16, 3), BOX_SPACE)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="is a file"):
+        Dataset.create(tmp_path / "notes.txt", "synthetic", (16, 16, 3), BOX_SPACE)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
     with pytest.raises(DatasetError, match="action_space"):
         Dataset.create(tmp_path, "synthetic", (16, 16, 3), gym.spaces.Discrete(3))
 

@@ -110,3 +110,22 @@ def test_a_figure_path_without_a_suffix_is_still_a_png(tmp_path):
     fig, _ = plt.subplots()
     save_figure_atomic(fig, tmp_path / "psnr", dpi=30)
     assert (tmp_path / "psnr").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_damaged_json_file_is_named_not_a_parser_traceback(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = tmp_path / "results.json"
+    assert files.read_json(path, {}) == {}  # no file: the default
+    write_json_atomic(path, {"collect": {"episodes": 3}})
+    assert files.read_json(path) == {"collect": {"episodes": 3}}
+    path.write_text('{"collect": {"epis')  # cut short
+    with pytest.raises(files.DamagedFile, match="results.json is not readable JSON"):
+        files.read_json(path)
+    summary = tmp_path / "summary.json"
+    summary.write_text("{")
+    with pytest.raises(SystemExit) as exit_:  # a run whose summary is damaged: one line, status 2, no page
+        main(["report", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {summary} is not readable JSON")
+    assert not (tmp_path / "report.html").exists()

@@ -73,6 +73,9 @@ def test_export_keeps_what_a_dream_needs_and_dreams_as_the_run_does(box_run, tmp
     with pytest.raises(ConfigError, match="not an exported model"):
         export_model(box_run, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="is a file"):  # a file given as the folder is kept, not replaced
+        export_model(box_run, tmp_path / "mine" / "notes.txt")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     export_model(box_run, out, episodes=1)  # an earlier export is replaced
     assert len(read_manifest(out)["episodes"]) == 1
 

@@ -102,6 +102,9 @@ def test_report_of_something_that_is_not_a_run_is_refused_and_writes_nothing(tmp
     with pytest.raises(CheckpointError, match="no run to report"):
         write_report(tmp_path)
     assert not (tmp_path / "report.html").exists()
+    run = make_run(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="is a folder; give the report's file name"):
+        write_report(run, tmp_path)
 
 
 @pytest.mark.slow

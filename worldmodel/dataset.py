@@ -216,6 +216,8 @@ class Dataset:
     ) -> Dataset:
         """Create a new dataset, or reopen an existing one after checking it has the same source and shapes."""
         manifest = Manifest(source, tuple(frame_shape), space_to_dict(action_space), meta=dict(meta or {}))
+        if Path(root).exists() and not Path(root).is_dir():
+            raise DatasetError(f"{root} is a file; a dataset is a folder: use another path")
         if (Path(root) / "manifest.json").is_file():
             existing = cls.open(root)
             for key in ("source", "frame_shape", "action_space"):

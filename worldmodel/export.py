@@ -20,7 +20,7 @@ import numpy as np
 from worldmodel.checkpoint import CheckpointError, copy_checkpoint
 from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset
-from worldmodel.files import atomic_path, write_json_atomic
+from worldmodel.files import atomic_path, read_json, write_json_atomic
 from worldmodel.run_dir import RunDir
 from worldmodel.world_model import WorldModel
 
@@ -36,6 +36,8 @@ def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note:
         raise ConfigError(f"episodes must be at least 1 (real contexts for dreams to start from), got {episodes}")
     if run.root.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"export to a folder outside the run, not {out}: the export replaces its folder whole")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; export to a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise ConfigError(f"{out} holds files that are not an exported model; export to a new or empty folder")
     model = WorldModel.load(run.root, with_contexts=True)  # refuses a run whose files do not belong together
@@ -47,7 +49,7 @@ def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note:
     if run.dataset.is_dir():
         records = Dataset.open(run.dataset).episodes
         seeds = {str(i): records[i].seed for i in kept if i < len(records)}
-    summary = json.loads(run.summary.read_text()) if run.summary.is_file() else {}
+    summary = read_json(run.summary, {})
     manifest = {
         "made_from": run.root.resolve().name,
         "note": note,

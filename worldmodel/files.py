@@ -119,6 +119,24 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+class DamagedFile(ValueError):
+    """A file this project wrote and reads back (a run's results, summary, scores) that no longer parses."""
+
+
+def read_json(path: str | Path, missing: Any = None) -> Any:
+    """A JSON file's contents, or `missing` where there is no file; a file that does not parse (cut short, or
+    edited by hand) is a `DamagedFile` naming it, not a traceback from the JSON parser."""
+    path = Path(path)
+    if not path.is_file():
+        return missing
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFile(
+            f"{path} is not readable JSON ({err}); restore it, or move it away to redo what it recorded"
+        ) from None
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON atomically. NaN and infinities are written as null (`json_safe`), so the file is standard JSON."""
     write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False))

@@ -4,11 +4,10 @@ outputs through a `RunDir`, so no file name is spelled in two modules. Checkpoin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from worldmodel.files import write_json_atomic
+from worldmodel.files import read_json, write_json_atomic
 
 
 class RunDir:
@@ -102,7 +101,7 @@ class Results:
 
     def __init__(self, run_dir: str | Path):
         self.path = RunDir(run_dir).results
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data: dict[str, Any] = read_json(self.path, {})
 
     def done(self, stage: str) -> bool:
         """Whether `stage` finished; `loop` stands for any of the loop's stages."""
