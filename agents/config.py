@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from agents.evaluate import EvalConfig
@@ -73,12 +75,17 @@ def read_run_config(run_dir: str | Path) -> PipelineConfig:
     return from_dict(PipelineConfig, yaml.safe_load(path.read_text()), where=str(path))
 
 
+def _number(value: Any) -> bool:
+    """A finite int or float (YAML's `true` is no count, `.inf` no rate)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(value: Any) -> bool:
-    return value > 0
+    return _number(value) and value > 0
 
 
 def _non_negative(value: Any) -> bool:
-    return value >= 0
+    return _number(value) and value >= 0
 
 
 def _fraction(value: Any) -> bool:
@@ -86,7 +93,23 @@ def _fraction(value: Any) -> bool:
 
 
 def _optional_positive(value: Any) -> bool:
-    return value is None or value > 0
+    return value is None or _positive(value)
+
+
+def _levels(value: Any) -> bool:
+    return len(value) >= 1 and all(
+        isinstance(level, int) and not isinstance(level, bool) and level >= 2 for level in value
+    )
+
+
+def _device(value: Any) -> bool:
+    if value == "auto":
+        return True
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
 
 
 # (keys, the test a value must pass, what the error says was expected)
@@ -164,6 +187,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
             "loop.max_steps",
             "eval.max_steps",
             "ppo.top_k",
+            "run.threads",
         ),
         _optional_positive,
         "null or a number > 0",
@@ -186,6 +210,8 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
         "a fraction in [0, 1]",
     ),
     (("run.val_fraction",), lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
+    (("run.device",), _device, "'cpu', 'auto' or, on a machine with CUDA, 'cuda' (or 'cuda:N')"),
+    (("tokenizer.model.levels",), _levels, "a list of integers >= 2 (FSQ levels)"),
     (("ppo.gamma",), lambda v: 0 < v <= 1, "a discount in (0, 1]"),
     (("dynamics.reward_smoothing",), lambda v: v >= 1 and v % 2 == 1, "an odd number of steps >= 1 (centred)"),
     (("dynamics.termination_lookahead",), lambda v: v >= 1, "a number of steps >= 1"),
@@ -213,6 +239,12 @@ def check_pipeline_config(config: PipelineConfig) -> None:
                 ok = False
             if not ok:
                 raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    model = config.dynamics.model
+    if model.d_model % model.heads or (model.d_model // model.heads) % 2:
+        raise ConfigError(
+            f"dynamics.model.heads: expected a number of heads that splits d_model ({model.d_model}) into heads of "
+            f"even width, got {model.heads}"
+        )
     context = config.dynamics.model.context_frames
     for key in ("ppo.burn_in", "rollout.burn_in"):
         if _value(config, key) is not None and not 1 <= _value(config, key) <= context:

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from envs.sources import SourceConfig, make_expert, make_source_env
-from worldmodel.checkpoint import load_module
+from worldmodel.checkpoint import CheckpointError, load_module
+from worldmodel.config import ConfigError
 from worldmodel.parallel import imap_unordered
 from worldmodel.run_dir import RunDir
 from worldmodel.train import load_tokenizer
@@ -62,6 +63,33 @@ class TokenPolicy:
         tokens = self.tokenizer.encode(torch.from_numpy(np.array(frame))[None]).tokens
         seen = self.history.start(tokens) if self.history.grids is None else self.history.push(tokens)
         return self.policy.action_for(seen[0], space, self.deterministic)
+
+
+def check_policy_fits(run_dir: Path, source: SourceConfig, policy: Path | None = None) -> None:
+    """Refuse, before any episode, a policy checkpoint that cannot drive `source` through the run's tokenizer: another
+    action space (a CarRacing policy on highway), or another token grid."""
+    from agents.policy import ActorCritic, PolicyConfig
+    from agents.ppo import POLICY
+
+    path = policy or RunDir(run_dir).policy
+    actor, _, _ = load_module(path, POLICY, ActorCritic, PolicyConfig)
+    tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)
+    env = make_source_env(source)
+    space = env.action_space
+    env.close()
+    config = actor.config
+    fits = (config.discrete_actions and isinstance(space, gym.spaces.Discrete) and config.action_dim == space.n) or (
+        not config.discrete_actions and isinstance(space, gym.spaces.Box) and (config.action_dim,) == space.shape
+    )
+    if not fits:
+        kind = "discrete" if config.discrete_actions else "continuous"
+        raise CheckpointError(f"{path} is a policy of {config.action_dim} {kind} actions; {source.name} takes {space}")
+    grid = (tokenizer.config.grid_size, tuple(tokenizer.config.levels))
+    if (config.grid_size, tuple(config.levels)) != grid:
+        raise CheckpointError(
+            f"{path} reads {config.grid_size}x{config.grid_size} token grids of levels {tuple(config.levels)}; the "
+            f"run's tokenizer writes {grid[0]}x{grid[0]} of levels {grid[1]}"
+        )
 
 
 def make_driver(
@@ -120,13 +148,15 @@ def evaluate(
     known = reference_kinds(source)
     kinds = known if kinds is None else kinds
     if set(kinds) - set(known):
-        raise ValueError(f"cannot score {sorted(set(kinds) - set(known))} on {source.name}; expected some of {known}")
+        raise ConfigError(f"cannot score {sorted(set(kinds) - set(known))} on {source.name}; expected some of {known}")
     seeds = [config.seed + i for i in range(config.episodes)]
     overlap = sorted(set(seeds) & set(used_seeds))
     if overlap:
-        raise ValueError(
+        raise ConfigError(
             f"evaluation seeds {overlap[:5]} were used to collect training data; choose eval.seed elsewhere"
         )
+    if "policy" in kinds:
+        check_policy_fits(Path(run_dir), source, policy)
     tasks = [(kind, str(run_dir), source, config, seed, policy and str(policy)) for kind in kinds for seed in seeds]
     results: dict[str, dict[int, float]] = {kind: {} for kind in kinds}
     crashed: dict[str, set[int]] = {kind: set() for kind in kinds}

@@ -20,6 +20,7 @@ import numpy as np
 
 from agents.config import load_pipeline_config
 from envs.sources import SOURCES
+from worldmodel.config import ConfigError
 from worldmodel.files import write_json_atomic, write_text_atomic
 
 SEED_STRIDE = 10_000
@@ -39,6 +40,10 @@ class ReliabilityConfig:
     @property
     def run_name(self) -> str:
         return self.name or f"reliability-{Path(self.preset).stem}-{self.source or 'carracing'}"
+
+
+class SeedFailed(RuntimeError):
+    """One seed's pipeline exited with an error: the bench stops there (what it finished is kept)."""
 
 
 def seed_overrides(seed: int) -> list[str]:
@@ -139,6 +144,10 @@ def reliability_command(config: ReliabilityConfig) -> str:
 def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     """Run (or resume) every seed's pipeline, then write `<out>/reliability.json` and `reliability.md`."""
     source, name = config.source or "carracing", config.run_name
+    seeded = {item.split("=")[0] for item in seed_overrides(0)}
+    taken = sorted(seeded & {item.split("=")[0].strip() for item in config.overrides})
+    if taken:
+        raise ConfigError(f"{', '.join(taken)}: the bench sets these for every seed (--first-seed picks the seeds)")
     for seed in config.seeds:  # every seed's settings checked before the first starts, not after its minutes
         load_pipeline_config(config.preset, [*config.overrides, *seed_overrides(seed)], config.source)
     rows = []
@@ -152,7 +161,10 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
         print(f"[reliability] seed {seed}: {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"seed {seed} failed (exit {done.returncode}); rerun the bench to resume it")
+            raise SeedFailed(
+                f"seed {seed}'s run {run} failed (exit {done.returncode}; its output above says why); once that is"
+                " mended, the same command resumes every seed where it stopped"
+            )
         summary = json.loads((Path(config.runs_dir) / run / "summary.json").read_text())
         rows.append(seed_figures(summary))
     results = {

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from envs.experts import HighwayExpert
 from envs.sources import SourceConfig, check_view, make_source_env
+from worldmodel.config import ConfigError
 from worldmodel.files import write_json_atomic
 from worldmodel.parallel import imap_unordered
 
@@ -45,7 +46,7 @@ def bench_sight(
         if sight is not None:
             check_view(sight, "sight")
     if episodes < 1:
-        raise ValueError(f"episodes {episodes}: expected at least 1")
+        raise ConfigError(f"episodes {episodes}: expected at least 1")
     returns: dict[Any, list[float]] = {sight: [] for sight in sights}
     crashes: dict[Any, int] = {sight: 0 for sight in sights}
     tasks = [(sight, seed + i) for sight in sights for i in range(episodes)]

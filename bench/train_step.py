@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from agents.config import load_pipeline_config
 from bench.imagination import timed_rate
+from worldmodel.config import ConfigError
 from worldmodel.dynamics import DynamicsModel
 from worldmodel.tokenizer import Tokenizer
 from worldmodel.train import fitted_dynamics_config, resolve_device
@@ -121,7 +122,7 @@ def bench_train_step(config: TrainStepBenchConfig) -> dict[str, Any]:
     device = resolve_device(config.device)  # the pipeline's own rule for "auto"
     unknown = [d for d in config.dtypes if d not in ("float32", "bfloat16")]
     if unknown:
-        raise ValueError(f"dtypes are float32 or bfloat16, got {unknown}")
+        raise ConfigError(f"dtypes are float32 or bfloat16, got {unknown}")
     models = {}
     for preset in config.presets:  # every preset is read before any timing, so a bad name fails at once
         torch.manual_seed(config.seed)

@@ -38,6 +38,7 @@ from agents.evaluate import make_driver, reference_kinds
 from agents.loop import ReplayWindows, driven_seeds, replay_windows
 from envs.collect import record_episode
 from envs.sources import SourceConfig, make_source_env
+from worldmodel.config import ConfigError
 from worldmodel.dataset import Episode
 from worldmodel.files import write_json_atomic
 from worldmodel.parallel import imap_unordered
@@ -146,19 +147,19 @@ def verdict_figures(windows: ReplayWindows, episodes: int) -> dict[str, Any]:
 def bench_verdict(run_dir: str | Path, config: VerdictConfig, json_path: str | Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if config.episodes < 1:
-        raise ValueError(f"episodes must be at least 1, got {config.episodes}")
+        raise ConfigError(f"episodes must be at least 1, got {config.episodes}")
     pipeline = read_run_config(run_dir)
     source = dataclasses.replace(pipeline.collect.source, max_steps=pipeline.eval.max_steps)  # as evaluation drives
     known = reference_kinds(source)
     kinds = known if config.kinds is None else tuple(config.kinds)
     unknown = sorted(set(kinds) - set(known))
     if not kinds or unknown:
-        raise ValueError(f"cannot judge drivers {unknown or 'none'} on {source.name}; expected some of {known}")
+        raise ConfigError(f"cannot judge drivers {unknown or 'none'} on {source.name}; expected some of {known}")
     first = pipeline.eval.seed if config.seed is None else config.seed
     seeds = list(range(first, first + config.episodes))
     seen = sorted(set(seeds) & set(driven_seeds(run_dir, RunDir(run_dir).dataset)))
     if seen:
-        raise ValueError(f"seeds {seen[:5]} were driven to make the run's data; choose --seed elsewhere")
+        raise ConfigError(f"seeds {seen[:5]} were driven to make the run's data; choose --seed elsewhere")
     # before any simulator runs: a run without a world model stops here (dreams start from the episodes' frames)
     world = WorldModel.load(run_dir, "cpu", with_contexts=False)
     tasks = [(kind, str(run_dir), source, seed) for kind in kinds for seed in seeds]

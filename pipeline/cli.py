@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,13 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from worldmodel import distributed
+    from worldmodel.config import ConfigError
     from worldmodel.train import train_dynamics, train_tokenizer
 
     config = _config(args)
+    real_flags = (args.minutes, args.envs, args.snapshot_minutes)
+    if not (args.component == "policy" and args.real) and any(flag is not None for flag in real_flags):
+        raise ConfigError("--minutes, --envs and --snapshot-minutes set `train policy --real`, not this command")
     data = Path(args.data) if args.data else config.dataset_dir
     logger = _logger(config)
     if args.component == "tokenizer":
@@ -73,10 +78,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             data, config.run_dir, config.dynamics, logger, config.run.val_fraction, config.run.device
         )
     elif args.real:
-        from agents.real_ppo import RealPPOConfig, train_real_ppo
+        from agents.real_ppo import train_real_ppo
 
-        real = RealPPOConfig(minutes=args.minutes, num_envs=args.envs, snapshot_minutes=args.snapshot_minutes)
-        figures = train_real_ppo(config.run_dir, config.collect.source, config.ppo, real, logger)
+        figures = train_real_ppo(config.run_dir, config.collect.source, config.ppo, _real_ppo(args), logger)
     else:
         from agents.ppo import train_ppo
 
@@ -130,10 +134,19 @@ def _non_negative_int(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    values = _positive_ints(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
-    return values[0]
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {text!r}")
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -182,7 +195,7 @@ def cmd_bench_dynamics(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_reliability(args: argparse.Namespace) -> None:
-    from bench.reliability import ReliabilityConfig, bench_reliability, format_markdown
+    from bench.reliability import ReliabilityConfig, SeedFailed, bench_reliability, format_markdown
 
     config = ReliabilityConfig(
         preset=args.preset,
@@ -193,7 +206,11 @@ def cmd_bench_reliability(args: argparse.Namespace) -> None:
         overrides=list(args.overrides),
     )
     out = Path(args.out) if args.out else Path(args.runs_dir) / config.run_name
-    print(format_markdown(bench_reliability(config, out)))
+    try:
+        print(format_markdown(bench_reliability(config, out)))
+    except SeedFailed as failed:
+        print(f"error: {failed}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {out / 'reliability.json'} and {out / 'reliability.md'}")
 
 
@@ -215,11 +232,11 @@ def cmd_bench_branch(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_baseline(args: argparse.Namespace) -> None:
-    from agents.real_ppo import RealPPOConfig
     from bench.baseline import BaselineConfig, bench_baseline, format_markdown
 
-    real = RealPPOConfig(minutes=args.minutes, num_envs=args.envs, snapshot_minutes=args.snapshot_minutes)
-    results = bench_baseline(args.run, BaselineConfig(real, args.episodes), Path(args.out) if args.out else None)
+    checked = tuple(key for key, flag in (("minutes", args.minutes), ("num_envs", args.envs)) if flag is not None)
+    config = BaselineConfig(_real_ppo(args), args.episodes, checked)
+    results = bench_baseline(args.run, config, Path(args.out) if args.out else None)
     print(format_markdown(results))
 
 
@@ -381,10 +398,22 @@ def _sampling_flags(parser: argparse.ArgumentParser, from_run: bool) -> None:
 
 
 def _real_ppo_flags(parser: argparse.ArgumentParser, note: str) -> None:
-    """PPO in the real simulator (`train policy --real`, `bench baseline`)."""
-    parser.add_argument("--minutes", type=float, default=17.0, help=f"{note}the real-simulator PPO's wall-clock budget")
-    parser.add_argument("--envs", type=_positive_int, default=8, help=f"{note}real simulators, one process each")
-    parser.add_argument("--snapshot-minutes", type=float, default=2.0, help=f"{note}keep a policy snapshot this often")
+    """PPO in the real simulator (`train policy --real`, `bench baseline`); a flag left out is None (`_real_ppo`)."""
+    parser.add_argument(
+        "--minutes", type=_positive_float, default=None, help=f"{note}the real-simulator PPO's wall-clock budget (17)"
+    )
+    parser.add_argument("--envs", type=_positive_int, default=None, help=f"{note}real simulators, one process each (8)")
+    parser.add_argument(
+        "--snapshot-minutes", type=_positive_float, default=None, help=f"{note}keep a policy snapshot this often (2)"
+    )
+
+
+def _real_ppo(args: argparse.Namespace):
+    """The real-simulator PPO's settings from `_real_ppo_flags`: the defaults where a flag was left out."""
+    from agents.real_ppo import RealPPOConfig
+
+    given = {"minutes": args.minutes, "num_envs": args.envs, "snapshot_minutes": args.snapshot_minutes}
+    return RealPPOConfig(**{key: value for key, value in given.items() if value is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -517,8 +546,10 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     dynamics.add_argument(
         "--plot", default=None, help="the PSNR-by-horizon plot, a PNG file (default: RUN/fidelity.png)"
     )
-    dynamics.add_argument("--episodes", type=int, default=16, help="held-out episodes rolled out open loop")
-    dynamics.add_argument("--states", type=int, default=12, help="start states probed for action faithfulness")
+    dynamics.add_argument("--episodes", type=_positive_int, default=16, help="held-out episodes rolled out open loop")
+    dynamics.add_argument(
+        "--states", type=_positive_int, default=12, help="start states probed for action faithfulness"
+    )
     _sampling_flags(dynamics, from_run=False)
     dynamics.set_defaults(func=cmd_bench_dynamics)
 
@@ -530,17 +561,20 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     imagination.add_argument(
         "--batch-sizes", type=_positive_ints, default=(1, 16, 256), help="dream batch sizes to time"
     )
-    imagination.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    imagination.add_argument("--seconds", type=_positive_float, default=3.0, help="timed seconds per measurement")
     imagination.add_argument(
-        "--rounds", type=int, default=3, help="rounds of simulator and dream timings; figures are their medians"
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="rounds of simulator and dream timings; figures are their medians",
     )
     imagination.add_argument(
-        "--real-envs", type=int, default=None, help="real simulators (default: one per CPU; 0: skip)"
+        "--real-envs", type=_non_negative_int, default=None, help="real simulators (default: one per CPU; 0: skip)"
     )
     imagination.add_argument(
         "--preset-shapes", default="", help="also time untrained dynamics of these presets, e.g. tiny,base"
     )
-    imagination.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    imagination.add_argument("--device", type=_device, default="auto", help="cpu, cuda (cuda:N) or auto")
     imagination.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="the dream's precision"
     )
@@ -619,8 +653,8 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     train_step.add_argument(
         "--dtypes", type=_names, default=("float32", "bfloat16"), help="float32 and/or bfloat16 (autocast)"
     )
-    train_step.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
-    train_step.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    train_step.add_argument("--seconds", type=_positive_float, default=3.0, help="timed seconds per measurement")
+    train_step.add_argument("--device", type=_device, default="auto", help="cpu, cuda (cuda:N) or auto")
     train_step.add_argument("--json", default=None, help="also write the figures to this JSON file")
     train_step.set_defaults(func=cmd_bench_train_step)
 
@@ -661,14 +695,14 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     tokenizer.add_argument(
         "--batch-sizes", type=_positive_ints, default=(1, 64), help="batch sizes of the encode and decode timing"
     )
-    tokenizer.add_argument("--seconds", type=float, default=2.0, help="timed seconds per speed measurement")
+    tokenizer.add_argument("--seconds", type=_positive_float, default=2.0, help="timed seconds per speed measurement")
     tokenizer.add_argument(
         "--resolutions",
         type=_positive_ints,
         default=(64, 128, 256, 512),
         help="square resolutions of the encode-time table (untrained models)",
     )
-    tokenizer.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    tokenizer.add_argument("--device", type=_device, default="auto", help="cpu, cuda (cuda:N) or auto")
     _codec_flags(tokenizer)
     tokenizer.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     tokenizer.set_defaults(func=cmd_bench_tokenizer)
@@ -694,7 +728,7 @@ def _eval_commands(evaluation: argparse.ArgumentParser) -> None:
         help="measure on this many evenly spaced frames (default: all)",
     )
     eval_tokenizer.add_argument("--batch-size", type=_positive_int, default=128, help="tokenizer batch size")
-    eval_tokenizer.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    eval_tokenizer.add_argument("--device", type=_device, default="auto", help="cpu, cuda (cuda:N) or auto")
     _codec_flags(eval_tokenizer)
     eval_tokenizer.set_defaults(func=cmd_eval_tokenizer)
 
@@ -717,12 +751,13 @@ def main(argv: list[str] | None = None) -> None:
     from worldmodel.checkpoint import CheckpointError
     from worldmodel.config import ConfigError
     from worldmodel.dataset import DatasetError
+    from worldmodel.files import DamagedFile
     from worldmodel.runtime import keep_freed_memory
 
     keep_freed_memory()  # a dream step would page-fault its activations in again each time (docs/architecture.md)
     try:
         args.func(args)
-    except (ConfigError, DatasetError, CheckpointError) as err:
+    except (ConfigError, DatasetError, CheckpointError, DamagedFile) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -94,7 +94,14 @@ def test_bench_imagination_command_prints_a_table(box_run, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [([], "not a run folder"), (["--batch-sizes", "4,0"], "positive integers"), (["--rounds", "0"], "rounds must")],
+    [
+        ([], "not a run folder"),
+        (["--batch-sizes", "4,0"], "positive integers"),
+        (["--rounds", "0"], "a positive integer"),
+        (["--real-envs", "-2"], "an integer >= 0"),
+        (["--seconds", "-1"], "a positive number"),
+        (["--device", "foo"], "expected cpu, cuda"),
+    ],
 )
 def test_bench_imagination_command_refuses_bad_input(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -202,12 +202,28 @@ def test_cli_overrides_may_follow_flags_and_strays_are_refused(capsys):
         "tokenizer.train.max_minutes=0",
         "eval.seed=50",  # the tiny preset collects 100 episodes from seed 0
         "eval.seed=120",  # and its 3 loop rounds (and the scoring round) 8 more each, seeds 100 to 131
+        "ppo.lr=.inf",
+        "ppo.num_envs=true",  # YAML's true is an int to Python, not a count
+        "run.threads=-2",
+        "run.device=foo",
+        "tokenizer.model.levels=[1]",
+        "tokenizer.model.levels=[]",
+        "dynamics.model.heads=3",  # the tiny preset's d_model is 128
     ],
 )
 def test_a_setting_no_stage_could_run_with_is_refused_at_load_naming_its_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected"):
         load_pipeline_config("tiny", [override])
+
+
+def test_cuda_is_refused_at_load_where_torch_has_none(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^run.device: expected"):
+        load_pipeline_config("tiny", ["run.device=cuda"])
+    assert load_pipeline_config("tiny", ["run.device=auto"]).run.device == "auto"
 
 
 def test_evaluation_seeds_just_past_every_collection_are_accepted():
@@ -224,7 +240,7 @@ def test_a_refused_setting_is_one_line_and_exit_status_2_from_the_command(capsys
     assert err == "error: dynamics.reward_smoothing: expected an odd number of steps >= 1 (centred), got 4\n"
 
 
-@pytest.mark.parametrize("source, overrides", [("kart", []), (None, ["ppo.num_envs=0"])])
+@pytest.mark.parametrize("source, overrides", [("kart", []), (None, ["ppo.num_envs=0"]), (None, ["collect.seed=5"])])
 def test_bench_reliability_refuses_a_bad_setting_before_any_seed_runs(tmp_path, monkeypatch, source, overrides):
     import subprocess
 
@@ -234,3 +250,28 @@ def test_bench_reliability_refuses_a_bad_setting_before_any_seed_runs(tmp_path, 
     config = ReliabilityConfig(source=source, seeds=(0, 1), runs_dir=str(tmp_path), overrides=overrides)
     with pytest.raises(ConfigError):
         bench_reliability(config, tmp_path)
+
+
+def test_a_device_torch_cannot_use_is_refused_with_what_to_use(monkeypatch):
+    import torch
+
+    from worldmodel.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for bad, message in (("cuda", "sees no CUDA device"), ("foo", "expected cpu, cuda")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_device(bad)
+
+
+def test_bench_reliability_stops_at_a_failed_seed_with_one_line(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from pipeline.cli import main
+
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: subprocess.CompletedProcess(args, 3))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "reliability", "--preset", "tiny", "--seeds", "1", "--runs-dir", str(tmp_path)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: seed 0's run") and "exit 3" in err and "Traceback" not in err

@@ -18,7 +18,7 @@ from agents.policy import ActorCritic, PolicyConfig, stack_history
 from agents.ppo import POLICY
 from envs.dream import SHIPPED_MODEL
 from envs.sources import SourceConfig
-from worldmodel.checkpoint import load_module, save_checkpoint
+from worldmodel.checkpoint import CheckpointError, load_module, save_checkpoint
 
 
 def test_evaluation_refuses_collection_seeds(tmp_path):
@@ -130,3 +130,19 @@ def test_the_run_s_policy_drives_a_real_episode_seeing_its_latest_frames(tmp_pat
         with torch.no_grad():
             tokens = driver.tokenizer.encode(torch.from_numpy(frames[: t + 1])).tokens
         assert torch.equal(driver.history.grids[0], stack_history(tokens, 3)[-1])
+
+
+def test_a_policy_that_cannot_drive_the_source_is_refused_before_any_episode(tmp_path, monkeypatch):
+    import agents.evaluate
+
+    run = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, run)  # CarRacing's: a policy of 3 continuous actions over 8x8 grids
+    monkeypatch.setattr(agents.evaluate, "imap_unordered", lambda *a: pytest.fail("drove an episode"))
+    config = EvalConfig(episodes=1, workers=1)
+    with pytest.raises(CheckpointError, match="3 continuous actions; highway takes Discrete"):
+        evaluate(run, SourceConfig("highway"), config, [], ("policy",))
+    shipped, _, _ = load_module(run / POLICY, POLICY, ActorCritic, PolicyConfig)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, ActorCritic(replace(shipped.config, grid_size=4)), POLICY, {})
+    with pytest.raises(CheckpointError, match="reads 4x4 token grids"):
+        evaluate(run, SourceConfig("carracing"), config, [], ("policy",), other)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from worldmodel import distributed
 from worldmodel.checkpoint import CheckpointError, fingerprint, load_module, read_checkpoint
-from worldmodel.config import from_dict
+from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
 from worldmodel.dynamics import DynamicsConfig, DynamicsModel
 from worldmodel.logger import RunLogger
@@ -49,7 +49,13 @@ def resolve_device(device: str) -> torch.device:
     """`cpu`, `cuda` or `auto` (CUDA when present); under torchrun, CUDA is this process's GPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.local_device(torch.device(device))
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch sees no CUDA device; use cpu or auto")
+    return distributed.local_device(chosen)
 
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tokenizer, dict]:
