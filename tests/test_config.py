@@ -103,6 +103,9 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_preset("definitely-not-a-preset")
     with pytest.raises(ConfigError, match="does not exist"):
         load_preset(tmp_path / "missing.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        load_preset(tmp_path / "folder.yaml")
 
 
 def test_preset_from_custom_yaml(tmp_path):

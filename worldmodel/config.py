@@ -27,7 +27,8 @@ def preset_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}")
         return path
     candidate = CONFIG_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
