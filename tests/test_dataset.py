@@ -237,3 +237,45 @@ def test_frame_sampler(tmp_path):
     assert all(f.tobytes() in pool for f in sampler.sample(50))
     excluded = dataset.load(1).frames
     assert not any(np.array_equal(f, g) for f in sampler.sample(50) for g in excluded)
+
+
+def test_saved_episodes_are_never_replaced_by_mistake_and_only_written_ones_are_added(tmp_path):
+    rng = np.random.default_rng(5)
+    dataset = write_synthetic_dataset(tmp_path / "data", BOX_SPACE, episodes=2, steps=5)
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "precious.txt").write_text("keep me")
+    for name in ("", "../../victim", "a/b", ".."):  # never a path: it would replace another folder whole
+        with pytest.raises(DatasetError, match="episode name"):
+            write_episode(dataset.root, name, make_episode(3, 16, 3, BOX_SPACE, rng))
+    assert (tmp_path / "victim" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(DatasetError, match="already holds episode 000000"):  # registered: refused unless asked
+        write_episode(dataset.root, "000000", make_episode(3, 16, 3, BOX_SPACE, rng))
+    assert len(Dataset.open(dataset.root).load(0)) == 5
+    write_episode(dataset.root, "000000", make_episode(5, 16, 3, BOX_SPACE, rng), replace=True)  # mended in place
+    with pytest.raises(DatasetError, match="write it with write_episode"):
+        dataset.add(EpisodeRecord("ghost", 10))
+    write_episode(dataset.root, "000002", make_episode(4, 16, 3, BOX_SPACE, rng))
+    for record in (EpisodeRecord("000002", 5), EpisodeRecord("000002", -1)):
+        with pytest.raises(DatasetError, match="holds 4 steps"):
+            dataset.add(record)
+    with pytest.raises(DatasetError, match="expected an EpisodeRecord"):
+        dataset.add({"name": "000002", "length": 4})
+    write_episode(dataset.root, "000003", make_episode(4, 8, 3, BOX_SPACE, rng))  # another frame size
+    with pytest.raises(DatasetError, match=r"this dataset's frames are \(16, 16, 3\)"):
+        dataset.add(EpisodeRecord("000003", 4))
+    dataset.add(EpisodeRecord("000002", 4))
+    assert [e.name for e in Dataset.open(dataset.root).episodes] == ["000000", "000001", "000002"]
+
+
+def test_a_missing_or_damaged_token_cache_is_named_with_what_to_do(tmp_path):
+    from worldmodel.tokens import TokenizedDataset
+
+    path = tmp_path / "tokens.npz"
+    with pytest.raises(DatasetError, match="not found: no token cache"):
+        TokenizedDataset.load(path)
+    path.write_bytes(b"PK\x03\x04 cut short")  # a zip's first bytes, then nothing
+    with pytest.raises(DatasetError, match="unreadable token cache .*delete it to re-tokenize"):
+        TokenizedDataset.load(path)
+    np.savez(path, tokens=np.zeros((2, 4, 4), np.int16))  # a zip without the cache's other arrays
+    with pytest.raises(DatasetError, match="unreadable token cache"):
+        TokenizedDataset.load(path)

@@ -104,7 +104,7 @@ def test_a_changed_episode_is_never_served_stale_tokens(box_run, tmp_path):
     before = tokens_for_run(data, run)
     # the same episode name and length, other frames: the cache must see that its content changed
     changed = make_episode(12, 16, 3, BOX_SPACE, np.random.default_rng(99))
-    write_episode(data, "000002", changed)
+    write_episode(data, "000002", changed, replace=True)
     after = tokens_for_run(data, run)
     tokenizer, _ = load_tokenizer(run / TOKENIZER)
     fresh = tokenize_dataset(Dataset.open(data), tokenizer, fingerprint(tokenizer))

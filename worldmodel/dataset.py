@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,8 +139,30 @@ class EpisodeRecord:
         )
 
 
-def write_episode(root: str | Path, name: str, episode: Episode) -> Path:
-    """Write an episode's arrays into `<root>/episodes/<name>/` atomically (temporary folder, then rename)."""
+EPISODE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+"""An episode's folder name under `episodes/`: one plain name, never a path."""
+
+
+def _registered(root: Path) -> set[str]:
+    """The episode names `root`'s manifest lists (none where there is no readable manifest: opening it says why)."""
+    try:
+        data = json.loads((root / "manifest.json").read_text())
+        return {str(item["name"]) for item in data.get("episodes", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+
+
+def write_episode(root: str | Path, name: str, episode: Episode, replace: bool = False) -> Path:
+    """Write an episode's arrays into `<root>/episodes/<name>/` atomically (temporary folder, then rename). A folder
+    of that name that the manifest does not list (a write cut short) is replaced; one it lists only with `replace`
+    (an episode mended in place: the token cache sees its content change)."""
+    if not isinstance(name, str) or not EPISODE_NAME.fullmatch(name):
+        raise DatasetError(f"episode name {name!r}: expected letters, digits, '_' or '-' (a folder under episodes/)")
+    if not replace and name in _registered(Path(root)):
+        raise DatasetError(
+            f"{root} already holds episode {name} in its manifest; write new episodes under new names (replace=True"
+            " rewrites it in place)"
+        )
     episode.validate(where=f"episode {name}")
     final = Path(root) / "episodes" / name
     with atomic_path(final, folder=True) as tmp:
@@ -235,7 +258,21 @@ class Dataset:
         write_json_atomic(self.root / "manifest.json", self.manifest.to_json())
 
     def add(self, record: EpisodeRecord) -> None:
-        """Register an episode already written with `write_episode`, and persist the manifest."""
+        """Register an episode already written with `write_episode`, and persist the manifest. The episode's folder
+        must hold as many steps as the record says, of this dataset's frame shape."""
+        if not isinstance(record, EpisodeRecord):
+            raise DatasetError(f"expected an EpisodeRecord to add, got {type(record).__name__}")
+        folder = self.root / "episodes" / record.name
+        try:
+            actions = np.load(folder / "actions.npy", mmap_mode="r")
+            frames = np.load(folder / "frames.npy", mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise DatasetError(f"episode {record.name}: write it with write_episode before adding it ({err})") from None
+        if record.length < 1 or len(actions) != record.length or tuple(frames.shape[1:]) != tuple(self.frame_shape):
+            raise DatasetError(
+                f"episode {record.name} holds {len(actions)} steps of {tuple(frames.shape[1:])} frames; its record says"
+                f" {record.length} steps and this dataset's frames are {tuple(self.frame_shape)}"
+            )
         self.manifest.episodes = [e for e in self.manifest.episodes if e.name != record.name] + [record]
         self.save_manifest()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,13 +162,15 @@ class TokenizedDataset:
 
     @classmethod
     def load(cls, path: str | Path) -> TokenizedDataset:
+        if not Path(path).is_file():
+            raise DatasetError(f"{path} not found: no token cache (training a stage writes one)")
         try:
             with np.load(path, allow_pickle=False) as data:
                 fields = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as err:
-            raise DatasetError(f"{path}: unreadable token cache ({err}); delete it to re-tokenize") from err
-        fields["tokenizer_fingerprint"] = str(fields["tokenizer_fingerprint"])
-        return cls(**fields)
+            fields["tokenizer_fingerprint"] = str(fields["tokenizer_fingerprint"])
+            return cls(**fields)
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as err:
+            raise DatasetError(f"{path}: unreadable token cache ({err!r}); delete it to re-tokenize") from None
 
 
 @torch.no_grad()
