@@ -48,6 +48,15 @@ def load_world_model(checkpoint: str | Path | WorldModel | None, device: str = "
     return WorldModel.load(checkpoint, device)
 
 
+def _whole(value: Any) -> bool:
+    """An integer, not a bool (Python's `True` is an int)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
 @dataclass
 class DreamSettings:
     """How a dream is stepped, declared once: the dream envs take these (as keywords, or as `settings`), PPO's
@@ -72,6 +81,24 @@ class DreamSettings:
     dtype: str | None = None
     """The dream's precision: None keeps the model's own (float32 for a loaded checkpoint), or bfloat16
     (`WorldModel.with_dtype`)."""
+
+    def validate(self) -> None:
+        """ValueError naming the first setting no dream could run with (its range is checked against the model's
+        context by `context_for`)."""
+
+        whole, number = _whole, _number
+        checks = (
+            ("horizon", whole(self.horizon) and self.horizon >= 1, "an integer >= 1"),
+            ("burn_in", self.burn_in is None or whole(self.burn_in), "None or an integer"),
+            ("start_fraction", number(self.start_fraction) and 0 <= self.start_fraction <= 1, "a fraction in [0, 1]"),
+            ("temperature", number(self.temperature), "a number >= 0"),
+            ("top_k", self.top_k is None or whole(self.top_k), "None or an integer >= 1"),
+            ("refine_steps", whole(self.refine_steps), "an integer >= 0"),
+            ("sample_ends", isinstance(self.sample_ends, bool), "True or False"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
     def context_for(self, model_context: int) -> int:
         """The real frames a dream starts from with a model that takes `model_context` frames: `burn_in`, or 4
@@ -99,7 +126,9 @@ def dream_settings(settings: DreamSettings | None, overrides: dict[str, Any]) ->
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown dream setting(s) {unknown}; expected some of {sorted(known)}")
-    return replace(base, **overrides)
+    chosen = replace(base, **overrides)
+    chosen.validate()
+    return chosen
 
 
 def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarray:
@@ -149,6 +178,14 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         """`checkpoint`: a run folder, a loaded `WorldModel`, or None for the shipped CarRacing model. `dream`
         keywords are `DreamSettings` fields (horizon, burn_in, temperature, ...), over `settings`."""
         settings = dream_settings(settings, dream)
+        if not _whole(num_envs) or num_envs < 1:
+            raise ValueError(f"num_envs: expected an integer >= 1, got {num_envs!r}")
+        if max_episode_steps is not None and (not _whole(max_episode_steps) or max_episode_steps < 1):
+            raise ValueError(f"max_episode_steps: expected None or an integer >= 1, got {max_episode_steps!r}")
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(
+                f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
         model = load_world_model(checkpoint, device)
         if settings.dtype is not None:
             model = model.with_dtype(settings.dtype)

@@ -162,6 +162,29 @@ def test_bad_box_actions_raise(box_world, name):
         envs.step(BAD_BOX_ACTIONS[name])
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_envs": 0}, "num_envs: expected an integer >= 1"),
+        ({"num_envs": -1}, "num_envs: expected an integer >= 1"),
+        ({"num_envs": True}, "num_envs: expected an integer >= 1"),
+        ({"horizon": 0}, "horizon: expected an integer >= 1"),
+        ({"horizon": 2.5}, "horizon: expected an integer >= 1"),
+        ({"max_episode_steps": 0}, "max_episode_steps: expected None or an integer >= 1"),
+        ({"burn_in": 2.5}, "burn_in: expected None or an integer"),
+        ({"top_k": 2.5, "temperature": 1.0}, "top_k: expected None or an integer"),
+        ({"temperature": "hot"}, "temperature: expected a number"),
+        ({"start_fraction": 2}, "start_fraction: expected a fraction"),
+        ({"sample_ends": "no"}, "sample_ends: expected True or False"),
+        ({"render_mode": "human"}, "render_mode: expected None or one of"),
+    ],
+)
+def test_settings_no_dream_could_run_with_are_refused_at_construction(box_world, kwargs, message):
+    kwargs = {"num_envs": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        DreamVectorEnv(box_world, kwargs.pop("num_envs"), **kwargs)
+
+
 @pytest.mark.parametrize("action", [np.zeros(2), np.zeros((1, 3)), "abc", np.array([0.0, np.nan, 0.0]), [0, 0j, 0]])
 def test_bad_single_box_actions_raise(box_world, action):
     env = DreamEnv(box_world, burn_in=BURN_IN)
