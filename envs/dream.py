@@ -84,16 +84,14 @@ class DreamSettings:
 
     def validate(self) -> None:
         """ValueError naming the first setting no dream could run with (its range is checked against the model's
-        context by `context_for`)."""
-
-        whole, number = _whole, _number
+        context by `context_for`, the sampling's by `WorldModel.check_sampling`)."""
         checks = (
-            ("horizon", whole(self.horizon) and self.horizon >= 1, "an integer >= 1"),
-            ("burn_in", self.burn_in is None or whole(self.burn_in), "None or an integer"),
-            ("start_fraction", number(self.start_fraction) and 0 <= self.start_fraction <= 1, "a fraction in [0, 1]"),
-            ("temperature", number(self.temperature), "a number >= 0"),
-            ("top_k", self.top_k is None or whole(self.top_k), "None or an integer >= 1"),
-            ("refine_steps", whole(self.refine_steps), "an integer >= 0"),
+            ("horizon", _whole(self.horizon) and self.horizon >= 1, "an integer >= 1"),
+            ("burn_in", self.burn_in is None or _whole(self.burn_in), "None or an integer"),
+            ("start_fraction", _number(self.start_fraction) and 0 <= self.start_fraction <= 1, "a fraction in [0, 1]"),
+            ("temperature", _number(self.temperature), "a number >= 0"),
+            ("top_k", self.top_k is None or _whole(self.top_k), "None or an integer >= 1"),
+            ("refine_steps", _whole(self.refine_steps), "an integer >= 0"),
             ("sample_ends", isinstance(self.sample_ends, bool), "True or False"),
         )
         for name, ok, expected in checks:
