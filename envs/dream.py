@@ -254,6 +254,15 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
     def _reset_all(self, options: dict[str, Any] | None) -> None:
         """Every env from the caller's frames (`options["frames"]`) or from the run's context episodes."""
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(
+                f"options: expected None or a dict of 'frames' and 'actions', got {type(options).__name__}"
+            )
+        unknown = sorted(set(options or {}) - {"frames", "actions"})
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; expected 'frames' and, with them, 'actions'")
+        if options and "actions" in options and "frames" not in options:
+            raise ValueError("options['actions'] are the actions between context frames: pass options['frames'] too")
         if options and "frames" in options:
             self._reset_from_context(options)
         else:

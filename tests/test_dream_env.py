@@ -599,6 +599,19 @@ def test_a_bad_context_at_reset_says_what_was_expected(never_ends, change, messa
         env.reset(options={"frames": frames, "actions": actions})
 
 
+def test_reset_options_that_would_be_ignored_are_refused(never_ends):
+    frames, actions = real_context(never_ends, 2)
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN)
+    for options, message in (
+        ({"frame": frames}, r"unknown reset option\(s\) \['frame'\]"),  # a typo dreamed from random context
+        ({"actions": actions}, "pass options\['frames'\] too"),
+        ([frames], "expected None or a dict"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            env.reset(options=options)
+    env.reset(seed=0, options={})  # nothing asked: the run's own context
+
+
 def test_a_discrete_dream_resets_from_a_single_frame_with_no_actions(discrete_world):
     frames, _ = real_context(discrete_world, 1)
     env = DreamVectorEnv(discrete_world, 2, burn_in=2, horizon=5)
