@@ -604,7 +604,7 @@ def test_reset_options_that_would_be_ignored_are_refused(never_ends):
     env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN)
     for options, message in (
         ({"frame": frames}, r"unknown reset option\(s\) \['frame'\]"),  # a typo dreamed from random context
-        ({"actions": actions}, "pass options\['frames'\] too"),
+        ({"actions": actions}, r"pass options\['frames'\] too"),
         ([frames], "expected None or a dict"),
     ):
         with pytest.raises(ValueError, match=message):
