@@ -53,10 +53,10 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     folder = RunDir(run_dir).real_ppo
     trained = folder / "training.json"
     if trained.is_file():
-        earlier = read_json(trained)
-        differ = [key for key in config.checked if getattr(config.real, key) != earlier[key]]
+        training = read_json(trained)
+        differ = [key for key in config.checked if getattr(config.real, key) != training[key]]
         if differ:
-            was = ", ".join(f"{key} {earlier[key]}" for key in differ)
+            was = ", ".join(f"{key} {training[key]}" for key in differ)
             asked = ", ".join(f"{key} {getattr(config.real, key)}" for key in differ)
             raise ConfigError(
                 f"{folder} holds a training with {was}, not {asked}: leave those flags out to score it, or move the "
@@ -66,8 +66,8 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
         logger = RunLogger(folder)
         figures = train_real_ppo(run_dir, pipeline.collect.source, pipeline.ppo, config.real, logger, folder)
         logger.close()
-        write_json_atomic(trained, {"minutes": config.real.minutes, "num_envs": config.real.num_envs, **figures})
-    training = read_json(trained)
+        training = {"minutes": config.real.minutes, "num_envs": config.real.num_envs, **figures}
+        write_json_atomic(trained, training)
 
     eval_config = pipeline.eval
     if config.episodes is not None:

@@ -9,7 +9,6 @@ into `<runs>/<name>-seed<s>`, so a seed that finished is not run again and a kil
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 from agents.config import load_pipeline_config
 from envs.sources import SOURCES
 from worldmodel.config import ConfigError
-from worldmodel.files import write_json_atomic, write_text_atomic
+from worldmodel.files import read_json, write_json_atomic, write_text_atomic
 
 SEED_STRIDE = 10_000
 """Collection seeds of bench seed s start at s * SEED_STRIDE (evaluation seeds start at 1,000,000)."""
@@ -165,7 +164,7 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
                 f"seed {seed}'s run {run} failed (exit {done.returncode}; its output above says why); once that is"
                 " mended, the same command resumes every seed where it stopped"
             )
-        summary = json.loads((Path(config.runs_dir) / run / "summary.json").read_text())
+        summary = read_json(Path(config.runs_dir) / run / "summary.json")
         rows.append(seed_figures(summary))
     results = {
         "command": reliability_command(config),

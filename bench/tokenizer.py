@@ -37,7 +37,7 @@ from envs.sources import fit_frame
 from worldmodel.checkpoint import config_matches, read_checkpoint, resumable
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
-from worldmodel.files import save_figure_atomic, write_json_atomic, write_text_atomic
+from worldmodel.files import read_json, save_figure_atomic, write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rate import token_rate
 from worldmodel.run_dir import RunDir
@@ -406,7 +406,7 @@ def trained_tokenizer(
             )
         return int(meta.get("step", 0))
 
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = read_json(record_path, {})
     changed = sorted(k for k in budget if k != "steps" and k in record and record[k] != budget[k])
     if changed:
         raise ConfigError(f"{folder} was trained with another {' and '.join(changed)}; {elsewhere}")

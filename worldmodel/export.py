@@ -10,7 +10,6 @@ the run measured, and each kept episode's collection seed (so the real simulator
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -85,4 +84,4 @@ def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note:
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     """The `model.json` of an exported model (empty for an ordinary run folder)."""
     path = Path(model_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, {})
