@@ -7,7 +7,8 @@ reward and termination; dreams are truncated at `horizon` steps. `reset(options=
 starts from the caller's own real frames instead (see `DreamVectorEnv._reset_from_context`). Wherever a dream starts,
 `info["context_tokens"]` holds the token grids it started from (`DreamVectorEnv.context_tokens`). Actions outside a
 Box's bounds are clipped (as the real simulators do); actions of the wrong shape or dtype, or NaN/inf, and
-context frames of the wrong size raise ValueError.
+context frames of the wrong size raise ValueError. A step before the first reset, or (autoreset disabled, as in
+`DreamEnv`) a step of a dream that ended and was not reset, raises `gymnasium.error.ResetNeeded`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def _whole(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
+def _array(value: Any, expected: str) -> np.ndarray:
+    """`value` as a numpy array; a ragged sequence (rows of different lengths) is refused with `expected`, not with
+    numpy's message about inhomogeneous shapes."""
+    try:
+        return np.asarray(value)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got a ragged sequence (rows of different lengths)") from None
 
 
 @dataclass
@@ -132,7 +142,6 @@ def dream_settings(settings: DreamSettings | None, overrides: dict[str, Any]) ->
 def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarray:
     """Validate `batch` actions for `space`, or one unbatched action when `batch` is None (the single env's); returns
     them as an array (Box actions clipped). The error says what the caller's own space expects."""
-    array = np.asarray(actions)
     if isinstance(space, gym.spaces.Discrete):
         shape = () if batch is None else (batch,)
         expected = (
@@ -140,6 +149,7 @@ def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarr
             if batch is None
             else f"{batch} integer action(s) in [0, {space.n}) with shape {shape}"
         )
+        array = _array(actions, expected)
         if array.dtype.kind not in "iu" or array.shape != shape:
             raise ValueError(f"expected {expected}, got {array.dtype} array of shape {array.shape}")
         if array.size and (array.min() < 0 or array.max() >= space.n):  # none at all: a context of one frame
@@ -148,6 +158,7 @@ def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarr
     shape = space.shape if batch is None else (batch, *space.shape)
     kind = "a float action" if batch is None else "float actions"
     expected = f"{kind} of shape {shape} within {space.low.tolist()}..{space.high.tolist()}"
+    array = _array(actions, expected)
     if array.dtype.kind not in "fiu" or array.shape != shape:
         raise ValueError(f"expected {expected}, got {array.dtype} array of shape {array.shape}")
     if not np.isfinite(array).all():
@@ -224,6 +235,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self._context = torch.zeros(num_envs, self.context_length, grid, grid, dtype=torch.long, device=device_)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
+        self._started = False  # until the first reset there is no dream to step
         self._np_random, _ = gym.utils.seeding.np_random(None)
         self._generator = torch.Generator(device=device_)
         self._generator.manual_seed(int(self._np_random.integers(2**63 - 1)))
@@ -252,32 +264,56 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self._steps[rows] = 0
         self._needs_reset[rows] = False
 
-    def _reset_all(self, options: dict[str, Any] | None) -> None:
-        """Every env from the caller's frames (`options["frames"]`) or from the run's context episodes."""
+    def _reset_all(self, options: dict[str, Any] | None) -> np.ndarray:
+        """Start dreams from the caller's frames (`options["frames"]`) or from the run's context episodes: every env,
+        or those of `options["reset_mask"]` (a bool array of `num_envs`, as Gymnasium's vector envs take it). Returns
+        the rows started."""
         if options is not None and not isinstance(options, dict):
             raise ValueError(
-                f"options: expected None or a dict of 'frames' and 'actions', got {type(options).__name__}"
+                "options: expected None or a dict of 'frames', 'actions' and 'reset_mask',"
+                f" got {type(options).__name__}"
             )
-        unknown = sorted(set(options or {}) - {"frames", "actions"})
+        options = options or {}
+        unknown = sorted(set(options) - {"frames", "actions", "reset_mask"})
         if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; expected 'frames' and, with them, 'actions'")
-        if options and "actions" in options and "frames" not in options:
+            raise ValueError(
+                f"unknown reset option(s) {unknown}; expected 'frames' (with them, 'actions') and 'reset_mask'"
+            )
+        if "actions" in options and "frames" not in options:
             raise ValueError("options['actions'] are the actions between context frames: pass options['frames'] too")
-        if options and "frames" in options:
-            self._reset_from_context(options)
+        rows = np.arange(self.num_envs)
+        if "reset_mask" in options:
+            rows = np.flatnonzero(self._reset_mask(options["reset_mask"]))
+        if "frames" in options:
+            self._reset_from_context(options, rows)
         else:
-            self._reset_rows(np.arange(self.num_envs))
+            self._reset_rows(rows)
+        self._started = True
+        return rows
 
-    def _reset_from_context(self, options: dict[str, Any]) -> None:
-        """Start every dream from the caller's real frames: `options["frames"]` is (C, H, W, ch) uint8 (the same
-        context for every env) or (num_envs, C, H, W, ch), and `options["actions"]` the C - 1 actions taken
+    def _reset_mask(self, mask: Any) -> np.ndarray:
+        if not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (self.num_envs,)):
+            got = f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
+            expected = f"a bool numpy array of shape ({self.num_envs},)"
+            raise ValueError(f"options['reset_mask']: expected {expected}, got {got}")
+        if not mask.any():
+            raise ValueError("options['reset_mask'] is all False: it names no dream to reset")
+        return mask
+
+    def _reset_from_context(self, options: dict[str, Any], rows: np.ndarray) -> None:
+        """Start the dreams of `rows` from the caller's real frames: `options["frames"]` is (C, H, W, ch) uint8 (the
+        same context for every env) or (num_envs, C, H, W, ch), and `options["actions"]` the C - 1 actions taken
         between them ((C - 1, ...) or (num_envs, C - 1, ...)); C may be 1 to the model's context length."""
         tokenizer, limit = self.model.tokenizer.config, self.model.dynamics.config.context_frames
         frame = (*tokenizer.image_shape, tokenizer.channels)
-        frames = np.asarray(options["frames"])
+        expected = (
+            f"context frames of shape (C, {', '.join(map(str, frame))}) or ({self.num_envs}, C, ...) uint8"
+            f" with 1 <= C <= {limit}"
+        )
+        given = _array(options["frames"], expected)
+        frames = given
         if frames.ndim == 4:
             frames = np.broadcast_to(frames, (self.num_envs, *frames.shape))
-        expected = f"context frames of shape (C, {', '.join(map(str, frame))}) or ({self.num_envs}, C, ...) uint8"
         if (
             frames.dtype != np.uint8
             or frames.ndim != 5
@@ -285,26 +321,28 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             or frames.shape[2:] != frame
             or not 1 <= frames.shape[1] <= limit
         ):
-            raise ValueError(f"expected {expected} with 1 <= C <= {limit}, got {frames.dtype} {frames.shape}")
+            raise ValueError(f"expected {expected}, got {given.dtype} {given.shape}")
         steps = frames.shape[1] - 1
         space = self.single_action_space
-        given = np.asarray(options.get("actions", np.zeros((0, *space.shape), space.dtype)))
+        one = tuple(space.shape)
+        expected = (
+            f"the {steps} action(s) taken between the {steps + 1} context frames, shaped"
+            f" {(steps, *one)} or {(self.num_envs, steps, *one)}"
+        )
+        given = _array(options.get("actions", np.zeros((0, *one), space.dtype)), expected)
         actions = given
-        if actions.ndim == len(space.shape) + 1:
+        if actions.ndim == len(one) + 1:
             actions = np.broadcast_to(actions, (self.num_envs, *actions.shape))
-        if actions.shape != (self.num_envs, steps, *space.shape):
-            one = tuple(space.shape)
-            raise ValueError(
-                f"expected the {steps} action(s) taken between the {steps + 1} context frames, shaped"
-                f" {(steps, *one)} or {(self.num_envs, steps, *one)}, got shape {given.shape}"
-            )
-        flat = check_actions(actions.reshape(-1, *space.shape), space, self.num_envs * steps)
+        if actions.shape != (self.num_envs, steps, *one):
+            raise ValueError(f"expected {expected}, got shape {given.shape}")
+        frames, actions = frames[rows], actions[rows]
+        flat = check_actions(actions.reshape(-1, *one), space, len(rows) * steps)
         device = self.model.device
         with torch.no_grad():
             tokens = self.model.tokenizer.encode(torch.tensor(frames.reshape(-1, *frame), device=device)).tokens
-        tokens = tokens.view(self.num_envs, steps + 1, *tokens.shape[1:])
-        acts = self.model.action_tensor(flat.reshape(self.num_envs, steps, *space.shape))
-        self._start_rows(np.arange(self.num_envs), tokens, acts)
+        tokens = tokens.view(len(rows), steps + 1, *tokens.shape[1:])
+        acts = self.model.action_tensor(flat.reshape(len(rows), steps, *one))
+        self._start_rows(rows, tokens, acts)
 
     def context_tokens(self, rows: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), context_length, h, w) the token grids each dream of `rows` (all when None) started from, oldest
@@ -337,7 +375,9 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         if seed is not None:
             self._np_random, _ = gym.utils.seeding.np_random(seed)
             self._generator.manual_seed(int(seed))
-        self._reset_all(options)
+        rows = self._reset_all(options)
+        if options is not None and "reset_mask" in options:
+            return self._observe(), self._restarted_info(rows)
         return self._observe(), {"context_tokens": self.context_tokens()}
 
     def step(self, actions: Any):
@@ -345,6 +385,14 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
     def _step(self, actions: np.ndarray):
         """`step` of actions already checked (`check_actions`)."""
+        if not self._started:
+            raise gym.error.ResetNeeded("call reset() before step(): no dream has started")
+        if self.autoreset_mode == AutoresetMode.DISABLED and self._needs_reset.any():
+            ended = np.flatnonzero(self._needs_reset).tolist()
+            raise gym.error.ResetNeeded(
+                f"dream(s) {ended} ended and autoreset is disabled: reset them"
+                " (options={'reset_mask': mask} for some) before stepping again"
+            )
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
@@ -375,6 +423,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             self._needs_reset = terminated | truncated
             return self._observe(), rewards, terminated, truncated, self._restarted_info(resets)
         if self.autoreset_mode == AutoresetMode.DISABLED:
+            self._needs_reset = terminated | truncated
             return self._observe(), rewards, terminated, truncated, {}
         done = np.flatnonzero(terminated | truncated)
         observed = self._observe()
@@ -431,6 +480,8 @@ class DreamEnv(gym.Env):
         vector._np_random = self.np_random
         if seed is not None:
             vector._generator.manual_seed(int(seed))
+        if isinstance(options, dict) and "reset_mask" in options:
+            raise ValueError("options['reset_mask'] picks dreams of a DreamVectorEnv; a DreamEnv has one, reset whole")
         vector._reset_all(options)
         return vector._observe()[0], {"context_tokens": vector.context_tokens()[0]}
 

@@ -413,8 +413,10 @@ def test_discrete_dream_check_env(discrete_world):
     check_env(DreamEnv(discrete_world, obs_mode="pixels", burn_in=3, horizon=8), skip_render_check=True)
     obs, _ = env.reset(seed=0)
     for action in (0, 4, np.int64(2), np.int32(1)):
-        obs, reward, *_ = env.step(action)
+        obs, reward, terminated, truncated, _ = env.step(action)
         assert obs in env.observation_space
+        if terminated or truncated:  # the untrained head ends some dreams
+            env.reset()
     pixels = DreamEnv(discrete_world, obs_mode="pixels", burn_in=3)
     assert pixels.reset(seed=0)[0].shape == (16, 16, 1)
 
@@ -610,6 +612,83 @@ def test_reset_options_that_would_be_ignored_are_refused(never_ends):
         with pytest.raises(ValueError, match=message):
             env.reset(options=options)
     env.reset(seed=0, options={})  # nothing asked: the run's own context
+
+
+def test_ragged_frames_or_actions_say_what_was_expected(never_ends):
+    frames, actions = real_context(never_ends, 2)
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN)
+    with pytest.raises(ValueError, match=r"expected context frames of shape .*got a ragged sequence"):
+        env.reset(options={"frames": [frames[0], frames[1][:-1]]})
+    with pytest.raises(ValueError, match=r"expected the 2 action\(s\) .*got a ragged sequence"):
+        env.reset(options={"frames": frames, "actions": [actions[0], actions[1][:2]]})
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"expected float actions of shape \(2, 3\).*ragged"):
+        env.step([[0.0, 0.0, 0.0], [0.0, 0.0]])
+
+
+def test_a_wrong_context_shape_is_reported_as_given(never_ends):
+    frames, _ = real_context(never_ends, 2)
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN)
+    wide = np.repeat(frames, 2, axis=2)  # one context for every env, twice as wide
+    with pytest.raises(ValueError, match=rf"got uint8 \({', '.join(map(str, wide.shape))}\)$"):
+        env.reset(options={"frames": wide, "actions": np.zeros((2, 3), np.float32)})
+
+
+def test_a_step_before_the_first_reset_is_refused(never_ends):
+    for env, action in (
+        (DreamVectorEnv(never_ends, 2, burn_in=BURN_IN), np.zeros((2, 3), np.float32)),
+        (DreamEnv(never_ends, burn_in=BURN_IN), np.zeros(3, np.float32)),
+    ):
+        with pytest.raises(gym.error.ResetNeeded, match="reset"):
+            env.step(action)
+        env.reset(seed=0)
+        env.step(action)
+
+
+def test_a_single_dream_that_ended_must_be_reset(never_ends):
+    env = DreamEnv(never_ends, burn_in=BURN_IN, horizon=2)
+    env.reset(seed=0)
+    action = np.zeros(3, np.float32)
+    assert env.step(action)[3] is False and env.step(action)[3] is True
+    with pytest.raises(gym.error.ResetNeeded, match=r"dream\(s\) \[0\] ended"):
+        env.step(action)  # it would have dreamed on past its horizon
+    env.reset(seed=1)
+    assert env.step(action)[3] is False
+    with pytest.raises(ValueError, match="a DreamEnv has one"):
+        env.reset(options={"reset_mask": np.array([True])})
+
+
+def test_reset_mask_restarts_only_the_dreams_it_names(never_ends):
+    """Autoreset disabled, as Gymnasium's vector envs: the ended dreams wait for `reset(options={"reset_mask": ...})`,
+    which restarts those alone and leaves the others' observations and steps as they were."""
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN, horizon=2, autoreset_mode=AutoresetMode.DISABLED)
+    action = np.full((2, 3), 0.2, np.float32)
+    env.reset(seed=4)
+    env.step(action)
+    obs, _, _, truncated, _ = env.step(action)
+    assert truncated.all()
+    with pytest.raises(gym.error.ResetNeeded, match=r"\[0, 1\] ended"):
+        env.step(action)
+    restarted, info = env.reset(options={"reset_mask": np.array([False, True])})
+    np.testing.assert_array_equal(restarted[0], obs[0])  # row 0 untouched
+    assert info["_context_tokens"].tolist() == [False, True]
+    np.testing.assert_array_equal(info["context_tokens"][1][-1], restarted[1])
+    with pytest.raises(gym.error.ResetNeeded, match=r"\[0\] ended"):
+        env.step(action)
+    frames, actions = real_context(never_ends, 2)
+    restarted, _ = env.reset(options={"reset_mask": np.array([True, False]), "frames": frames, "actions": actions})
+    with torch.no_grad():
+        first = never_ends.tokenizer.encode(torch.as_tensor(frames)).tokens[-1].numpy()
+    np.testing.assert_array_equal(restarted[0], first)
+    assert env.step(action)[3].tolist() == [False, False]  # both restarted: each at its first step again
+    for bad, message in (
+        ([True, False], "expected a bool numpy array of shape \\(2,\\), got list"),
+        (np.array([1, 0]), "got int64 array of shape"),
+        (np.array([True]), r"got bool array of shape \(1,\)"),
+        (np.array([False, False]), "names no dream"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            env.reset(options={"reset_mask": bad})
 
 
 def test_a_discrete_dream_resets_from_a_single_frame_with_no_actions(discrete_world):
