@@ -1,6 +1,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,32 @@ def test_wrong_input_raises(frames):
         tokenizer.encode(frames)
     with pytest.raises(ValueError):
         tokenizer(frames)
+
+
+def test_numpy_frames_and_tokens_give_what_tensors_give():
+    tokenizer = Tokenizer(TokenizerConfig(image_size=32, channels=3, widths=(8, 16, 16), levels=(4, 3))).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    tokens = tokenizer.encode(frames).tokens
+    assert torch.equal(tokens, tokenizer.encode(torch.as_tensor(frames)).tokens)
+    assert torch.equal(tokenizer.tokens_to_frames(tokens.numpy()), tokenizer.tokens_to_frames(tokens))
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (torch.full((2, 8, 8), 12), "got values from 12 to 12"),  # the codebook has 4 x 3 codes: 0..11
+        (torch.full((2, 8, 8), -1), "got values from -1 to -1"),
+        (torch.zeros(2, 8, 8, dtype=torch.float32), "got torch.float32"),
+        (torch.zeros(2, 8, 8, dtype=torch.bool), "got torch.bool"),
+        (torch.zeros(8, 8, dtype=torch.long), r"got shape \(8, 8\)"),
+        (np.zeros((2, 4, 4), dtype=np.int64), r"got shape \(2, 4, 4\)"),
+    ],
+)
+def test_tokens_that_name_no_code_are_refused_before_decoding(tokens, message):
+    """FSQ's index arithmetic wraps around: without the check, token 12 decoded as token 0 and a float as its integer part."""
+    tokenizer = Tokenizer(TokenizerConfig(image_size=32, channels=3, widths=(8, 16, 16), levels=(4, 3)))
+    with pytest.raises(ValueError, match=r"expected \(B, 8, 8\) integer tokens in \[0, 12\), " + message):
+        tokenizer.tokens_to_frames(tokens)
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -530,6 +531,12 @@ class Tokenizer(nn.Module):
             # training forwards so far, saved with the weights so that a resumed run keeps its schedule
             self.register_buffer("adversarial_step", torch.zeros((), dtype=torch.long))
 
+    def _tensor(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """A numpy array as a tensor on this model's device; a tensor as it is."""
+        if isinstance(array, np.ndarray):
+            return torch.as_tensor(array, device=next(self.parameters()).device)
+        return array
+
     def _check_frames(self, frames: torch.Tensor) -> None:
         c = self.config
         expected = (*c.image_shape, c.channels)
@@ -540,7 +547,8 @@ class Tokenizer(nn.Module):
             )
 
     def encode(self, frames: torch.Tensor) -> TokenizerEncoderOutput:
-        """(B, H, W, C) uint8 frames -> latents, codes and (B, h, w) tokens."""
+        """(B, H, W, C) uint8 frames (a tensor or numpy array) -> latents, codes and (B, h, w) tokens."""
+        frames = self._tensor(frames)
         self._check_frames(frames)
         z = self.encoder(frames_to_float(frames))
         codes, tokens = self.quantizer(rearrange(z, "b d h w -> b h w d"))
@@ -556,10 +564,25 @@ class Tokenizer(nn.Module):
         return self.decode_codes(codes).clamp(0, 1)
 
     @torch.no_grad()
-    def tokens_to_frames(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) tokens -> (B, H, W, C) uint8 frames."""
+    def tokens_to_frames(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, h, w) integer tokens in [0, codebook_size) (a tensor or numpy array) -> (B, H, W, C) uint8 frames."""
+        tokens = self._tensor(tokens)
+        self._check_tokens(tokens)
         images = self.decode(tokens).float()
         return rearrange((images * 255).round().to(torch.uint8), "b c h w -> b h w c")
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        """Refuses what `decode` would turn into frames of codes that do not exist: FSQ's indices wrap around, so a
+        token past the codebook or a float would decode silently."""
+        h, w = self.config.grid_shape
+        expected = f"(B, {h}, {w}) integer tokens in [0, {self.config.codebook_size})"
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (h, w):
+            raise ValueError(f"expected {expected}, got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"expected {expected}, got {tokens.dtype}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.codebook_size):
+            low, high = int(tokens.min()), int(tokens.max())
+            raise ValueError(f"expected {expected}, got values from {low} to {high}")
 
     def pixel_weights(self, target: torch.Tensor) -> torch.Tensor | None:
         """(B, 1, H, W) weights of the pixel losses for (B, C, H, W) `target` frames in [0, 1], or None when every
