@@ -147,6 +147,11 @@ def evaluate(
     score (default: the run's)."""
     known = reference_kinds(source)
     kinds = known if kinds is None else kinds
+    if isinstance(kinds, str) or not kinds:
+        raise ConfigError(f"kinds: expected a tuple of some of {known}, got {kinds!r}")
+    for name, value in (("episodes", config.episodes), ("workers", config.workers)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"eval.{name}: expected an integer of at least 1, got {value!r}")
     if set(kinds) - set(known):
         raise ConfigError(f"cannot score {sorted(set(kinds) - set(known))} on {source.name}; expected some of {known}")
     seeds = [config.seed + i for i in range(config.episodes)]

@@ -33,6 +33,22 @@ def test_evaluation_scores_the_steady_action_only_where_the_source_has_one(tmp_p
         evaluate(tmp_path, SourceConfig("carracing"), EvalConfig(episodes=1), [], kinds=(STEADY,))
 
 
+@pytest.mark.parametrize(
+    ("config", "kinds", "message"),
+    [
+        (EvalConfig(episodes=0), None, r"eval.episodes: expected an integer of at least 1, got 0"),
+        (EvalConfig(episodes=2.5), None, r"eval.episodes: .* got 2.5"),  # type: ignore[arg-type]
+        (EvalConfig(workers=0), None, r"eval.workers: .* got 0"),
+        (EvalConfig(), "policy", r"kinds: expected a tuple of some of \('policy', 'random', 'expert'\), got 'policy'"),
+        (EvalConfig(), (), r"kinds: expected a tuple .* got \(\)"),
+    ],
+)
+def test_evaluation_settings_that_score_nothing_are_refused(tmp_path, config, kinds, message):
+    """Zero episodes gave a NaN mean with numpy's warning; the string "policy" was read letter by letter."""
+    with pytest.raises(ValueError, match=message):
+        evaluate(tmp_path, SourceConfig("carracing"), config, [], kinds=kinds)
+
+
 SCRIPT = textwrap.dedent(
     """
     import json

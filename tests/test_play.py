@@ -76,6 +76,9 @@ def test_export_keeps_what_a_dream_needs_and_dreams_as_the_run_does(box_run, tmp
     with pytest.raises(ConfigError, match="is a file"):  # a file given as the folder is kept, not replaced
         export_model(box_run, tmp_path / "mine" / "notes.txt")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    for episodes in (0, 2.5, True):  # refused before the model loads, not after
+        with pytest.raises(ConfigError, match="episodes: expected an integer of at least 1"):
+            export_model(tmp_path / "not-a-run", tmp_path / "nothing", episodes=episodes)
     export_model(box_run, out, episodes=1)  # an earlier export is replaced
     assert len(read_manifest(out)["episodes"]) == 1
 

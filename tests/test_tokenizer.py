@@ -128,7 +128,8 @@ def test_numpy_frames_and_tokens_give_what_tensors_give():
     ],
 )
 def test_tokens_that_name_no_code_are_refused_before_decoding(tokens, message):
-    """FSQ's index arithmetic wraps around: without the check, token 12 decoded as token 0 and a float as its integer part."""
+    """FSQ's index arithmetic wraps around: without the check, token 12 decoded as token 0, a float as its integer
+    part."""
     tokenizer = Tokenizer(TokenizerConfig(image_size=32, channels=3, widths=(8, 16, 16), levels=(4, 3)))
     with pytest.raises(ValueError, match=r"expected \(B, 8, 8\) integer tokens in \[0, 12\), " + message):
         tokenizer.tokens_to_frames(tokens)

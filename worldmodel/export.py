@@ -31,8 +31,10 @@ def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note:
     """Write `out` (replacing it whole, atomically: a folder that is not an earlier export is refused) from the run
     in `run_dir`; returns the manifest."""
     run, out = RunDir(run_dir), Path(out)
-    if episodes < 1:
-        raise ConfigError(f"episodes must be at least 1 (real contexts for dreams to start from), got {episodes}")
+    if not isinstance(episodes, int | np.integer) or isinstance(episodes, bool) or episodes < 1:
+        raise ConfigError(
+            f"episodes: expected an integer of at least 1 (real contexts for dreams to start from), got {episodes!r}"
+        )
     if run.root.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"export to a folder outside the run, not {out}: the export replaces its folder whole")
     if out.exists() and not out.is_dir():
