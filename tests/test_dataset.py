@@ -168,6 +168,25 @@ def test_missing_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "worldmodel-dataset", "version": 1}))
     with pytest.raises(DatasetError, match="malformed"):
         Dataset.open(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(["worldmodel-dataset", 1]))  # AttributeError before
+    with pytest.raises(DatasetError, match="expected a JSON object .* got a list"):
+        Dataset.open(tmp_path)
+    good = write_synthetic_dataset(tmp_path / "good", BOX_SPACE, episodes=1, steps=3).manifest.to_json()
+    for change, message in (
+        ({"episodes": [["ep0", 3]]}, "malformed"),  # an episode entry that is not an object: AttributeError before
+        ({"episodes": [{"length": 3}]}, "malformed"),
+        ({"frame_shape": [16, 16]}, r"expected frame_shape \(height, width, channels\) .* got \[16, 16\]"),
+    ):
+        (tmp_path / "manifest.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(DatasetError, match=message):
+            Dataset.open(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (16, 16, 0), (16, 16.0, 3), 16, (16, 16, True)])
+def test_create_refuses_a_frame_shape_that_is_not_three_positive_integers(tmp_path, shape):
+    with pytest.raises(DatasetError, match="expected frame_shape"):
+        Dataset.create(tmp_path / "new", "synthetic", shape, BOX_SPACE)
+    assert not (tmp_path / "new").exists()  # nothing written
 
 
 def test_write_episode_validates():

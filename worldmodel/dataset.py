@@ -173,6 +173,19 @@ def write_episode(root: str | Path, name: str, episode: Episode, replace: bool =
     return final
 
 
+def _frame_shape(shape: Any, where: str) -> tuple[int, int, int]:
+    """`shape` as (height, width, channels) of positive integers, or a DatasetError saying so."""
+    try:
+        values = tuple(shape)
+    except TypeError:
+        values = ()
+    whole = all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in values)
+    if len(values) != 3 or not whole:
+        expected = "frame_shape (height, width, channels) of positive integers"
+        raise DatasetError(f"{where}: expected {expected}, got {shape!r}")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
 @dataclass
 class Manifest:
     source: str
@@ -194,6 +207,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise DatasetError(f"{where}: expected a JSON object with 'format', 'source', ..., got a {kind}")
         if data.get("format") != FORMAT_NAME:
             raise DatasetError(f"{where}: 'format' must be {FORMAT_NAME!r}, got {data.get('format')!r}")
         if data.get("version") != FORMAT_VERSION:
@@ -201,12 +217,14 @@ class Manifest:
         try:
             return cls(
                 source=str(data["source"]),
-                frame_shape=tuple(int(x) for x in data["frame_shape"]),
+                frame_shape=_frame_shape(data["frame_shape"], where),
                 action_space=dict(data["action_space"]),
                 episodes=[EpisodeRecord.from_json(e) for e in data["episodes"]],
                 meta=dict(data.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except DatasetError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DatasetError(f"{where}: malformed manifest ({err!r})") from err
 
 
@@ -238,7 +256,8 @@ class Dataset:
         meta: dict[str, Any] | None = None,
     ) -> Dataset:
         """Create a new dataset, or reopen an existing one after checking it has the same source and shapes."""
-        manifest = Manifest(source, tuple(frame_shape), space_to_dict(action_space), meta=dict(meta or {}))
+        shape = _frame_shape(frame_shape, f"dataset {root}")
+        manifest = Manifest(source, shape, space_to_dict(action_space), meta=dict(meta or {}))
         if Path(root).exists() and not Path(root).is_dir():
             raise DatasetError(f"{root} is a file; a dataset is a folder: use another path")
         if (Path(root) / "manifest.json").is_file():
