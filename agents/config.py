@@ -16,7 +16,7 @@ from agents.loop import LoopConfig
 from agents.ppo import PPOConfig
 from envs.collect import CollectConfig
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset
+from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset, whole
 from worldmodel.rollout import RolloutConfig
 from worldmodel.run_dir import RunDir
 from worldmodel.train import DynamicsStage, TokenizerStage
@@ -97,9 +97,7 @@ def _optional_positive(value: Any) -> bool:
 
 
 def _levels(value: Any) -> bool:
-    return len(value) >= 1 and all(
-        isinstance(level, int) and not isinstance(level, bool) and level >= 2 for level in value
-    )
+    return len(value) >= 1 and all(whole(level, 2) for level in value)
 
 
 def _device(value: Any) -> bool:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from envs.sources import SourceConfig, make_expert, make_source_env
 from worldmodel.checkpoint import CheckpointError, load_module
-from worldmodel.config import ConfigError
+from worldmodel.config import ConfigError, whole
 from worldmodel.parallel import imap_unordered
 from worldmodel.run_dir import RunDir
 from worldmodel.train import load_tokenizer
@@ -150,7 +150,7 @@ def evaluate(
     if isinstance(kinds, str) or not kinds:
         raise ConfigError(f"kinds: expected a tuple of some of {known}, got {kinds!r}")
     for name, value in (("episodes", config.episodes), ("workers", config.workers)):
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        if not whole(value, 1):
             raise ConfigError(f"eval.{name}: expected an integer of at least 1, got {value!r}")
     if set(kinds) - set(known):
         raise ConfigError(f"cannot score {sorted(set(kinds) - set(known))} on {source.name}; expected some of {known}")

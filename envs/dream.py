@@ -24,6 +24,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from worldmodel.checkpoint import CheckpointError
+from worldmodel.config import whole
 from worldmodel.runtime import keep_freed_memory
 from worldmodel.tokens import latest_grids
 from worldmodel.world_model import Sampling, WorldModel, token_grid_space
@@ -47,11 +48,6 @@ def load_world_model(checkpoint: str | Path | WorldModel | None, device: str = "
             )
         checkpoint = SHIPPED_MODEL
     return WorldModel.load(checkpoint, device)
-
-
-def _whole(value: Any) -> bool:
-    """An integer, not a bool (Python's `True` is an int)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _number(value: Any) -> bool:
@@ -96,12 +92,12 @@ class DreamSettings:
         """ValueError naming the first setting no dream could run with (its range is checked against the model's
         context by `context_for`, the sampling's by `WorldModel.check_sampling`)."""
         checks = (
-            ("horizon", _whole(self.horizon) and self.horizon >= 1, "an integer >= 1"),
-            ("burn_in", self.burn_in is None or _whole(self.burn_in), "None or an integer"),
+            ("horizon", whole(self.horizon, 1), "an integer >= 1"),
+            ("burn_in", self.burn_in is None or whole(self.burn_in), "None or an integer"),
             ("start_fraction", _number(self.start_fraction) and 0 <= self.start_fraction <= 1, "a fraction in [0, 1]"),
             ("temperature", _number(self.temperature), "a number >= 0"),
-            ("top_k", self.top_k is None or _whole(self.top_k), "None or an integer >= 1"),
-            ("refine_steps", _whole(self.refine_steps), "an integer >= 0"),
+            ("top_k", self.top_k is None or whole(self.top_k), "None or an integer >= 1"),
+            ("refine_steps", whole(self.refine_steps), "an integer >= 0"),
             ("sample_ends", isinstance(self.sample_ends, bool), "True or False"),
         )
         for name, ok, expected in checks:
@@ -187,9 +183,9 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         """`checkpoint`: a run folder, a loaded `WorldModel`, or None for the shipped CarRacing model. `dream`
         keywords are `DreamSettings` fields (horizon, burn_in, temperature, ...), over `settings`."""
         settings = dream_settings(settings, dream)
-        if not _whole(num_envs) or num_envs < 1:
+        if not whole(num_envs, 1):
             raise ValueError(f"num_envs: expected an integer >= 1, got {num_envs!r}")
-        if max_episode_steps is not None and (not _whole(max_episode_steps) or max_episode_steps < 1):
+        if max_episode_steps is not None and not whole(max_episode_steps, 1):
             raise ValueError(f"max_episode_steps: expected None or an integer >= 1, got {max_episode_steps!r}")
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(

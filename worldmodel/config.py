@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import yaml
 
 # the presets ship as the `configs` package's data, beside this package in a source tree and in an installed wheel
@@ -20,6 +21,12 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A preset or override that does not match the config dataclasses."""
+
+
+def whole(value: Any, low: int | None = None) -> bool:
+    """An integer, Python's or numpy's but not a bool (`True` is an int), of at least `low` when given."""
+    is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    return is_int and (low is None or value >= low)
 
 
 def preset_path(name_or_path: str | Path) -> Path:

@@ -28,6 +28,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from worldmodel.config import whole
 from worldmodel.files import atomic_path, write_json_atomic
 
 FORMAT_NAME = "worldmodel-dataset"
@@ -179,8 +180,7 @@ def _frame_shape(shape: Any, where: str) -> tuple[int, int, int]:
         values = tuple(shape)
     except TypeError:
         values = ()
-    whole = all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in values)
-    if len(values) != 3 or not whole:
+    if len(values) != 3 or not all(whole(v, 1) for v in values):
         expected = "frame_shape (height, width, channels) of positive integers"
         raise DatasetError(f"{where}: expected {expected}, got {shape!r}")
     return tuple(int(v) for v in values)  # type: ignore[return-value]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from worldmodel.checkpoint import CheckpointError, copy_checkpoint
-from worldmodel.config import ConfigError
+from worldmodel.config import ConfigError, whole
 from worldmodel.dataset import Dataset
 from worldmodel.files import atomic_path, read_json, write_json_atomic
 from worldmodel.run_dir import RunDir
@@ -31,7 +31,7 @@ def export_model(run_dir: str | Path, out: str | Path, episodes: int = 32, note:
     """Write `out` (replacing it whole, atomically: a folder that is not an earlier export is refused) from the run
     in `run_dir`; returns the manifest."""
     run, out = RunDir(run_dir), Path(out)
-    if not isinstance(episodes, int | np.integer) or isinstance(episodes, bool) or episodes < 1:
+    if not whole(episodes, 1):
         raise ConfigError(
             f"episodes: expected an integer of at least 1 (real contexts for dreams to start from), got {episodes!r}"
         )

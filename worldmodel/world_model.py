@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from worldmodel.checkpoint import CheckpointError, fingerprint
-from worldmodel.config import ConfigError
+from worldmodel.config import ConfigError, whole
 from worldmodel.dataset import space_from_dict
 from worldmodel.dynamics import DynamicsModel, KVCache
 from worldmodel.run_dir import RunDir
@@ -41,7 +41,7 @@ def check_sampling(temperature: float, top_k: int | None, refine_steps: int = 0)
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive number of tokens or None, got {top_k}")
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int | np.integer) or refine_steps < 0:
+    if not whole(refine_steps, 0):
         raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
 
 
