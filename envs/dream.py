@@ -163,7 +163,7 @@ def check_actions(actions: Any, space: gym.Space, batch: int | None) -> np.ndarr
 
 
 class DreamVectorEnv(gym.vector.VectorEnv):
-    """`num_envs` dreams stepped together; Gymnasium's NEXT_STEP (default) or SAME_STEP autoreset."""
+    """`num_envs` dreams stepped together; Gymnasium's NEXT_STEP (default), SAME_STEP or DISABLED autoreset."""
 
     metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP, "render_fps": 12}
 
@@ -231,7 +231,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self._context = torch.zeros(num_envs, self.context_length, grid, grid, dtype=torch.long, device=device_)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
-        self._started = False  # until the first reset there is no dream to step
+        self._started = np.zeros(num_envs, dtype=bool)  # a dream never started has no frame to step from
         self._np_random, _ = gym.utils.seeding.np_random(None)
         self._generator = torch.Generator(device=device_)
         self._generator.manual_seed(int(self._np_random.integers(2**63 - 1)))
@@ -259,6 +259,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         self._context[rows_t] = latest_grids(tokens, self.context_length)
         self._steps[rows] = 0
         self._needs_reset[rows] = False
+        self._started[rows] = True
 
     def _reset_all(self, options: dict[str, Any] | None) -> np.ndarray:
         """Start dreams from the caller's frames (`options["frames"]`) or from the run's context episodes: every env,
@@ -284,14 +285,16 @@ class DreamVectorEnv(gym.vector.VectorEnv):
             self._reset_from_context(options, rows)
         else:
             self._reset_rows(rows)
-        self._started = True
         return rows
 
     def _reset_mask(self, mask: Any) -> np.ndarray:
-        if not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_ and mask.shape == (self.num_envs,)):
-            got = f"{mask.dtype} array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
-            expected = f"a bool numpy array of shape ({self.num_envs},)"
-            raise ValueError(f"options['reset_mask']: expected {expected}, got {got}")
+        """As Gymnasium's vector envs check it: TypeError for another type or dtype, ValueError for another shape."""
+        expected = f"options['reset_mask']: expected a bool numpy array of shape ({self.num_envs},)"
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            got = f"a {mask.dtype} array" if isinstance(mask, np.ndarray) else type(mask).__name__
+            raise TypeError(f"{expected}, got {got}")
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"{expected}, got shape {mask.shape}")
         if not mask.any():
             raise ValueError("options['reset_mask'] is all False: it names no dream to reset")
         return mask
@@ -363,7 +366,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         tokens = self._tokens if rows is None else self._tokens[torch.as_tensor(rows, device=self._tokens.device)]
         if self.obs_mode == "tokens":
             return tokens.cpu().numpy().copy()  # a tensor on the CPU shares memory with .numpy()
-        return self.model.frames(tokens).cpu().numpy()
+        return self.model.frames(tokens, check=False).cpu().numpy()  # the model's own tokens
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         if isinstance(seed, list):
@@ -381,8 +384,9 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
     def _step(self, actions: np.ndarray):
         """`step` of actions already checked (`check_actions`)."""
-        if not self._started:
-            raise gym.error.ResetNeeded("call reset() before step(): no dream has started")
+        if not self._started.all():
+            waiting = np.flatnonzero(~self._started).tolist()
+            raise gym.error.ResetNeeded(f"dream(s) {waiting} never started: call reset() before step()")
         if self.autoreset_mode == AutoresetMode.DISABLED and self._needs_reset.any():
             ended = np.flatnonzero(self._needs_reset).tolist()
             raise gym.error.ResetNeeded(
@@ -436,7 +440,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
     def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
             return None
-        return self.model.frames(self._tokens[:1]).cpu().numpy()[0]
+        return self.model.frames(self._tokens[:1], check=False).cpu().numpy()[0]
 
 
 class DreamEnv(gym.Env):
@@ -482,6 +486,11 @@ class DreamEnv(gym.Env):
         return vector._observe()[0], {"context_tokens": vector.context_tokens()[0]}
 
     def step(self, action: Any):
+        vector = self._vector
+        if not vector._started[0] or vector._needs_reset[0]:
+            raise gym.error.ResetNeeded(
+                "the dream ended: call reset()" if vector._started[0] else "call reset() before step()"
+            )
         batched = check_actions(action, self.action_space, None)[None]
         obs, reward, terminated, truncated, _ = self._vector._step(batched)  # checked once, as a single action
         return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}

@@ -173,7 +173,7 @@ def test_missing_manifest(tmp_path):
         Dataset.open(tmp_path)
     good = write_synthetic_dataset(tmp_path / "good", BOX_SPACE, episodes=1, steps=3).manifest.to_json()
     for change, message in (
-        ({"episodes": [["ep0", 3]]}, "malformed"),  # an episode entry that is not an object: AttributeError before
+        ({"episodes": [["ep0", 3]]}, "malformed"),  # an episode entry that is not an object
         ({"episodes": [{"length": 3}]}, "malformed"),
         ({"frame_shape": [16, 16]}, r"expected frame_shape \(height, width, channels\) .* got \[16, 16\]"),
     ):

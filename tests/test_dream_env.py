@@ -639,10 +639,14 @@ def test_a_step_before_the_first_reset_is_refused(never_ends):
         (DreamVectorEnv(never_ends, 2, burn_in=BURN_IN), np.zeros((2, 3), np.float32)),
         (DreamEnv(never_ends, burn_in=BURN_IN), np.zeros(3, np.float32)),
     ):
-        with pytest.raises(gym.error.ResetNeeded, match="reset"):
+        with pytest.raises(gym.error.ResetNeeded, match=r"call reset\(\) before step\(\)"):
             env.step(action)
         env.reset(seed=0)
         env.step(action)
+    env = DreamVectorEnv(never_ends, 2, burn_in=BURN_IN)
+    env.reset(seed=0, options={"reset_mask": np.array([True, False])})  # row 1 would dream from zero tokens
+    with pytest.raises(gym.error.ResetNeeded, match=r"dream\(s\) \[1\] never started"):
+        env.step(np.zeros((2, 3), np.float32))
 
 
 def test_a_single_dream_that_ended_must_be_reset(never_ends):
@@ -650,7 +654,7 @@ def test_a_single_dream_that_ended_must_be_reset(never_ends):
     env.reset(seed=0)
     action = np.zeros(3, np.float32)
     assert env.step(action)[3] is False and env.step(action)[3] is True
-    with pytest.raises(gym.error.ResetNeeded, match=r"dream\(s\) \[0\] ended"):
+    with pytest.raises(gym.error.ResetNeeded, match=r"the dream ended: call reset\(\)$"):
         env.step(action)  # it would have dreamed on past its horizon
     env.reset(seed=1)
     assert env.step(action)[3] is False
@@ -676,18 +680,20 @@ def test_reset_mask_restarts_only_the_dreams_it_names(never_ends):
     with pytest.raises(gym.error.ResetNeeded, match=r"\[0\] ended"):
         env.step(action)
     frames, actions = real_context(never_ends, 2)
+    before = env._observe()
     restarted, _ = env.reset(options={"reset_mask": np.array([True, False]), "frames": frames, "actions": actions})
     with torch.no_grad():
         first = never_ends.tokenizer.encode(torch.as_tensor(frames)).tokens[-1].numpy()
     np.testing.assert_array_equal(restarted[0], first)
+    np.testing.assert_array_equal(restarted[1], before[1])  # the frames start row 0 alone
     assert env.step(action)[3].tolist() == [False, False]  # both restarted: each at its first step again
-    for bad, message in (
-        ([True, False], "expected a bool numpy array of shape \\(2,\\), got list"),
-        (np.array([1, 0]), "got int64 array of shape"),
-        (np.array([True]), r"got bool array of shape \(1,\)"),
-        (np.array([False, False]), "names no dream"),
+    for bad, error, message in (  # the errors Gymnasium's own vector envs raise
+        ([True, False], TypeError, "expected a bool numpy array of shape \\(2,\\), got list"),
+        (np.array([1, 0]), TypeError, "got a int64 array"),
+        (np.array([True]), ValueError, r"got shape \(1,\)"),
+        (np.array([False, False]), ValueError, "names no dream"),
     ):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(error, match=message):
             env.reset(options={"reset_mask": bad})
 
 

@@ -113,7 +113,15 @@ def test_numpy_frames_and_tokens_give_what_tensors_give():
     frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     tokens = tokenizer.encode(frames).tokens
     assert torch.equal(tokens, tokenizer.encode(torch.as_tensor(frames)).tokens)
-    assert torch.equal(tokenizer.tokens_to_frames(tokens.numpy()), tokenizer.tokens_to_frames(tokens))
+    frames = tokenizer.tokens_to_frames(tokens)
+    assert torch.equal(tokenizer.tokens_to_frames(tokens.numpy()), frames)
+    # any integer type: torch has no min/max of uint16, which the check would have needed
+    assert torch.equal(tokenizer.tokens_to_frames(tokens.numpy().astype(np.uint16)), frames)
+    assert torch.equal(tokenizer.tokens_to_frames(tokens.to(torch.uint16)), frames)
+    assert torch.equal(tokenizer.tokens_to_frames(tokens.to(torch.int16)), frames)
+    read_only_reversed = tokens.numpy()[:, ::-1, :].copy()[:, ::-1, :]  # a reversed view, read-only
+    read_only_reversed.flags.writeable = False
+    assert torch.equal(tokenizer.tokens_to_frames(read_only_reversed), frames)
 
 
 @pytest.mark.parametrize(

@@ -224,7 +224,7 @@ class Manifest:
             )
         except DatasetError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{where}: malformed manifest ({err!r})") from err
 
 

@@ -532,9 +532,10 @@ class Tokenizer(nn.Module):
             self.register_buffer("adversarial_step", torch.zeros((), dtype=torch.long))
 
     def _tensor(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """A numpy array as a tensor on this model's device; a tensor as it is."""
+        """A numpy array as a tensor on this model's device (copied: a dataset's read-only memory map or a reversed
+        view cannot be shared); a tensor as it is."""
         if isinstance(array, np.ndarray):
-            return torch.as_tensor(array, device=next(self.parameters()).device)
+            return torch.from_numpy(np.array(array)).to(next(self.parameters()).device)
         return array
 
     def _check_frames(self, frames: torch.Tensor) -> None:
@@ -564,25 +565,29 @@ class Tokenizer(nn.Module):
         return self.decode_codes(codes).clamp(0, 1)
 
     @torch.no_grad()
-    def tokens_to_frames(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, h, w) integer tokens in [0, codebook_size) (a tensor or numpy array) -> (B, H, W, C) uint8 frames."""
+    def tokens_to_frames(self, tokens: torch.Tensor | np.ndarray, check: bool = True) -> torch.Tensor:
+        """(B, h, w) integer tokens in [0, codebook_size) (a tensor or numpy array) -> (B, H, W, C) uint8 frames.
+        `check=False` skips the check of the tokens (one device sync), for tokens this project's models made."""
         tokens = self._tensor(tokens)
-        self._check_tokens(tokens)
+        if check:
+            tokens = self.check_tokens(tokens)
         images = self.decode(tokens).float()
         return rearrange((images * 255).round().to(torch.uint8), "b c h w -> b h w c")
 
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
-        """Refuses what `decode` would turn into frames of codes that do not exist: FSQ's indices wrap around, so a
-        token past the codebook or a float would decode silently."""
+    def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens` as int64, refusing what `decode` would turn into frames of codes that do not exist: FSQ's indices
+        wrap around, so a token past the codebook or a float would decode silently."""
         h, w = self.config.grid_shape
         expected = f"(B, {h}, {w}) integer tokens in [0, {self.config.codebook_size})"
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (h, w):
             raise ValueError(f"expected {expected}, got shape {tuple(tokens.shape)}")
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise ValueError(f"expected {expected}, got {tokens.dtype}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.codebook_size):
+        tokens = tokens.long()  # torch has no min/max of its unsigned types but uint8
+        if tokens.numel() and bool(((tokens < 0) | (tokens >= self.config.codebook_size)).any()):
             low, high = int(tokens.min()), int(tokens.max())
             raise ValueError(f"expected {expected}, got values from {low} to {high}")
+        return tokens
 
     def pixel_weights(self, target: torch.Tensor) -> torch.Tensor | None:
         """(B, 1, H, W) weights of the pixel losses for (B, C, H, W) `target` frames in [0, 1], or None when every

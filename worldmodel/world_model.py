@@ -186,14 +186,17 @@ class WorldModel:
     the caches: on a 2-core CPU, chunks of 32 decoded 2.9x (fp32) and 2.0x (bf16) as many frames per second."""
 
     @torch.no_grad()
-    def frames(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) tokens -> (B, H, W, C) uint8 frames, decoded in this model's precision."""
+    def frames(self, tokens: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """(B, h, w) tokens -> (B, H, W, C) uint8 frames, decoded in this model's precision (`check`: as
+        `Tokenizer.tokens_to_frames`; the dream skips it for the tokens it predicted)."""
+        if check:
+            tokens = self.tokenizer.check_tokens(tokens)
         device_type = self.device.type
         chunk = self.decode_chunk if device_type == "cpu" else len(tokens)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.decode_dtype == torch.bfloat16):
             if len(tokens) <= chunk:
-                return self.tokenizer.tokens_to_frames(tokens)
-            return torch.cat([self.tokenizer.tokens_to_frames(part) for part in tokens.split(chunk)])
+                return self.tokenizer.tokens_to_frames(tokens, check=False)
+            return torch.cat([self.tokenizer.tokens_to_frames(part, check=False) for part in tokens.split(chunk)])
 
     def check_sampling(self, sampling: Sampling) -> None:
         """Refuse sampling options this model cannot use (`ConfigError`, a ValueError), saying what it takes."""
