@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,32 @@ def load_pipeline_config(
         apply_override(raw, item)
     config = from_dict(PipelineConfig, raw)
     check_pipeline_config(config)
+    return scale_minutes(config)
+
+
+MINUTE_BUDGETS = (
+    "tokenizer.train.max_minutes",
+    "dynamics.train.max_minutes",
+    "ppo.max_minutes",
+    "loop.max_minutes",
+    "loop.dynamics_minutes",
+    "loop.ppo_minutes",
+)
+"""The settings `run.time_scale` multiplies."""
+
+
+def scale_minutes(config: PipelineConfig) -> PipelineConfig:
+    """`config` with every minute budget (`MINUTE_BUDGETS`, those not null) times `run.time_scale`, which becomes 1.0:
+    the result says what will run, and loading it again scales nothing twice."""
+    scale = config.run.time_scale
+    if scale == 1:
+        return config
+    for key in MINUTE_BUDGETS:
+        *path, name = key.split(".")
+        section = functools.reduce(getattr, path, config)
+        if getattr(section, name) is not None:
+            setattr(section, name, getattr(section, name) * scale)
+    config.run.time_scale = 1.0
     return config
 
 
@@ -148,7 +175,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
         "a number > 0",
     ),
     (
-        ("tokenizer.train.lr", "dynamics.train.lr", "ppo.lr", "ppo.clip", "ppo.reward_scale"),
+        ("tokenizer.train.lr", "dynamics.train.lr", "ppo.lr", "ppo.clip", "ppo.reward_scale", "run.time_scale"),
         _positive,
         "a number > 0",
     ),
@@ -173,12 +200,7 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
     ),
     (
         (
-            "tokenizer.train.max_minutes",
-            "dynamics.train.max_minutes",
-            "ppo.max_minutes",
-            "loop.max_minutes",
-            "loop.dynamics_minutes",
-            "loop.ppo_minutes",
+            *MINUTE_BUDGETS,
             "collect.source.frame_width",
             "collect.source.action_repeat",
             "collect.source.max_steps",

@@ -229,8 +229,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             step_offset=offset,
         )
         copy_checkpoint(target, run.dynamics, DYNAMICS)
-        steps = int(read_checkpoint(target, DYNAMICS)[0]["step"])
-        return {**figures, "steps": steps, "steps_total": offset + steps}
+        return {**figures, "steps_total": offset + figures["steps"]}
 
     def policy_round(iteration: int) -> dict[str, Any]:
         ppo = dataclasses.replace(
@@ -425,6 +424,17 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
     }
 
 
+def _trained(figures: dict[str, Any]) -> str:
+    """'; N steps', and which limit stopped them: the presets' budgets are minutes, so a slower machine trains fewer
+    steps (`run.time_scale`). Empty for a run recorded before stages counted their steps."""
+    if "steps" not in figures:
+        return ""
+    minutes = figures.get("max_minutes")
+    if minutes is not None and figures["steps"] < figures.get("max_steps", float("inf")):
+        return f"; {figures['steps']} steps in its {minutes:g}-minute budget"
+    return f"; {figures['steps']} steps"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     tok, dyn = summary["tokenizer"], summary["dynamics"]
     rows = [
@@ -433,12 +443,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         (
             "tokenizer",
             f"{tok['tokens_per_frame']} tokens/frame, {tok['bytes_per_frame']:.1f} bytes/frame, "
-            f"val PSNR {tok['val_psnr']:.2f} dB, SSIM {tok['val_ssim']:.3f}",
+            f"val PSNR {tok['val_psnr']:.2f} dB, SSIM {tok['val_ssim']:.3f}{_trained(tok)}",
         ),
         (
             "dynamics",
             f"val next-frame token accuracy {dyn['val_token_accuracy']:.3f} "
-            f"(copy-last {dyn['val_copy_last_accuracy']:.3f}), reward MAE {dyn['val_reward_mae']:.3f}",
+            f"(copy-last {dyn['val_copy_last_accuracy']:.3f}), reward MAE {dyn['val_reward_mae']:.3f}{_trained(dyn)}",
         ),
         (
             "ppo (dream)",

@@ -1,10 +1,11 @@
+import functools
 import re
 from dataclasses import dataclass, field
 
 import pytest
 import yaml
 
-from agents.config import PipelineConfig, load_pipeline_config
+from agents.config import MINUTE_BUDGETS, PipelineConfig, load_pipeline_config, scale_minutes
 from worldmodel.config import ConfigError, apply_override, from_dict, load_preset, preset_path, to_dict
 
 
@@ -278,3 +279,21 @@ def test_bench_reliability_stops_at_a_failed_seed_with_one_line(tmp_path, monkey
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: seed 0's run") and "exit 3" in err and "Traceback" not in err
+
+
+def test_time_scale_multiplies_every_minute_budget_once_and_records_what_runs():
+    plain = load_pipeline_config("tiny", [], source="highway")
+    scaled = load_pipeline_config("tiny", ["run.time_scale=2.5"], source="highway")
+    for key in MINUTE_BUDGETS:
+        *path, name = key.split(".")
+        before = getattr(functools.reduce(getattr, path, plain), name)
+        after = getattr(functools.reduce(getattr, path, scaled), name)
+        assert after == pytest.approx(2.5 * before), key
+    assert scaled.run.time_scale == 1.0  # the config says what runs: loading it again scales nothing twice
+    assert scaled.tokenizer.train.steps == plain.tokenizer.train.steps  # steps and everything else as they were
+    assert scale_minutes(scaled) == scaled
+    nothing = load_pipeline_config("tiny", ["run.time_scale=3", "loop.max_minutes=null"])
+    assert nothing.loop.max_minutes is None  # no budget stays no budget
+    for bad in ("0", "-1", "fast"):
+        with pytest.raises(ConfigError, match="run.time_scale"):
+            load_pipeline_config("tiny", [f"run.time_scale={bad}"])

@@ -52,7 +52,9 @@ def test_a_resumed_run_gets_what_is_left_of_its_budget(tmp_path):
     save_checkpoint(tmp_path / "tok_last", tokenizer, "tokenizer", {"step": 5, "seconds": 90.0})
     frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
     config = TrainConfig(steps=1000, batch_size=2, warmup_steps=1, eval_every=100, checkpoint_every=100, max_minutes=1)
-    train(tokenizer, lambda step: {"frames": frames}, config, tmp_path / "tok", "tokenizer", RunLogger(tmp_path))
+    logger = RunLogger(tmp_path)
+    metrics = train(tokenizer, lambda step: {"frames": frames}, config, tmp_path / "tok", "tokenizer", logger)
+    assert metrics["steps"] == 6  # what the summary prints: the clock, not `steps`, stopped it
     assert json.loads((tmp_path / "tok.json").read_text())["step"] == 6
     last = json.loads((tmp_path / "tok_last.json").read_text())
     assert last["step"] == 6 and last["seconds"] >= 90.0  # the clock goes on from where the earlier run left it

@@ -147,6 +147,14 @@ def test_summary_from_results():
     assert summary["rollout_video"] == "/nowhere/x/rollout.mp4"
     text = format_summary(summary)
     assert "63.3 bytes/frame" in text and "over 2 held-out episodes" in text
+    assert "SSIM 0.500\n" in text and "reward MAE 0.100\n" in text  # a run from before stages counted their steps
+
+    results = _stage_results(evaluation)  # the stages' steps, and which limit stopped them
+    results["tokenizer"].update(steps=619, max_steps=12000, max_minutes=2.5)
+    results["dynamics"].update(steps=5000, max_steps=5000, max_minutes=2.5)
+    text = format_summary(make_summary(config, results))
+    assert "SSIM 0.500; 619 steps in its 2.5-minute budget" in text
+    assert "reward MAE 0.100; 5000 steps\n" in text
     assert "steady" not in summary and "always" not in text  # CarRacing has no steady action
 
 

@@ -147,3 +147,7 @@ class RunConfig:
     """Fraction of episodes held out for validation (every k-th episode)."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    time_scale: float = 1.0
+    """Multiplies every minute budget (tokenizer, dynamics, PPO and the loop's) as the preset is loaded. The presets'
+    minutes were set on one 2-core CPU; a machine N times slower trains as many steps with N (the summary prints the
+    steps each stage trained). A run's config.yaml holds the minutes it ran with, so it records 1.0 here."""

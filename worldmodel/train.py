@@ -143,6 +143,9 @@ def train_tokenizer(
         "val_psnr": metrics["psnr"],
         "val_ssim": metrics["ssim"],
         "codes_used": metrics["codes_used"],
+        "steps": metrics["steps"],
+        "max_steps": stage.train.steps,
+        "max_minutes": stage.train.max_minutes,
     }
 
 
@@ -290,4 +293,7 @@ def train_dynamics(
         "val_copy_last_accuracy": metrics["copy_last_accuracy"],
         "val_token_ce": metrics["token_ce"],
         "val_reward_mae": metrics["reward_mae"],
+        "steps": metrics["steps"],
+        "max_steps": stage.train.steps,
+        "max_minutes": stage.train.max_minutes,
     }

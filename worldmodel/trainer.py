@@ -112,7 +112,8 @@ def train(
     `step_offset` is added to the steps metrics are logged at, so that continued training logs after the earlier.
 
     `sample_batch(step)` returns a dict of tensors for `model.forward_batch`; metrics are logged as
-    `<kind>/train/<name>` and, from `evaluate`, `<kind>/val/<name>`. Returns the last validation metrics.
+    `<kind>/train/<name>` and, from `evaluate`, `<kind>/val/<name>`. Returns the last validation metrics and
+    `steps`, the steps trained in all (fewer than `config.steps` where `max_minutes` stopped it).
     Under torchrun this is data-parallel (see `worldmodel.distributed`): every rank resumes from the same
     checkpoint and steps in lockstep; `sample_batch` should give each rank its own batches; rank 0 alone
     evaluates, logs and writes checkpoints, and every rank returns its validation metrics.
@@ -184,12 +185,12 @@ def train(
                     tqdm.write(f"{kind}: stopping at step {done} after the {config.max_minutes} minute budget")
                 break
         progress.close()
+        final_step = step + 1 if config.steps > start else start
         if main:
             if evaluate is not None and not val_logs:
                 model.eval()
                 val_logs = evaluate(model)
-            final_step = step + 1 if config.steps > start else start
             save_checkpoint(checkpoint_path, model, kind, {"step": final_step, "val": val_logs, **(extra_meta or {})})
         del forward_batch  # a DistributedDataParallel wrapper goes before the process group it holds
         # the other ranks wait here until rank 0 has evaluated and written the final checkpoint
-        return distributed.from_main(val_logs)
+        return distributed.from_main({**val_logs, "steps": final_step})
