@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from agents.config import MINUTE_BUDGETS, PipelineConfig, load_pipeline_config, scale_minutes
+from agents.config import MINUTE_BUDGETS, PipelineConfig, load_pipeline_config
 from worldmodel.config import ConfigError, apply_override, from_dict, load_preset, preset_path, to_dict
 
 
@@ -281,7 +281,7 @@ def test_bench_reliability_stops_at_a_failed_seed_with_one_line(tmp_path, monkey
     assert err.startswith("error: seed 0's run") and "exit 3" in err and "Traceback" not in err
 
 
-def test_time_scale_multiplies_every_minute_budget_once_and_records_what_runs():
+def test_time_scale_multiplies_every_minute_budget_once_and_records_what_runs(tmp_path):
     plain = load_pipeline_config("tiny", [], source="highway")
     scaled = load_pipeline_config("tiny", ["run.time_scale=2.5"], source="highway")
     for key in MINUTE_BUDGETS:
@@ -291,7 +291,11 @@ def test_time_scale_multiplies_every_minute_budget_once_and_records_what_runs():
         assert after == pytest.approx(2.5 * before), key
     assert scaled.run.time_scale == 1.0  # the config says what runs: loading it again scales nothing twice
     assert scaled.tokenizer.train.steps == plain.tokenizer.train.steps  # steps and everything else as they were
-    assert scale_minutes(scaled) == scaled
+    saved = tmp_path / "config.yaml"  # a run's config.yaml, used again as a preset: the same minutes, not 2.5 x 2.5
+    saved.write_text(yaml.safe_dump(to_dict(scaled), sort_keys=False))
+    assert load_pipeline_config(str(saved)) == scaled
+    given = load_pipeline_config("tiny", ["run.time_scale=2", "loop.max_minutes=30"])
+    assert given.loop.max_minutes == 60  # a budget given beside the scale is scaled too, as the preset's are
     nothing = load_pipeline_config("tiny", ["run.time_scale=3", "loop.max_minutes=null"])
     assert nothing.loop.max_minutes is None  # no budget stays no budget
     for bad in ("0", "-1", "fast"):

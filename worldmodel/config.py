@@ -148,6 +148,7 @@ class RunConfig:
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
     time_scale: float = 1.0
-    """Multiplies every minute budget (tokenizer, dynamics, PPO and the loop's) as the preset is loaded. The presets'
-    minutes were set on one 2-core CPU; a machine N times slower trains as many steps with N (the summary prints the
-    steps each stage trained). A run's config.yaml holds the minutes it ran with, so it records 1.0 here."""
+    """Multiplies every minute budget of the stages (tokenizer, dynamics, PPO and the loop's; the preset's and those
+    given as overrides alike) as the config is loaded. The presets' minutes were set on one 2-core CPU; a machine N
+    times slower trains as many steps with N (the summary prints the steps each stage trained). A run's config.yaml
+    holds the minutes it ran with, so it records 1.0 here."""
