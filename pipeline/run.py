@@ -395,8 +395,11 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
         "run": str(config.run_dir),
         "source": config.collect.source.name,
         "dataset": {k: v for k, v in results["collect"].items() if k != "seeds"},
-        "tokenizer": results["tokenizer"],
-        "dynamics": results["dynamics"],
+        # beside the steps each trained, the limits from the config: which one stopped it
+        **{
+            name: {**results[name], "max_steps": train.steps, "max_minutes": train.max_minutes}
+            for name, train in (("tokenizer", config.tokenizer.train), ("dynamics", config.dynamics.train))
+        },
         "ppo": results["policy"],
         **{
             kind: {

@@ -150,8 +150,8 @@ def test_summary_from_results():
     assert "SSIM 0.500\n" in text and "reward MAE 0.100\n" in text  # a run from before stages counted their steps
 
     results = _stage_results(evaluation)  # the stages' steps, and which limit stopped them
-    results["tokenizer"].update(steps=619, max_steps=12000, max_minutes=2.5)
-    results["dynamics"].update(steps=5000, max_steps=5000, max_minutes=2.5)
+    results["tokenizer"]["steps"] = 619  # the tiny preset's limits: 12,000 steps or 2.5 minutes
+    results["dynamics"]["steps"] = 5000  # 5,000 steps or 2.5 minutes
     text = format_summary(make_summary(config, results))
     assert "SSIM 0.500; 619 steps in its 2.5-minute budget" in text
     assert "reward MAE 0.100; 5000 steps\n" in text

@@ -144,8 +144,6 @@ def train_tokenizer(
         "val_ssim": metrics["ssim"],
         "codes_used": metrics["codes_used"],
         "steps": metrics["steps"],
-        "max_steps": stage.train.steps,
-        "max_minutes": stage.train.max_minutes,
     }
 
 
@@ -294,6 +292,4 @@ def train_dynamics(
         "val_token_ce": metrics["token_ce"],
         "val_reward_mae": metrics["reward_mae"],
         "steps": metrics["steps"],
-        "max_steps": stage.train.steps,
-        "max_minutes": stage.train.max_minutes,
     }
