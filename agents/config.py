@@ -80,10 +80,11 @@ MINUTE_BUDGETS = (
 
 
 def scale_minutes(config: PipelineConfig) -> PipelineConfig:
-    """`config` with every minute budget (`MINUTE_BUDGETS`, those not null) times `run.time_scale`, which becomes 1.0:
-    the result says what will run, and loading it again scales nothing twice."""
+    """`config` with every minute budget (`MINUTE_BUDGETS`, those not null) times `run.time_scale`, which becomes 1.0
+    (and `run.scaled_by` that many times more): the result says what will run, and loading it again scales nothing
+    twice. `auto` stays as it is, for the command to measure (`bench.train_step.machine_time_scale`)."""
     scale = config.run.time_scale
-    if scale == 1:
+    if scale == 1 or scale == "auto":
         return config
     for key in MINUTE_BUDGETS:
         *path, name = key.split(".")
@@ -91,6 +92,7 @@ def scale_minutes(config: PipelineConfig) -> PipelineConfig:
         if getattr(section, name) is not None:
             setattr(section, name, getattr(section, name) * scale)
     config.run.time_scale = 1.0
+    config.run.scaled_by *= scale
     return config
 
 
@@ -175,9 +177,15 @@ RULES: list[tuple[tuple[str, ...], Any, str]] = [
         "a number > 0",
     ),
     (
-        ("tokenizer.train.lr", "dynamics.train.lr", "ppo.lr", "ppo.clip", "ppo.reward_scale", "run.time_scale"),
+        ("tokenizer.train.lr", "dynamics.train.lr", "ppo.lr", "ppo.clip", "ppo.reward_scale", "run.scaled_by"),
         _positive,
         "a number > 0",
+    ),
+    (("run.time_scale",), lambda v: v == "auto" or _positive(v), "a number > 0 or 'auto'"),
+    (
+        ("run.reference_rates",),
+        lambda v: v is None or (len(v) == 2 and all(_positive(rate) for rate in v)),
+        "null or [tokenizer, dynamics] training steps/s, both > 0",
     ),
     (
         (

@@ -118,6 +118,23 @@ def measure(
     return figures
 
 
+def machine_time_scale(
+    preset: str, reference: tuple[float, float], seconds: float = 3.0, device: str = "cpu"
+) -> dict[str, Any]:
+    """How many times slower than the machine of `reference` (the tokenizer's and the dynamics model's training
+    steps/s) this one trains `preset`'s own models: the mean of the two ratios, each step timed `seconds` in float32
+    as `bench train-step` times it. What `run.time_scale: auto` multiplies the minute budgets by."""
+    torch_device = resolve_device(device)
+    torch.manual_seed(0)
+    models = _models(preset, torch_device)
+    rates = [
+        measure(*models[component][:2], bf16=False, seconds=seconds, device=torch_device)["steps_per_s"]
+        for component in ("tokenizer", "dynamics")
+    ]
+    scale = float(np.mean([wanted / measured for wanted, measured in zip(reference, rates, strict=True)]))
+    return {"scale": round(scale, 2), "rates": [round(rate, 2) for rate in rates], "reference": list(reference)}
+
+
 def bench_train_step(config: TrainStepBenchConfig) -> dict[str, Any]:
     device = resolve_device(config.device)  # the pipeline's own rule for "auto"
     unknown = [d for d in config.dtypes if d not in ("float32", "bfloat16")]

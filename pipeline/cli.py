@@ -32,7 +32,46 @@ def _config(args: argparse.Namespace):
         config.run.name = args.name
     elif not any(o.startswith("run.name=") for o in args.overrides):
         config.run.name = f"{Path(args.preset).stem}-{config.collect.source.name}"
+    if config.run.time_scale == "auto":
+        config = _machine_scaled(config, args.preset)
     return config
+
+
+def _machine_scaled(config, preset: str):
+    """`run.time_scale: auto` made a number: the scale the run folder's config.yaml recorded when the run started (a
+    resumed run keeps its minutes), else this machine's against the preset's `run.reference_rates`, measured now."""
+    import torch
+    import yaml
+
+    from agents.config import scale_minutes
+    from worldmodel.config import ConfigError
+    from worldmodel.run_dir import RunDir
+
+    recorded = RunDir(config.run_dir).config
+    if recorded.is_file():
+        scale = float(((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by", 1.0))
+        print(f"run.time_scale=auto: {config.run_dir} started with its minute budgets x{scale:g}, and goes on so")
+    else:
+        reference = config.run.reference_rates
+        if reference is None:
+            raise ConfigError(
+                "run.time_scale=auto: the preset has no run.reference_rates (the tokenizer's and the dynamics "
+                "model's training steps/s where its minutes were set) to compare this machine with; give a number"
+            )
+        from bench.train_step import machine_time_scale
+
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        measured = machine_time_scale(preset, reference, device=config.run.device)
+        scale = measured["scale"]
+        (tokenizer, dynamics), (tokenizer_then, dynamics_then) = measured["rates"], reference
+        print(
+            f"run.time_scale=auto: this machine trains the tokenizer at {tokenizer:.2f} and the dynamics model at "
+            f"{dynamics:.2f} steps/s, the preset's minutes were set at {tokenizer_then:g} and {dynamics_then:g}: "
+            f"every minute budget x{scale:g}"
+        )
+    config.run.time_scale = scale
+    return scale_minutes(config)
 
 
 def _logger(config):

@@ -71,6 +71,13 @@ def _changed(previous: Any, now: Any, default: Any) -> bool:
     return previous != now
 
 
+def _scale_changed(previous: dict[str, Any], config: PipelineConfig) -> str:
+    """', its minute budgets were x2.5 then and x1 now' where the run started under another `run.time_scale`."""
+    then = _lookup(previous, "run.scaled_by") or 1.0  # a run recorded before the scale was
+    now = config.run.scaled_by
+    return f", its minute budgets x{then:g} then and x{now:g} now (run.time_scale)" if then != now else ""
+
+
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run every stage that has not finished yet; write and return `<run>/summary.json`."""
     height, width = config.collect.source.frame_shape
@@ -97,7 +104,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 ):
                     raise ConfigError(
                         f"{run_dir}: stage {stage_name!r} finished with other `{key}` settings than "
-                        f"now (see {config_path}); choose a new run.name, or delete the run folder"
+                        f"now{_scale_changed(previous, config)} (see {config_path}); choose a new run.name, or delete"
+                        " the run folder"
                     )
     write_text_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
     logger = RunLogger(run_dir, config.run.wandb, dataclasses.asdict(config))
@@ -400,6 +408,13 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
             name: {**results[name], "max_steps": train.steps, "max_minutes": train.max_minutes}
             for name, train in (("tokenizer", config.tokenizer.train), ("dynamics", config.dynamics.train))
         },
+        # the loop's rounds go on training the dynamics model, each in its own budget (loop.dynamics_minutes)
+        "loop_dynamics_steps": [
+            results[name]["steps"]
+            for name in sorted(results)
+            if name.startswith("loop/") and name.endswith("/dynamics") and "steps" in results[name]
+        ],
+        "scaled_by": config.run.scaled_by,
         "ppo": results["policy"],
         **{
             kind: {
@@ -438,6 +453,13 @@ def _trained(figures: dict[str, Any]) -> str:
     return f"; {figures['steps']} steps"
 
 
+def _loop_steps(steps: list[int] | None) -> str:
+    """', then 150, 148 in the loop's rounds' for the dynamics training the loop went on with."""
+    if not steps:
+        return ""
+    return f", then {', '.join(map(str, steps))} in the loop's rounds"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     tok, dyn = summary["tokenizer"], summary["dynamics"]
     rows = [
@@ -451,7 +473,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         (
             "dynamics",
             f"val next-frame token accuracy {dyn['val_token_accuracy']:.3f} "
-            f"(copy-last {dyn['val_copy_last_accuracy']:.3f}), reward MAE {dyn['val_reward_mae']:.3f}{_trained(dyn)}",
+            f"(copy-last {dyn['val_copy_last_accuracy']:.3f}), reward MAE {dyn['val_reward_mae']:.3f}{_trained(dyn)}"
+            + _loop_steps(summary.get("loop_dynamics_steps")),
         ),
         (
             "ppo (dream)",
@@ -501,7 +524,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     loop_seconds = sum(v for k, v in summary["timings_s"].items() if k.startswith("loop/"))
     if loop_seconds:
         times["loop"] = loop_seconds
-    rows.append(("time (s)", ", ".join(f"{k} {v:.0f}" for k, v in times.items())))
+    scaled = summary.get("scaled_by", 1.0)
+    rows.append(
+        (
+            "time (s)",
+            ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+            + (f"; minute budgets x{scaled:g} (run.time_scale)" if scaled != 1 else ""),
+        )
+    )
     width = max(len(r[0]) for r in rows)
     return "\n".join(["", "summary", "-" * 7] + [f"{k.ljust(width)}  {v}" for k, v in rows])
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import BOX_SPACE, build_run, open_in_chromium
 
 from agents.config import load_pipeline_config
 from pipeline.run import format_summary, make_summary
 from worldmodel.checkpoint import read_checkpoint
+from worldmodel.config import ConfigError, to_dict
 from worldmodel.dataset import Dataset
 from worldmodel.rollout import RolloutConfig, dream_episode, write_rollout
 from worldmodel.world_model import WorldModel
@@ -156,6 +158,15 @@ def test_summary_from_results():
     assert "SSIM 0.500; 619 steps in its 2.5-minute budget" in text
     assert "reward MAE 0.100; 5000 steps\n" in text
     assert "steady" not in summary and "always" not in text  # CarRacing has no steady action
+    assert "run.time_scale" not in text  # the preset's own minutes
+
+    results["loop/01/dynamics"] = {"steps": 150}  # the loop's rounds, each in its own budget
+    results["loop/02/dynamics"] = {"steps": 148}
+    scaled = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x", "run.time_scale=2"])
+    text = format_summary(make_summary(scaled, results))
+    assert "SSIM 0.500; 619 steps in its 5-minute budget" in text
+    assert "reward MAE 0.100; 5000 steps, then 150, 148 in the loop's rounds\n" in text
+    assert text.rstrip().endswith("collect 1; minute budgets x2 (run.time_scale)")
 
 
 def test_a_run_without_the_video_writer_stops_before_collecting(tmp_path, monkeypatch):
@@ -391,6 +402,21 @@ def test_highway_micro_run(tmp_path):
     assert [session.step(frozenset(keys)) for keys in ((), ("left",), ("up",))] == [1, 0, 3]
     assert [panel.frame.shape for panel in session.panels] == [(64, 64, 1), (64, 64, 1)]
     session.close()
+
+
+def test_a_resume_under_another_time_scale_is_refused_and_says_so(tmp_path):
+    from pipeline.run import run_pipeline
+    from worldmodel.run_dir import Results, RunDir
+
+    started = load_pipeline_config("tiny", [f"run.runs_dir={tmp_path}", "run.name=x"])
+    run_dir = started.run_dir
+    run_dir.mkdir(parents=True)
+    RunDir(run_dir).config.write_text(yaml.safe_dump(to_dict(started), sort_keys=False))
+    Results(run_dir).record("tokenizer", {"steps": 619})  # the tokenizer finished in its 2.5 minutes
+    resumed = load_pipeline_config("tiny", [f"run.runs_dir={tmp_path}", "run.name=x", "run.time_scale=2.5"])
+    with pytest.raises(ConfigError, match=r"other `tokenizer` settings than now, its minute budgets x1 then and x2.5"):
+        run_pipeline(resumed)
+    assert not (run_dir / "dataset").exists()  # refused before collecting
 
 
 def test_a_setting_added_to_the_project_since_a_stage_finished_does_not_block_its_resume():
