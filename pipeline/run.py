@@ -405,8 +405,17 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
         "dataset": {k: v for k, v in results["collect"].items() if k != "seeds"},
         # beside the steps each trained, the limits from the config: which one stopped it
         **{
-            name: {**results[name], "max_steps": train.steps, "max_minutes": train.max_minutes}
-            for name, train in (("tokenizer", config.tokenizer.train), ("dynamics", config.dynamics.train))
+            name: {
+                **results[name],
+                "max_steps": train.steps,
+                "max_minutes": train.max_minutes,
+                **_reference_steps(train, rate, config.run.scaled_by),
+            }
+            for (name, train), rate in zip(
+                (("tokenizer", config.tokenizer.train), ("dynamics", config.dynamics.train)),
+                config.run.reference_rates or (None, None),
+                strict=True,
+            )
         },
         # the loop's rounds go on training the dynamics model, each in its own budget (loop.dynamics_minutes)
         "loop_dynamics_steps": [
@@ -442,15 +451,26 @@ def make_summary(config: PipelineConfig, results: dict[str, Any]) -> dict[str, A
     }
 
 
+def _reference_steps(train: Any, rate: float | None, scaled_by: float) -> dict[str, int]:
+    """The steps the machine the preset's minutes were set on (`run.reference_rates`) trains in those minutes."""
+    if rate is None or train.max_minutes is None:
+        return {}
+    return {"reference_steps": min(train.steps, round(rate * 60 * train.max_minutes / scaled_by))}
+
+
 def _trained(figures: dict[str, Any]) -> str:
     """'; N steps', and which limit stopped them: the presets' budgets are minutes, so a slower machine trains fewer
-    steps (`run.time_scale`). Empty for a run recorded before stages counted their steps."""
+    steps, said when they fall well short of the preset's own (`run.time_scale`). Empty for a run recorded before
+    stages counted their steps."""
     if "steps" not in figures:
         return ""
-    minutes = figures.get("max_minutes")
-    if minutes is not None and figures["steps"] < figures.get("max_steps", float("inf")):
-        return f"; {figures['steps']} steps in its {minutes:g}-minute budget"
-    return f"; {figures['steps']} steps"
+    steps, minutes = figures["steps"], figures.get("max_minutes")
+    if minutes is None or steps >= figures.get("max_steps", float("inf")):
+        return f"; {steps} steps"
+    text = f"; {steps} steps in its {minutes:g}-minute budget"
+    if steps < 0.8 * figures.get("reference_steps", 0):
+        text += f" (about {figures['reference_steps']} where the preset was set: run.time_scale=auto)"
+    return text
 
 
 def _loop_steps(steps: list[int] | None) -> str:

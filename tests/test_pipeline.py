@@ -155,16 +155,20 @@ def test_summary_from_results():
     results["tokenizer"]["steps"] = 619  # the tiny preset's limits: 12,000 steps or 2.5 minutes
     results["dynamics"]["steps"] = 5000  # 5,000 steps or 2.5 minutes
     text = format_summary(make_summary(config, results))
-    assert "SSIM 0.500; 619 steps in its 2.5-minute budget" in text
+    # a 2.5-minute budget trains 1,635 steps where the preset's minutes were set (10.9 steps/s): 619 falls short
+    assert "SSIM 0.500; 619 steps in its 2.5-minute budget (about 1635 where the preset was set" in text
     assert "reward MAE 0.100; 5000 steps\n" in text
     assert "steady" not in summary and "always" not in text  # CarRacing has no steady action
-    assert "run.time_scale" not in text  # the preset's own minutes
+    assert "minute budgets x" not in text  # the preset's own minutes
 
     results["loop/01/dynamics"] = {"steps": 150}  # the loop's rounds, each in its own budget
     results["loop/02/dynamics"] = {"steps": 148}
     scaled = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x", "run.time_scale=2"])
     text = format_summary(make_summary(scaled, results))
-    assert "SSIM 0.500; 619 steps in its 5-minute budget" in text
+    assert "SSIM 0.500; 619 steps in its 5-minute budget (about 1635 where" in text  # the preset's own minutes'
+    results["tokenizer"]["steps"] = 1422  # what the scaled budget trained on a machine 2.5 times slower
+    text = format_summary(make_summary(scaled, results))
+    assert "SSIM 0.500; 1422 steps in its 5-minute budget\n" in text  # near the preset's 1,635: nothing to add
     assert "reward MAE 0.100; 5000 steps, then 150, 148 in the loop's rounds\n" in text
     assert text.rstrip().endswith("collect 1; minute budgets x2 (run.time_scale)")
 
