@@ -62,6 +62,8 @@ def load_pipeline_config(
     if chosen in overlays:
         raw = _merge(raw, overlays[chosen])
     for item in overrides:
+        if item.split("=", 1)[0].strip() == "run.scaled_by":
+            raise ConfigError(f"{item}: run.scaled_by records what a run's minutes were scaled by; set run.time_scale")
         apply_override(raw, item)
     config = from_dict(PipelineConfig, raw)
     check_pipeline_config(config)
@@ -81,8 +83,8 @@ MINUTE_BUDGETS = (
 
 def scale_minutes(config: PipelineConfig) -> PipelineConfig:
     """`config` with every minute budget (`MINUTE_BUDGETS`, those not null) times `run.time_scale`, which becomes 1.0
-    (and `run.scaled_by` that many times more): the result says what will run, and loading it again scales nothing
-    twice. `auto` stays as it is, for the command to measure (`bench.train_step.machine_time_scale`)."""
+    and multiplies `run.scaled_by`: the result says what will run, and loading it again scales nothing twice. `auto`
+    stays as it is, for `worldmodel run` to measure (`bench.train_step.machine_time_scale`)."""
     scale = config.run.time_scale
     if scale == 1 or scale == "auto":
         return config

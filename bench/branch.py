@@ -6,6 +6,7 @@ paired test of a loop option for the price of one round, instead of two whole pi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from agents.config import PipelineConfig, read_run_config
+from agents.config import MINUTE_BUDGETS, PipelineConfig, read_run_config
 from agents.loop import PLAYOFF
 from worldmodel.config import ConfigError, apply_override, from_dict
 from worldmodel.dataset import Dataset
@@ -33,9 +34,24 @@ def _dropped(stage: str, iteration: int) -> bool:
     return int(number) > iteration or (int(number) == iteration and step == "policy")
 
 
+def apply_scaled_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `overrides` to a run's resolved config, a minute budget among them times the run's `run.scaled_by`, as
+    `run.time_scale` scaled the run's own (a branch of a run on a slow machine gets the minutes the user means)."""
+    scale = raw.get("run", {}).get("scaled_by", 1.0)
+    for item in overrides:
+        apply_override(raw, item)
+        key = item.split("=", 1)[0].strip()
+        *path, name = key.split(".")
+        section = functools.reduce(lambda node, part: node[part], path, raw)
+        value = section.get(name)
+        if key in MINUTE_BUDGETS and isinstance(value, int | float) and not isinstance(value, bool):
+            section[name] = value * scale
+
+
 def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrides: list[str]) -> PipelineConfig:
     """Copy `run_dir` to `out_dir` cut back to just before loop round `iteration`'s PPO, with the `loop.*`
-    `overrides`; returns the branch's config, which `pipeline.run.run_pipeline` runs on from there.
+    `overrides` (minute budgets scaled as the run's were: `apply_scaled_overrides`); returns the branch's config,
+    which `pipeline.run.run_pipeline` runs on from there.
 
     Kept: every stage before the loop, rounds 1 .. iteration - 1, round `iteration`'s collection and dynamics (the
     run's world model is set back to it). Dropped: that round's PPO, later rounds and their episodes, the final
@@ -52,8 +68,7 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
             f"a branch changes only loop.* settings (the stages it keeps were made with the rest): {outside}"
         )
     raw: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(read_run_config(run_dir))))
-    for item in overrides:
-        apply_override(raw, item)
+    apply_scaled_overrides(raw, overrides)
     raw["run"].update(name=out_dir.name, runs_dir=str(out_dir.parent))
     config = from_dict(PipelineConfig, raw)  # refuses a setting that does not exist before anything is copied
 

@@ -132,7 +132,7 @@ def machine_time_scale(
         for component in ("tokenizer", "dynamics")
     ]
     scale = float(np.mean([wanted / measured for wanted, measured in zip(reference, rates, strict=True)]))
-    return {"scale": round(scale, 2), "rates": [round(rate, 2) for rate in rates], "reference": list(reference)}
+    return {"scale": float(f"{scale:.3g}"), "rates": [round(rate, 2) for rate in rates], "reference": list(reference)}
 
 
 def bench_train_step(config: TrainStepBenchConfig) -> dict[str, Any]:

@@ -32,14 +32,23 @@ def _config(args: argparse.Namespace):
         config.run.name = args.name
     elif not any(o.startswith("run.name=") for o in args.overrides):
         config.run.name = f"{Path(args.preset).stem}-{config.collect.source.name}"
-    if config.run.time_scale == "auto":
-        config = _machine_scaled(config, args.preset)
+    if config.run.time_scale == "auto" and args.command != "run":
+        from worldmodel.config import ConfigError
+
+        # measured once, when a run starts, and kept in its config.yaml; torchrun's ranks would each measure another
+        raise ConfigError(
+            f"run.time_scale=auto is for `worldmodel run`, which measures the machine once for the run; give "
+            f"`worldmodel {args.command}` a number"
+        )
     return config
 
 
 def _machine_scaled(config, preset: str):
     """`run.time_scale: auto` made a number: the scale the run folder's config.yaml recorded when the run started (a
-    resumed run keeps its minutes), else this machine's against the preset's `run.reference_rates`, measured now."""
+    resumed run keeps its minutes), else how many times slower than the preset's `run.reference_rates` this machine
+    trains, measured now, and never below 1 (the loop's minutes also drive the simulator, which a GPU does not
+    speed up). Both are the whole factor against the reference machine: a preset that is itself a scaled run's
+    config.yaml (`run.scaled_by` N) gets the factor divided by N."""
     import torch
     import yaml
 
@@ -49,7 +58,12 @@ def _machine_scaled(config, preset: str):
 
     recorded = RunDir(config.run_dir).config
     if recorded.is_file():
-        scale = float(((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by", 1.0))
+        scale = ((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by")
+        if scale is None:
+            raise ConfigError(
+                f"run.time_scale=auto: {recorded} does not say what its minute budgets were scaled by (a run started "
+                "before runs recorded it); resume it with the run.time_scale it started with"
+            )
         print(f"run.time_scale=auto: {config.run_dir} started with its minute budgets x{scale:g}, and goes on so")
     else:
         reference = config.run.reference_rates
@@ -63,14 +77,14 @@ def _machine_scaled(config, preset: str):
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         measured = machine_time_scale(preset, reference, device=config.run.device)
-        scale = measured["scale"]
+        scale = max(1.0, measured["scale"])
         (tokenizer, dynamics), (tokenizer_then, dynamics_then) = measured["rates"], reference
         print(
             f"run.time_scale=auto: this machine trains the tokenizer at {tokenizer:.2f} and the dynamics model at "
             f"{dynamics:.2f} steps/s, the preset's minutes were set at {tokenizer_then:g} and {dynamics_then:g}: "
-            f"every minute budget x{scale:g}"
+            f"every minute budget x{scale:g}" + (" (never below 1)" if measured["scale"] < 1 else "")
         )
-    config.run.time_scale = scale
+    config.run.time_scale = scale / config.run.scaled_by
     return scale_minutes(config)
 
 
@@ -85,7 +99,10 @@ def _logger(config):
 def cmd_run(args: argparse.Namespace) -> None:
     from pipeline.run import run_pipeline
 
-    run_pipeline(_config(args))
+    config = _config(args)
+    if config.run.time_scale == "auto":
+        config = _machine_scaled(config, args.preset)
+    run_pipeline(config)
 
 
 def cmd_collect(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from agents.config import PipelineConfig
+from agents.config import MINUTE_BUDGETS, PipelineConfig
 from agents.evaluate import STEADY, EvalConfig, evaluate
 from agents.loop import PLAYOFF, collect_with_policy, dream_gap, driven_seeds, plot_learning_curve, round_figures
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
@@ -71,11 +71,13 @@ def _changed(previous: Any, now: Any, default: Any) -> bool:
     return previous != now
 
 
-def _scale_changed(previous: dict[str, Any], config: PipelineConfig) -> str:
-    """', its minute budgets were x2.5 then and x1 now' where the run started under another `run.time_scale`."""
-    then = _lookup(previous, "run.scaled_by") or 1.0  # a run recorded before the scale was
-    now = config.run.scaled_by
-    return f", its minute budgets x{then:g} then and x{now:g} now (run.time_scale)" if then != now else ""
+def _scale_changed(key: str, previous: dict[str, Any], config: PipelineConfig) -> str:
+    """', its minute budgets x2.5 then and x1 now (run.time_scale)' where settings `key` hold a minute budget and
+    the run started under another `run.time_scale`; nothing for a run recorded before runs kept their scale."""
+    then, now = _lookup(previous, "run.scaled_by"), config.run.scaled_by
+    if then in ({}, now) or not any(budget.startswith(f"{key}.") for budget in MINUTE_BUDGETS):
+        return ""
+    return f", its minute budgets x{then:g} then and x{now:g} now (run.time_scale)"
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
@@ -104,8 +106,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 ):
                     raise ConfigError(
                         f"{run_dir}: stage {stage_name!r} finished with other `{key}` settings than "
-                        f"now{_scale_changed(previous, config)} (see {config_path}); choose a new run.name, or delete"
-                        " the run folder"
+                        f"now{_scale_changed(key, previous, config)} (see {config_path}); choose a new run.name, or "
+                        "delete the run folder"
                     )
     write_text_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
     logger = RunLogger(run_dir, config.run.wandb, dataclasses.asdict(config))

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import pytest
@@ -73,36 +72,3 @@ def test_the_machine_time_scale_is_how_many_times_slower_the_preset_trains_here(
     measured = bench.train_step.machine_time_scale("tiny", (10.9, 5.4), seconds=2.0)
     assert timed == [(Tokenizer, False, 2.0), (DynamicsModel, False, 2.0)]  # the preset's two models, in float32
     assert measured == {"scale": 2.44, "rates": [4.0, 2.5], "reference": [10.9, 5.4]}  # (10.9/4 + 5.4/2.5) / 2
-
-
-def test_time_scale_auto_measures_a_new_run_and_keeps_a_resumed_runs_scale(tmp_path, monkeypatch, capsys):
-    import argparse
-
-    import yaml
-
-    import bench.train_step
-    from pipeline.cli import _config
-
-    calls = []
-
-    def measured(preset, reference, seconds=3.0, device="cpu"):
-        calls.append((preset, tuple(reference)))
-        return {"scale": 2.5, "rates": [4.36, 2.16], "reference": list(reference)}
-
-    monkeypatch.setattr(bench.train_step, "machine_time_scale", measured)
-    args = argparse.Namespace(
-        preset="tiny", source=None, name="auto", overrides=[f"run.runs_dir={tmp_path}", "run.time_scale=auto"]
-    )
-    config = _config(args)
-    assert calls == [("tiny", (10.9, 5.4))]  # the preset's reference rates
-    assert config.tokenizer.train.max_minutes == pytest.approx(2.5 * 2.5)
-    assert (config.run.time_scale, config.run.scaled_by) == (1.0, 2.5)
-    assert "at 4.36 and the dynamics model at 2.16 steps/s" in capsys.readouterr().out
-    config.run_dir.mkdir(parents=True)  # the run started: its config.yaml records the scale
-    (config.run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    monkeypatch.setattr(bench.train_step, "machine_time_scale", lambda *a, **k: pytest.fail("measured again"))
-    resumed = _config(args)
-    assert resumed == config and "started with its minute budgets x2.5" in capsys.readouterr().out
-    args.preset, args.name = "base", "gpu"  # a preset that records no reference machine
-    with pytest.raises(ConfigError, match="no run.reference_rates"):
-        _config(args)

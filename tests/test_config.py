@@ -301,3 +301,15 @@ def test_time_scale_multiplies_every_minute_budget_once_and_records_what_runs(tm
     for bad in ("0", "-1", "fast"):
         with pytest.raises(ConfigError, match="run.time_scale"):
             load_pipeline_config("tiny", [f"run.time_scale={bad}"])
+    with pytest.raises(ConfigError, match="run.scaled_by records what a run's minutes were scaled by"):
+        load_pipeline_config("tiny", ["run.scaled_by=2"])
+    auto = load_pipeline_config("tiny", ["run.time_scale=auto"], source="highway")  # for `worldmodel run` to measure
+    assert auto.run.time_scale == "auto" and auto.loop.max_minutes == plain.loop.max_minutes
+
+
+def test_a_branch_scales_its_minute_budgets_as_the_run_was_scaled():
+    from bench.branch import apply_scaled_overrides
+
+    raw = {"run": {"scaled_by": 2.5}, "loop": {"ppo_minutes": 1.875, "episodes": 8, "max_minutes": 22.5}}
+    apply_scaled_overrides(raw, ["loop.ppo_minutes=2", "loop.episodes=16", "loop.max_minutes=null"])
+    assert raw["loop"] == {"ppo_minutes": 5.0, "episodes": 16, "max_minutes": None}  # only the minutes, x2.5

@@ -12,11 +12,13 @@ import yaml
 from conftest import BOX_SPACE, build_run, open_in_chromium
 
 from agents.config import load_pipeline_config
+from pipeline.cli import main as cli_main
 from pipeline.run import format_summary, make_summary
 from worldmodel.checkpoint import read_checkpoint
 from worldmodel.config import ConfigError, to_dict
 from worldmodel.dataset import Dataset
 from worldmodel.rollout import RolloutConfig, dream_episode, write_rollout
+from worldmodel.run_dir import RunDir
 from worldmodel.world_model import WorldModel
 
 MICRO = [
@@ -410,7 +412,7 @@ def test_highway_micro_run(tmp_path):
 
 def test_a_resume_under_another_time_scale_is_refused_and_says_so(tmp_path):
     from pipeline.run import run_pipeline
-    from worldmodel.run_dir import Results, RunDir
+    from worldmodel.run_dir import Results
 
     started = load_pipeline_config("tiny", [f"run.runs_dir={tmp_path}", "run.name=x"])
     run_dir = started.run_dir
@@ -421,6 +423,77 @@ def test_a_resume_under_another_time_scale_is_refused_and_says_so(tmp_path):
     with pytest.raises(ConfigError, match=r"other `tokenizer` settings than now, its minute budgets x1 then and x2.5"):
         run_pipeline(resumed)
     assert not (run_dir / "dataset").exists()  # refused before collecting
+    Results(run_dir).record("collect", {"episodes": 100})  # settings without a minute budget: the scale is no cause
+    other = load_pipeline_config("tiny", [f"run.runs_dir={tmp_path}", "run.name=x", "collect.episodes=50"])
+    with pytest.raises(ConfigError, match=r"other `collect` settings than now \(see"):
+        run_pipeline(other)
+    recorded = yaml.safe_load(RunDir(run_dir).config.read_text())  # nor where the run did not record its scale
+    del recorded["run"]["scaled_by"]
+    RunDir(run_dir).config.write_text(yaml.safe_dump(recorded, sort_keys=False))
+    resumed = load_pipeline_config("tiny", [f"run.runs_dir={tmp_path}", "run.name=x", "run.time_scale=2.5"])
+    with pytest.raises(ConfigError, match=r"other `tokenizer` settings than now \(see"):
+        run_pipeline(resumed)
+
+
+def _run_command(tmp_path, monkeypatch, preset="tiny", name="auto"):
+    """`worldmodel run ... run.time_scale=auto`'s config as the pipeline would get it (the pipeline itself stubbed)."""
+    import pipeline.run
+
+    got = []
+    monkeypatch.setattr(pipeline.run, "run_pipeline", got.append)
+    cli_main(["run", "--preset", preset, "--name", name, f"run.runs_dir={tmp_path}", "run.time_scale=auto"])
+    return got[0]
+
+
+def test_time_scale_auto_measures_a_new_run_and_keeps_a_resumed_runs_scale(tmp_path, monkeypatch, capsys):
+    import bench.train_step
+
+    calls, measured = [], {"scale": 2.5}
+
+    def machine_time_scale(preset, reference, seconds=3.0, device="cpu"):
+        calls.append((preset, tuple(reference)))
+        return {"scale": measured["scale"], "rates": [4.36, 2.16], "reference": list(reference)}
+
+    monkeypatch.setattr(bench.train_step, "machine_time_scale", machine_time_scale)
+    plain = load_pipeline_config("tiny")
+    config = _run_command(tmp_path, monkeypatch)
+    assert calls == [("tiny", (10.9, 5.4))]  # the preset's reference rates
+    assert config.tokenizer.train.max_minutes == pytest.approx(2.5 * plain.tokenizer.train.max_minutes)
+    assert (config.run.time_scale, config.run.scaled_by) == (1.0, 2.5)
+    assert "at 4.36 and the dynamics model at 2.16 steps/s" in capsys.readouterr().out
+
+    config.run_dir.mkdir(parents=True)  # the run started: its config.yaml records the scale, which a resume keeps
+    RunDir(config.run_dir).config.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    measured["scale"] = 3.0
+    assert _run_command(tmp_path, monkeypatch) == config and len(calls) == 1
+    assert "started with its minute budgets x2.5" in capsys.readouterr().out
+
+    saved = tmp_path / "scaled.yaml"  # a scaled run's config.yaml as the preset: the factor is the whole one, once
+    shutil.copy(RunDir(config.run_dir).config, saved)
+    again = _run_command(tmp_path, monkeypatch, str(saved), "again")
+    assert again.run.scaled_by == pytest.approx(3.0)
+    assert again.tokenizer.train.max_minutes == pytest.approx(3.0 * plain.tokenizer.train.max_minutes)
+
+    measured["scale"] = 0.3  # a machine faster than the reference keeps the preset's minutes
+    fast = _run_command(tmp_path, monkeypatch, "tiny", "fast")
+    assert fast.run.scaled_by == 1.0 and fast.loop.max_minutes == plain.loop.max_minutes
+
+    recorded = yaml.safe_load(RunDir(config.run_dir).config.read_text())  # a run from before runs kept their scale
+    del recorded["run"]["scaled_by"]
+    RunDir(config.run_dir).config.write_text(yaml.safe_dump(recorded, sort_keys=False))
+    refusals = (
+        (lambda: _run_command(tmp_path, monkeypatch), "resume it with the run.time_scale it started with"),
+        (lambda: _run_command(tmp_path, monkeypatch, "base", "gpu"), "no run.reference_rates"),  # no reference
+        (
+            lambda: cli_main(["collect", "--name", "c", f"run.runs_dir={tmp_path}", "run.time_scale=auto"]),
+            "auto is for `worldmodel run`, which measures the machine once for the run; give `worldmodel collect`",
+        ),
+    )
+    for command, says in refusals:
+        with pytest.raises(SystemExit):
+            command()
+        assert says in capsys.readouterr().err
+    assert len(calls) == 3  # none of them measured
 
 
 def test_a_setting_added_to_the_project_since_a_stage_finished_does_not_block_its_resume():

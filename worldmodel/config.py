@@ -150,12 +150,13 @@ class RunConfig:
     time_scale: float | str = 1.0
     """Multiplies every minute budget of the stages (tokenizer, dynamics, PPO and the loop's; the preset's and those
     given as overrides alike) as the config is loaded. The presets' minutes were set on one 2-core CPU; a machine N
-    times slower trains as many steps with N (the summary prints the steps each stage trained). `auto`: the
-    `worldmodel` command measures N itself when a run starts (a few seconds of the tokenizer's and the dynamics
-    model's training steps against `reference_rates`; a resumed run keeps the scale it started with). A run's
+    times slower trains as many steps with N (the summary prints the steps each stage trained). `auto`:
+    `worldmodel run` measures N when the run starts (a few seconds of the tokenizer's and the dynamics model's
+    training steps against `reference_rates`, never below 1; a resumed run keeps the scale it started with). A run's
     config.yaml holds the minutes it ran with, so it records 1.0 here, and the factor in `scaled_by`."""
     scaled_by: float = 1.0
-    """What the minute budgets were multiplied by (`time_scale`): a record in a run's config.yaml, not a setting."""
+    """What the minute budgets were multiplied by (`time_scale`): a record in a run's config.yaml, not a setting
+    (refused as an override)."""
     reference_rates: tuple[float, float] | None = None
     """The tokenizer's and the dynamics model's training steps/s (`worldmodel bench train-step`, float32) on the
     machine where the preset's minutes were set: what `time_scale: auto` compares this machine with."""
