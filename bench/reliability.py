@@ -73,6 +73,7 @@ def seed_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "loop_chosen": loop.get("chosen"),
         "loop_curve": [row["real_return_mean"] for row in loop.get("curve", [])],
         "stage_seconds": round(sum(summary["timings_s"].values()), 1),
+        "scaled_by": summary.get("scaled_by", 1.0),  # the minute budgets' factor (run.time_scale)
     }
 
 
@@ -104,13 +105,15 @@ def format_markdown(results: dict[str, Any]) -> str:
         crashes = ""
         if SOURCES[results["source"]].crashes:
             crashes = f", {row['policy_crashes']} crashed (expert {row['expert_crashes']})"
+        scale = row.get("scaled_by", 1.0)
+        scaled = f" (budgets x{scale:g})" if scale != 1 else ""
         steady = row.get("steady")
         if steady:
             crashes += f"; always {steady['action']}: {steady['real_return_mean']:.1f}, {steady['crashes']} crashed"
         lines.append(
             f"| {seed} | {row['policy_mean']:.1f} +- {row['policy_std']:.1f}{crashes} | "
             f"{row['beats_random']} of {row['episodes']} | {row['random_mean']:.1f} | {row['expert_mean']:.1f} | "
-            f"{curve}{kept} | {row['stage_seconds'] / 60:.1f} min |"
+            f"{curve}{kept} | {row['stage_seconds'] / 60:.1f} min{scaled} |"
         )
     total = results["over_seeds"]
     lines += [

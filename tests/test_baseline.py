@@ -107,6 +107,9 @@ def test_reliability_table_over_seeds():
     assert "always" not in table  # no seed's summary holds a steady action
     rows[0]["steady"] = {"action": "SLOWER", "real_return_mean": 21.1, "real_return_std": 0.8, "crashes": 0}
     assert "1 crashed (expert 0); always SLOWER: 21.1, 0 crashed |" in format_markdown(results)
+    assert "budgets x" not in table and rows[0]["scaled_by"] == 1.0
+    rows[1]["scaled_by"] = 2.48  # a seed run with run.time_scale=auto on a slower machine says so
+    assert format_markdown(results).splitlines()[5].endswith("| 3.0 min (budgets x2.48) |")
 
 
 def test_the_recorded_command_reruns_the_bench_as_the_cli_reads_it():
