@@ -167,7 +167,7 @@ def test_summary_from_results():
     results["loop/02/dynamics"] = {"steps": 148}
     scaled = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x", "run.time_scale=2"])
     text = format_summary(make_summary(scaled, results))
-    assert "SSIM 0.500; 619 steps in its 5-minute budget (about 1635 where" in text  # the preset's own minutes'
+    assert "SSIM 0.500; 619 steps in its 5-minute budget (about 1635 where" in text  # the preset's own minutes
     results["tokenizer"]["steps"] = 1422  # what the scaled budget trained on a machine 2.5 times slower
     text = format_summary(make_summary(scaled, results))
     assert "SSIM 0.500; 1422 steps in its 5-minute budget\n" in text  # near the preset's 1,635: nothing to add
