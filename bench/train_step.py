@@ -19,13 +19,15 @@ from typing import Any
 import gymnasium
 import numpy as np
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from agents.config import load_pipeline_config
+from agents.config import PipelineConfig, load_pipeline_config
 from bench.imagination import timed_rate
 from worldmodel.config import ConfigError
 from worldmodel.dynamics import DynamicsModel
+from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import Tokenizer
 from worldmodel.train import fitted_dynamics_config, resolve_device
 from worldmodel.trainer import training_step
@@ -133,6 +135,40 @@ def machine_time_scale(
     ]
     scale = float(np.mean([wanted / measured for wanted, measured in zip(reference, rates, strict=True)]))
     return {"scale": float(f"{scale:.3g}"), "rates": [round(rate, 2) for rate in rates], "reference": list(reference)}
+
+
+def auto_time_scale(config: PipelineConfig, preset: str) -> float:
+    """What `run.time_scale: auto` stands for in `config`'s run: the factor its folder's config.yaml recorded when it
+    started (a resumed run keeps its minutes), else how many times slower than the preset's `run.reference_rates`
+    this machine trains (`machine_time_scale`), never below 1 (the loop's minutes also drive the simulator, which a
+    GPU does not speed up). The whole factor against the reference machine, whatever `config.run.scaled_by` is."""
+    recorded = RunDir(config.run_dir).config
+    if recorded.is_file():
+        scale = ((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by")
+        if scale is None:
+            raise ConfigError(
+                f"run.time_scale=auto: {recorded} does not say what its minute budgets were scaled by (a run started "
+                "before runs recorded it); resume it with the run.time_scale it started with"
+            )
+        print(f"run.time_scale=auto: {config.run_dir} started with its minute budgets x{scale:g}, and goes on so")
+        return float(scale)
+    reference = config.run.reference_rates
+    if reference is None:
+        raise ConfigError(
+            "run.time_scale=auto: the preset has no run.reference_rates (the tokenizer's and the dynamics "
+            "model's training steps/s where its minutes were set) to compare this machine with; give a number"
+        )
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    measured = machine_time_scale(preset, reference, device=config.run.device)
+    scale = max(1.0, measured["scale"])
+    (tokenizer, dynamics), (tokenizer_then, dynamics_then) = measured["rates"], reference
+    print(
+        f"run.time_scale=auto: this machine trains the tokenizer at {tokenizer:.2f} and the dynamics model at "
+        f"{dynamics:.2f} steps/s, the preset's minutes were set at {tokenizer_then:g} and {dynamics_then:g}: "
+        f"every minute budget x{scale:g}" + (" (never below 1)" if measured["scale"] < 1 else "")
+    )
+    return scale
 
 
 def bench_train_step(config: TrainStepBenchConfig) -> dict[str, Any]:

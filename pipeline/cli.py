@@ -44,47 +44,13 @@ def _config(args: argparse.Namespace):
 
 
 def _machine_scaled(config, preset: str):
-    """`run.time_scale: auto` made a number: the scale the run folder's config.yaml recorded when the run started (a
-    resumed run keeps its minutes), else how many times slower than the preset's `run.reference_rates` this machine
-    trains, measured now, and never below 1 (the loop's minutes also drive the simulator, which a GPU does not
-    speed up). Both are the whole factor against the reference machine: a preset that is itself a scaled run's
-    config.yaml (`run.scaled_by` N) gets the factor divided by N."""
-    import torch
-    import yaml
-
+    """`run.time_scale: auto` made a number (`bench.train_step.auto_time_scale`: the run folder's recorded factor,
+    else this machine measured now), the minute budgets scaled by it. The factor is the whole one against the
+    reference machine: a preset that is itself a scaled run's config.yaml (`run.scaled_by` N) gets it divided by N."""
     from agents.config import scale_minutes
-    from worldmodel.config import ConfigError
-    from worldmodel.run_dir import RunDir
+    from bench.train_step import auto_time_scale
 
-    recorded = RunDir(config.run_dir).config
-    if recorded.is_file():
-        scale = ((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by")
-        if scale is None:
-            raise ConfigError(
-                f"run.time_scale=auto: {recorded} does not say what its minute budgets were scaled by (a run started "
-                "before runs recorded it); resume it with the run.time_scale it started with"
-            )
-        print(f"run.time_scale=auto: {config.run_dir} started with its minute budgets x{scale:g}, and goes on so")
-    else:
-        reference = config.run.reference_rates
-        if reference is None:
-            raise ConfigError(
-                "run.time_scale=auto: the preset has no run.reference_rates (the tokenizer's and the dynamics "
-                "model's training steps/s where its minutes were set) to compare this machine with; give a number"
-            )
-        from bench.train_step import machine_time_scale
-
-        if config.run.threads:
-            torch.set_num_threads(config.run.threads)
-        measured = machine_time_scale(preset, reference, device=config.run.device)
-        scale = max(1.0, measured["scale"])
-        (tokenizer, dynamics), (tokenizer_then, dynamics_then) = measured["rates"], reference
-        print(
-            f"run.time_scale=auto: this machine trains the tokenizer at {tokenizer:.2f} and the dynamics model at "
-            f"{dynamics:.2f} steps/s, the preset's minutes were set at {tokenizer_then:g} and {dynamics_then:g}: "
-            f"every minute budget x{scale:g}" + (" (never below 1)" if measured["scale"] < 1 else "")
-        )
-    config.run.time_scale = scale / config.run.scaled_by
+    config.run.time_scale = auto_time_scale(config, preset) / config.run.scaled_by
     return scale_minutes(config)
 
 

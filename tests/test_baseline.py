@@ -112,6 +112,48 @@ def test_reliability_table_over_seeds():
     assert format_markdown(results).splitlines()[5].endswith("| 3.0 min (budgets x2.48) |")
 
 
+def test_reliability_with_time_scale_auto_measures_once_for_every_seed_it_starts(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    import bench.train_step
+    from bench.reliability import bench_reliability
+
+    measured, started = [], []
+
+    def machine_time_scale(preset, reference, seconds=3.0, device="cpu"):
+        measured.append(preset)
+        return {"scale": 2.5 + len(measured), "rates": [3.0, 1.5], "reference": list(reference)}
+
+    def run_seed(command, check=False):  # a seed's `worldmodel run`: its config.yaml records the factor it ran with
+        run = tmp_path / command[command.index("--name") + 1]
+        scale = next(item for item in command if item.startswith("run.time_scale="))
+        started.append(scale)
+        run.mkdir(exist_ok=True)
+        factor = 3.5 if scale.endswith("auto") else float(scale.split("=")[1])
+        (run / "config.yaml").write_text(yaml.safe_dump({"run": {"scaled_by": factor}}))
+        summary = _summary([600.0] * 10, [-30.0] * 10)
+        (run / "summary.json").write_text(json.dumps({**summary, "scaled_by": factor}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.train_step, "machine_time_scale", machine_time_scale)
+    monkeypatch.setattr(subprocess, "run", run_seed)
+    config = ReliabilityConfig(seeds=(0, 1, 2), runs_dir=str(tmp_path), overrides=["run.time_scale=auto"])
+    results = bench_reliability(config, tmp_path / "out")
+    assert measured == ["tiny"] and started == ["run.time_scale=3.5"] * 3  # one machine, one factor for every seed
+    assert [row["scaled_by"] for row in results["per_seed"]] == [3.5] * 3
+    assert "every seed to start now x3.5, measured once" in capsys.readouterr().out
+
+    (tmp_path / "reliability-tiny-carracing-seed1" / "summary.json").unlink()  # a killed bench, seeds 1 and 3 to go
+    shutil.rmtree(tmp_path / "reliability-tiny-carracing-seed2")
+    started.clear()
+    bench_reliability(ReliabilityConfig(**{**vars(config), "seeds": (0, 1, 2, 3)}), tmp_path / "out")
+    # seeds 0 and 1 started before: `auto` reads their factor back; the new ones take seed 0's, measuring nothing
+    assert (
+        measured == ["tiny"] and started == ["run.time_scale=auto", "run.time_scale=auto"] + ["run.time_scale=3.5"] * 2
+    )
+    assert "every seed to start now x3.5, as seed 0's run" in capsys.readouterr().out
+
+
 def test_the_recorded_command_reruns_the_bench_as_the_cli_reads_it():
     assert (
         reliability_command(ReliabilityConfig(seeds=(0, 1, 2, 3, 4)))
