@@ -84,7 +84,8 @@ MINUTE_BUDGETS = (
 def scale_minutes(config: PipelineConfig) -> PipelineConfig:
     """`config` with every minute budget (`MINUTE_BUDGETS`, those not null) times `run.time_scale`, which becomes 1.0
     and multiplies `run.scaled_by`: the result says what will run, and loading it again scales nothing twice. `auto`
-    stays as it is, for `worldmodel run` to measure (`bench.train_step.machine_time_scale`)."""
+    stays as it is, for `worldmodel run` (or `bench reliability`, once for its seeds) to measure
+    (`bench.train_step.auto_time_scale`)."""
     scale = config.run.time_scale
     if scale == 1 or scale == "auto":
         return config

@@ -175,7 +175,7 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
         run = f"{name}-seed{seed}"
         overrides = [*config.overrides, *seed_overrides(seed)]
         seed_config = load_pipeline_config(
-            config.preset, [f"run.runs_dir={config.runs_dir}", f"run.name={run}", *overrides], config.source
+            config.preset, [f"run.runs_dir={config.runs_dir}", *overrides, f"run.name={run}"], config.source
         )
         if seed_config.run.time_scale == "auto" and not RunDir(seed_config.run_dir).config.is_file():
             # one factor for every seed the bench starts, so that seeds differ in their random choices only (a
