@@ -5,6 +5,8 @@ Seed s changes every random choice of a run: the collection's tracks and explora
 dynamics model's initial weights and batches, and PPO's (`ppo.seed`; the loop's rounds derive theirs from these).
 Every seed is scored on the same held-out evaluation tracks. Each seed runs as its own `worldmodel run` process
 into `<runs>/<name>-seed<s>`, so a seed that finished is not run again and a killed bench resumes where it stopped.
+With `run.time_scale=auto` the machine is measured once and every seed the bench starts gets that factor, so that
+seeds differ in their random choices only.
 """
 
 from __future__ import annotations
