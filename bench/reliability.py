@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from agents.config import PipelineConfig, load_pipeline_config
 from envs.sources import SOURCES
@@ -147,18 +146,17 @@ def reliability_command(config: ReliabilityConfig) -> str:
     )
 
 
-def _bench_time_scale(config: ReliabilityConfig, seed_config: PipelineConfig) -> float:
+def _bench_time_scale(seed_configs: dict[int, PipelineConfig], preset: str) -> float:
     """`run.time_scale: auto` for the seeds the bench starts: the factor its first seed that started recorded (a
     resumed bench), else this machine measured once (`bench.train_step.auto_time_scale`)."""
-    for seed in config.seeds:
-        recorded = RunDir(Path(config.runs_dir) / f"{config.run_name}-seed{seed}").config
-        scale = recorded.is_file() and ((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by")
-        if scale:
-            print(f"[reliability] run.time_scale=auto: every seed to start now x{scale:g}, as seed {seed}'s run")
-            return float(scale)
-    from bench.train_step import auto_time_scale  # torch and the models only where the bench measures
+    from bench.train_step import auto_time_scale, recorded_time_scale  # torch and the models only where needed
 
-    scale = auto_time_scale(seed_config, config.preset)
+    for seed, seed_config in seed_configs.items():
+        scale = recorded_time_scale(seed_config.run_dir)
+        if scale is not None:
+            print(f"[reliability] run.time_scale=auto: every seed to start now x{scale:g}, as seed {seed}'s run")
+            return scale
+    scale = auto_time_scale(next(iter(seed_configs.values())), preset)
     print(f"[reliability] run.time_scale=auto: every seed to start now x{scale:g}, measured once", flush=True)
     return scale
 
@@ -170,26 +168,30 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     taken = sorted(seeded & {item.split("=")[0].strip() for item in config.overrides})
     if taken:
         raise ConfigError(f"{', '.join(taken)}: the bench sets these for every seed (--first-seed picks the seeds)")
-    for seed in config.seeds:  # every seed's settings checked before the first starts, not after its minutes
-        load_pipeline_config(config.preset, [*config.overrides, *seed_overrides(seed)], config.source)
+    where = [f"run.runs_dir={config.runs_dir}"]
+    seed_configs = {  # every seed's settings checked before the first starts, not after its minutes
+        seed: load_pipeline_config(
+            config.preset,
+            [*where, *config.overrides, *seed_overrides(seed), f"run.name={name}-seed{seed}"],
+            config.source,
+        )
+        for seed in config.seeds
+    }
     rows, scale = [], None
-    for seed in config.seeds:
+    for seed, seed_config in seed_configs.items():
         run = f"{name}-seed{seed}"
         overrides = [*config.overrides, *seed_overrides(seed)]
-        seed_config = load_pipeline_config(
-            config.preset, [f"run.runs_dir={config.runs_dir}", *overrides, f"run.name={run}"], config.source
-        )
         if seed_config.run.time_scale == "auto" and not RunDir(seed_config.run_dir).config.is_file():
             # one factor for every seed the bench starts, so that seeds differ in their random choices only (a
             # seed that started keeps its own, which `worldmodel run` reads back from its config.yaml)
-            scale = scale or _bench_time_scale(config, seed_config)
+            scale = scale or _bench_time_scale(seed_configs, config.preset)
             at = f"run.time_scale={scale / seed_config.run.scaled_by!r}"
             overrides = [at if item.split("=", 1)[0].strip() == "run.time_scale" else item for item in overrides]
         # -P: the working directory does not come first on the import path (a pipeline.py there would run instead)
         command = [sys.executable, "-P", "-m", "pipeline", "run", "--preset", config.preset, "--name", run]
         if config.source:
             command += ["--source", config.source]
-        command += [f"run.runs_dir={config.runs_dir}", *overrides]
+        command += [*where, *overrides]
         print(f"[reliability] seed {seed}: {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, check=False)
         if done.returncode != 0:

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gymnasium
@@ -137,21 +138,30 @@ def machine_time_scale(
     return {"scale": float(f"{scale:.3g}"), "rates": [round(rate, 2) for rate in rates], "reference": list(reference)}
 
 
+def recorded_time_scale(run_dir: Path) -> float | None:
+    """The factor a run folder's config.yaml says its minute budgets were scaled by (`run.scaled_by`), or None where
+    the run has not started; a config.yaml from before runs recorded it is refused."""
+    recorded = RunDir(run_dir).config
+    if not recorded.is_file():
+        return None
+    scale = ((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by")
+    if scale is None:
+        raise ConfigError(
+            f"run.time_scale=auto: {recorded} does not say what its minute budgets were scaled by (a run started "
+            "before runs recorded it); resume it with the run.time_scale it started with"
+        )
+    return float(scale)
+
+
 def auto_time_scale(config: PipelineConfig, preset: str) -> float:
     """What `run.time_scale: auto` stands for in `config`'s run: the factor its folder's config.yaml recorded when it
     started (a resumed run keeps its minutes), else how many times slower than the preset's `run.reference_rates`
     this machine trains (`machine_time_scale`), never below 1 (the loop's minutes also drive the simulator, which a
     GPU does not speed up). The whole factor against the reference machine, whatever `config.run.scaled_by` is."""
-    recorded = RunDir(config.run_dir).config
-    if recorded.is_file():
-        scale = ((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by")
-        if scale is None:
-            raise ConfigError(
-                f"run.time_scale=auto: {recorded} does not say what its minute budgets were scaled by (a run started "
-                "before runs recorded it); resume it with the run.time_scale it started with"
-            )
+    scale = recorded_time_scale(config.run_dir)
+    if scale is not None:
         print(f"run.time_scale=auto: {config.run_dir} started with its minute budgets x{scale:g}, and goes on so")
-        return float(scale)
+        return scale
     reference = config.run.reference_rates
     if reference is None:
         raise ConfigError(
