@@ -179,7 +179,7 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     }
     rows, scale = [], None
     for seed, seed_config in seed_configs.items():
-        run = f"{name}-seed{seed}"
+        run = seed_config.run.name  # <name>-seed<s>, set when every seed was checked
         overrides = [*config.overrides, *seed_overrides(seed)]
         if seed_config.run.time_scale == "auto" and not RunDir(seed_config.run_dir).config.is_file():
             # one factor for every seed the bench starts, so that seeds differ in their random choices only (a
