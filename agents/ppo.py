@@ -370,7 +370,7 @@ def optimise(
         progress.set_postfix(steps=step, ret=f"{logs['episode_return']:.1f}", r=f"{logs['reward_per_step']:.3f}")
         progress.update(min(round(time.monotonic() - began), progress.total) - progress.n if timed else 1)
         if config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes:
-            tqdm.write(f"ppo: stopping after {step} steps at the {config.max_minutes} minute budget")
+            tqdm.write(f"ppo: stopping after {step} steps at the {config.max_minutes:g}-minute budget")
             break
     progress.close()
     return {

@@ -119,11 +119,12 @@ def format_markdown(results: dict[str, Any]) -> str:
             f"{curve}{kept} | {row['stage_seconds'] / 60:.1f} min{scaled} |"
         )
     total = results["over_seeds"]
+    plural = "seed" if total["seeds"] == 1 else "seeds"
     lines += [
         "",
-        f"Over {total['seeds']} seeds: mean {total['mean']:.1f}, median {total['median']:.1f},"
+        f"Over {total['seeds']} {plural}: mean {total['mean']:.1f}, median {total['median']:.1f},"
         f" worst {total['worst']:.1f}, best {total['best']:.1f}; {total['seeds_beating_random_on_9_of_10']} of"
-        f" {total['seeds']} seeds beat the random policy on at least 9 in 10 held-out episodes"
+        f" {total['seeds']} {plural} beat the random policy on at least 9 in 10 held-out episodes"
         f" (worst: {total['worst_beats_random']}).",
     ]
     return "\n".join(lines)

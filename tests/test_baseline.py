@@ -110,6 +110,8 @@ def test_reliability_table_over_seeds():
     assert "budgets x" not in table and rows[0]["scaled_by"] == 1.0
     rows[1]["scaled_by"] = 2.48  # a seed run with run.time_scale=auto on a slower machine says so
     assert format_markdown(results).splitlines()[5].endswith("| 3.0 min (budgets x2.48) |")
+    one = {**results, "seeds": [0], "per_seed": rows[:1], "over_seeds": aggregate(rows[:1])}
+    assert "Over 1 seed: mean 600.0" in format_markdown(one) and "1 of 1 seed beat" in format_markdown(one)
 
 
 def test_reliability_with_time_scale_auto_measures_once_for_every_seed_it_starts(tmp_path, monkeypatch, capsys):

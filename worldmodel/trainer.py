@@ -182,7 +182,7 @@ def train(
                 save_checkpoint(last, model, kind, meta, _optimizer_state(optimizer))
             if out_of_time:
                 if main:
-                    tqdm.write(f"{kind}: stopping at step {done} after the {config.max_minutes} minute budget")
+                    tqdm.write(f"{kind}: stopping at step {done} after the {config.max_minutes:g}-minute budget")
                 break
         progress.close()
         final_step = step + 1 if config.steps > start else start
