@@ -46,15 +46,24 @@ def test_under_a_budget_the_cosine_follows_whichever_is_further_the_steps_or_the
     assert lr_factor(10, replace(config, schedule="constant"), seconds=120.0) == 1.0  # the clock moves only the cosine
 
 
-def test_a_resumed_run_gets_what_is_left_of_its_budget(tmp_path):
+def test_a_resumed_run_gets_what_is_left_of_its_budget(tmp_path, capsys):
     # a `_last` written at step 5 after 90 s of a 1-minute budget: resumed, it takes one step and stops there
     tokenizer = tiny_tokenizer()
     save_checkpoint(tmp_path / "tok_last", tokenizer, "tokenizer", {"step": 5, "seconds": 90.0})
     frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
-    config = TrainConfig(steps=1000, batch_size=2, warmup_steps=1, eval_every=100, checkpoint_every=100, max_minutes=1)
+    # a minute with the float noise run.time_scale leaves (1.1 x 6 is 6.6000000000000005) prints as '1-minute'
+    config = TrainConfig(
+        steps=1000,
+        batch_size=2,
+        warmup_steps=1,
+        eval_every=100,
+        checkpoint_every=100,
+        max_minutes=1 + 1e-12,
+    )
     logger = RunLogger(tmp_path)
     metrics = train(tokenizer, lambda step: {"frames": frames}, config, tmp_path / "tok", "tokenizer", logger)
     assert metrics["steps"] == 6  # what the summary prints: the clock, not `steps`, stopped it
+    assert "tokenizer: stopping at step 6 after the 1-minute budget" in capsys.readouterr().out
     assert json.loads((tmp_path / "tok.json").read_text())["step"] == 6
     last = json.loads((tmp_path / "tok_last.json").read_text())
     assert last["step"] == 6 and last["seconds"] >= 90.0  # the clock goes on from where the earlier run left it
