@@ -37,7 +37,7 @@ class BaselineConfig:
     real: RealPPOConfig
     episodes: int | None = None
     """Held-out episodes per scored policy (default: the run's `eval.episodes`)."""
-    checked: tuple[str, ...] = ("minutes", "num_envs")
+    checked: tuple[str, ...] = ("minutes", "num_envs", "rollout_steps")
     """The settings of `real` an earlier training in RUN/real_ppo must have been made with to be scored instead of
     trained again (the command line checks the flags it was given)."""
 
@@ -54,10 +54,16 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     trained = folder / "training.json"
     if trained.is_file():
         training = read_json(trained)
-        differ = [key for key in config.checked if getattr(config.real, key) != training[key]]
+        training.setdefault("rollout_steps", pipeline.ppo.rollout_steps)  # trained before the flag: the dream's
+        wanted = {
+            "minutes": config.real.minutes,
+            "num_envs": config.real.num_envs,
+            "rollout_steps": config.real.steps_per_env(pipeline.ppo),
+        }
+        differ = [key for key in config.checked if wanted[key] != training[key]]
         if differ:
             was = ", ".join(f"{key} {training[key]}" for key in differ)
-            asked = ", ".join(f"{key} {getattr(config.real, key)}" for key in differ)
+            asked = ", ".join(f"{key} {wanted[key]}" for key in differ)
             raise ConfigError(
                 f"{folder} holds a training with {was}, not {asked}: leave those flags out to score it, or move the "
                 "folder away to train again"
@@ -116,6 +122,7 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
         "real_ppo": {
             "minutes": training["minutes"],
             "num_envs": training["num_envs"],
+            "rollout_steps": training["rollout_steps"],
             "real_steps": training["real_steps"],
             "steps_per_second": training["steps_per_second"],
             "curve": baseline_curve,
@@ -161,10 +168,13 @@ def format_markdown(results: dict[str, Any]) -> str:
             line += f" {'?' if row.get('crashes') is None else row['crashes']} |"
         lines.append(line)
     ratio = results["time_ratio"]
+    rollout = real.get("rollout_steps")  # None in a baseline.json from before it was recorded
+    each = f", {rollout} steps each between updates" if rollout else ""
     lines += [
         "",
         f"Real-simulator PPO: {real['real_steps']:,.0f} steps in {real['minutes']:.0f} minutes "
-        f"({real['steps_per_second']:.0f}/s over {real['num_envs']} simulators), best held-out {real['best']:.1f}. "
+        f"({real['steps_per_second']:.0f}/s over {real['num_envs']} simulators{each}), "
+        f"best held-out {real['best']:.1f}. "
         f"Time it needs to reach the dream pipeline's {dream['score']:.1f}, over the dream pipeline's "
         f"{dream['wall_s'] / 60:.1f} minutes: {ratio['bound']} {ratio['value']:.2f}.",
     ]

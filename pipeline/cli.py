@@ -86,9 +86,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from worldmodel.train import train_dynamics, train_tokenizer
 
     config = _config(args)
-    real_flags = (args.minutes, args.envs, args.snapshot_minutes)
+    real_flags = (args.minutes, args.envs, args.snapshot_minutes, args.rollout_steps)
     if not (args.component == "policy" and args.real) and any(flag is not None for flag in real_flags):
-        raise ConfigError("--minutes, --envs and --snapshot-minutes set `train policy --real`, not this command")
+        raise ConfigError(
+            "--minutes, --envs, --snapshot-minutes and --rollout-steps set `train policy --real`, not this command"
+        )
     data = Path(args.data) if args.data else config.dataset_dir
     logger = _logger(config)
     if args.component == "tokenizer":
@@ -255,7 +257,8 @@ def cmd_bench_branch(args: argparse.Namespace) -> None:
 def cmd_bench_baseline(args: argparse.Namespace) -> None:
     from bench.baseline import BaselineConfig, bench_baseline, format_markdown
 
-    checked = tuple(key for key, flag in (("minutes", args.minutes), ("num_envs", args.envs)) if flag is not None)
+    flags = (("minutes", args.minutes), ("num_envs", args.envs), ("rollout_steps", args.rollout_steps))
+    checked = tuple(key for key, flag in flags if flag is not None)
     config = BaselineConfig(_real_ppo(args), args.episodes, checked)
     results = bench_baseline(args.run, config, Path(args.out) if args.out else None)
     print(format_markdown(results))
@@ -427,13 +430,25 @@ def _real_ppo_flags(parser: argparse.ArgumentParser, note: str) -> None:
     parser.add_argument(
         "--snapshot-minutes", type=_positive_float, default=None, help=f"{note}keep a policy snapshot this often (2)"
     )
+    parser.add_argument(
+        "--rollout-steps",
+        type=_positive_int,
+        default=None,
+        help=f"{note}steps each simulator takes between PPO updates (default: the dream PPO's steps an update, "
+        "ppo.num_envs x ppo.rollout_steps, shared over the simulators)",
+    )
 
 
 def _real_ppo(args: argparse.Namespace):
     """The real-simulator PPO's settings from `_real_ppo_flags`: the defaults where a flag was left out."""
     from agents.real_ppo import RealPPOConfig
 
-    given = {"minutes": args.minutes, "num_envs": args.envs, "snapshot_minutes": args.snapshot_minutes}
+    given = {
+        "minutes": args.minutes,
+        "num_envs": args.envs,
+        "snapshot_minutes": args.snapshot_minutes,
+        "rollout_steps": args.rollout_steps,
+    }
     return RealPPOConfig(**{key: value for key, value in given.items() if value is not None})
 
 

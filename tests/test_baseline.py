@@ -190,9 +190,10 @@ def test_real_ppo_trains_in_the_real_simulator_and_keeps_snapshots(box_run, tmp_
     run = tmp_path / "run"
     shutil.copytree(box_run, run)  # its tokenizer reads 16x16 frames: CarRacing is drawn at that size here
     source = SourceConfig("carracing", frame_size=16)
-    ppo = PPOConfig(rollout_steps=8, epochs=1, minibatches=2, hidden=32)
+    ppo = PPOConfig(num_envs=4, rollout_steps=4, epochs=1, minibatches=2, hidden=32)
     real = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.001)  # a snapshot after every update
     figures = train_real_ppo(run, source, ppo, real, RunLogger(run))
+    assert figures["rollout_steps"] == 8  # the dream's 4 x 4 steps an update, over 2 simulators
     assert figures["real_steps"] >= 16 and figures["real_steps"] % 16 == 0
     snapshots = json.loads((run / "real_ppo" / "snapshots.json").read_text())
     assert snapshots == figures["snapshots"] and len(snapshots) >= 2
@@ -203,6 +204,14 @@ def test_real_ppo_trains_in_the_real_simulator_and_keeps_snapshots(box_run, tmp_
     policy = load_policy(run / "real_ppo" / snapshots[-1]["checkpoint"])
     assert policy.config.grid_size == 4 and policy.config.action_dim == 3
     assert (run / "real_ppo" / f"{POLICY}-000.safetensors").is_file()
+
+
+def test_real_ppo_updates_on_as_many_steps_as_the_dreams_ppo_unless_told():
+    dream = PPOConfig(num_envs=64, rollout_steps=32)
+    assert RealPPOConfig(num_envs=8).steps_per_env(dream) == 256  # 8 x 256 = 64 x 32 steps an update
+    assert RealPPOConfig(num_envs=3).steps_per_env(dream) == 683  # rounded: 2,049 steps, minibatches as large
+    assert RealPPOConfig(num_envs=8, rollout_steps=32).steps_per_env(dream) == 32
+    assert RealPPOConfig(num_envs=4096).steps_per_env(dream) == 1  # never none
 
 
 def test_held_out_scores_are_kept_and_never_mixed_across_episode_counts(tmp_path, monkeypatch):
@@ -236,7 +245,8 @@ def test_real_ppo_never_overwrites_an_earlier_training_and_refuses_empty_budgets
     with pytest.raises(ConfigError, match="earlier real-simulator training"):
         train_real_ppo(tmp_path / "run", source, ppo, RealPPOConfig(minutes=1.0), RunLogger(tmp_path))
     assert (folder / "snapshots.json").read_text() == "[]"
-    for bad in (RealPPOConfig(minutes=-1.0), RealPPOConfig(snapshot_minutes=0.0), RealPPOConfig(num_envs=0)):
+    bad_configs = (RealPPOConfig(minutes=-1.0), RealPPOConfig(snapshot_minutes=0.0), RealPPOConfig(num_envs=0))
+    for bad in (*bad_configs, RealPPOConfig(rollout_steps=0)):
         with pytest.raises(ConfigError, match="positive minutes"):
             train_real_ppo(tmp_path / "other", source, ppo, bad, RunLogger(tmp_path))
     assert not (tmp_path / "other").exists()
@@ -253,6 +263,11 @@ def test_baseline_checks_the_dataset_and_an_earlier_training_before_it_trains(tm
     with pytest.raises(DatasetError):  # no dataset: refused before any training
         bench.baseline.bench_baseline(run, BaselineConfig(RealPPOConfig(minutes=5.0)))
     write_synthetic_dataset(run / "dataset", gym.spaces.Discrete(5), episodes=1, steps=3, size=16, channels=1)
-    (run / "real_ppo" / "training.json").write_text(json.dumps({"minutes": 29.7, "num_envs": 8, "snapshots": []}))
+    earlier = {"minutes": 29.7, "num_envs": 8, "rollout_steps": 256, "snapshots": []}
+    (run / "real_ppo" / "training.json").write_text(json.dumps(earlier))
     with pytest.raises(ConfigError, match="minutes 29.7, not minutes 5.0"):  # another budget is not scored as this one
+        bench.baseline.bench_baseline(run, BaselineConfig(RealPPOConfig(minutes=5.0)))
+    # a training from before the flag took the dream's 32 steps per simulator: not scored as one on the dream's batch
+    (run / "real_ppo" / "training.json").write_text(json.dumps({"minutes": 5.0, "num_envs": 8, "snapshots": []}))
+    with pytest.raises(ConfigError, match="rollout_steps 32, not rollout_steps 256"):
         bench.baseline.bench_baseline(run, BaselineConfig(RealPPOConfig(minutes=5.0)))

@@ -326,10 +326,12 @@ def test_bench_baseline_scores_real_ppo_against_the_run(micro_run, tmp_path):
     run = tmp_path / "smoke"
     shutil.copytree(runs / "smoke", run)
     args = ["bench", "baseline", "--run", str(run), "--minutes", "0.25", "--envs", "2", "--snapshot-minutes", "0.1"]
+    args += ["--rollout-steps", "16"]
     result = worldmodel_cli(args, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((run / "real_ppo" / "baseline.json").read_text())
     real, dream = figures["real_ppo"], figures["dream_pipeline"]
+    assert real["rollout_steps"] == 16 and real["real_steps"] % 32 == 0
     assert real["real_steps"] > 0 and len(real["curve"]) >= 2
     assert [row["wall_s"] for row in real["curve"]] == sorted(row["wall_s"] for row in real["curve"])
     # the dream pipeline's policies: the one before the loop, the round's, and the kept one at the end
