@@ -86,9 +86,9 @@ def train_real_ppo(
             f"{out} holds an earlier real-simulator training ({SNAPSHOTS}); move it away to train again, or score it "
             "with `worldmodel bench baseline`"
         )
+    tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)  # a run without one stops before any folder is made
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(ppo.seed)
-    tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)
     full_episodes = dataclasses.replace(source, max_steps=None)
     began = time.monotonic()
     envs = gym.vector.AsyncVectorEnv(

@@ -24,6 +24,7 @@ from bench.reliability import (
 )
 from envs.sources import SourceConfig
 from pipeline.cli import build_parser
+from worldmodel.checkpoint import CheckpointError
 from worldmodel.config import ConfigError
 from worldmodel.dataset import DatasetError
 from worldmodel.logger import RunLogger
@@ -249,6 +250,9 @@ def test_real_ppo_never_overwrites_an_earlier_training_and_refuses_empty_budgets
     for bad in (*bad_configs, RealPPOConfig(rollout_steps=0)):
         with pytest.raises(ConfigError, match="positive minutes"):
             train_real_ppo(tmp_path / "other", source, ppo, bad, RunLogger(tmp_path))
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(CheckpointError, match="tokenizer"):  # no tokenizer: no empty real_ppo folder left behind
+        train_real_ppo(tmp_path / "other", source, ppo, RealPPOConfig(), RunLogger(tmp_path))
     assert not (tmp_path / "other").exists()
 
 
