@@ -86,8 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from worldmodel.train import train_dynamics, train_tokenizer
 
     config = _config(args)
-    real_flags = (args.minutes, args.envs, args.snapshot_minutes, args.rollout_steps)
-    if not (args.component == "policy" and args.real) and any(flag is not None for flag in real_flags):
+    if not (args.component == "policy" and args.real) and _real_ppo_given(args):
         raise ConfigError(
             "--minutes, --envs, --snapshot-minutes and --rollout-steps set `train policy --real`, not this command"
         )
@@ -257,8 +256,7 @@ def cmd_bench_branch(args: argparse.Namespace) -> None:
 def cmd_bench_baseline(args: argparse.Namespace) -> None:
     from bench.baseline import BaselineConfig, bench_baseline, format_markdown
 
-    flags = (("minutes", args.minutes), ("num_envs", args.envs), ("rollout_steps", args.rollout_steps))
-    checked = tuple(key for key, flag in flags if flag is not None)
+    checked = tuple(key for key in _real_ppo_given(args) if key in BaselineConfig.checked)
     config = BaselineConfig(_real_ppo(args), args.episodes, checked)
     results = bench_baseline(args.run, config, Path(args.out) if args.out else None)
     print(format_markdown(results))
@@ -439,17 +437,25 @@ def _real_ppo_flags(parser: argparse.ArgumentParser, note: str) -> None:
     )
 
 
+REAL_PPO_FLAGS = {
+    "minutes": "minutes",
+    "num_envs": "envs",
+    "snapshot_minutes": "snapshot_minutes",
+    "rollout_steps": "rollout_steps",
+}
+"""`RealPPOConfig`'s fields by the `_real_ppo_flags` destination that sets each."""
+
+
+def _real_ppo_given(args: argparse.Namespace) -> dict[str, object]:
+    """The real-simulator PPO's settings given on the command line, by `RealPPOConfig` field."""
+    return {key: getattr(args, flag) for key, flag in REAL_PPO_FLAGS.items() if getattr(args, flag) is not None}
+
+
 def _real_ppo(args: argparse.Namespace):
     """The real-simulator PPO's settings from `_real_ppo_flags`: the defaults where a flag was left out."""
     from agents.real_ppo import RealPPOConfig
 
-    given = {
-        "minutes": args.minutes,
-        "num_envs": args.envs,
-        "snapshot_minutes": args.snapshot_minutes,
-        "rollout_steps": args.rollout_steps,
-    }
-    return RealPPOConfig(**{key: value for key, value in given.items() if value is not None})
+    return RealPPOConfig(**_real_ppo_given(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
