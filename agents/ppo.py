@@ -151,6 +151,11 @@ def train_ppo(
     return figures
 
 
+def ppo_optimizer(policy: ActorCritic, config: PPOConfig) -> torch.optim.Adam:
+    """The optimizer of PPO's clipped updates."""
+    return torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+
+
 def clipped_updates(
     policy: ActorCritic,
     optimizer: torch.optim.Optimizer,
@@ -231,8 +236,7 @@ def learn_from_episodes(
             for key, value in zip(parts, found, strict=True):
                 parts[key].append(value)
     batch = {key: torch.cat(value) for key, value in parts.items()}
-    if optimizer is None:
-        optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+    optimizer = ppo_optimizer(policy, config) if optimizer is None else optimizer
     minibatch = config.num_envs * config.rollout_steps // config.minibatches
     figures = clipped_updates(policy, optimizer, batch, replace(config, epochs=epochs), minibatch, bounds=bounds)
     return {"steps": float(len(batch["adv"])), **figures}
@@ -323,6 +327,7 @@ def optimise(
     step_offset: int = 0,
     after_update: Callable[[int], None] | None = None,
     log_prefix: str = "ppo/train",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """PPO on `envs` for `config.total_steps` steps or `config.max_minutes`, updating `policy` in place: a rollout, its
     advantages, the clipped updates, over and over.
@@ -330,11 +335,12 @@ def optimise(
     `envs` must autoreset in SAME_STEP mode (Gymnasium 1.x), reporting a finished episode's last observation in
     `info["final_obs"]`; `observe` turns a batch of its observations into token grids (default: they are token grids
     already), and the policy sees the latest `policy.config.frames` of them (`TokenHistory`). `after_update(steps)` is
-    called after every update. Returns the environment steps taken (`steps`), their rate and the mean return of the last
-    100 finished episodes (`episode_return`)."""
+    called after every update. `optimizer` (default: a fresh `ppo_optimizer`) lets a resumed training keep its Adam's
+    moments. Returns the environment steps taken (`steps`), their rate and the mean return of the last 100 finished
+    episodes (`episode_return`)."""
     dev = next(policy.parameters()).device
     observe = observe or (lambda batch: torch.as_tensor(batch, device=dev))
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, eps=1e-5)
+    optimizer = ppo_optimizer(policy, config) if optimizer is None else optimizer
     history = TokenHistory(policy.config.frames)
     obs, info = envs.reset(seed=config.seed)
     obs = history.start(first_grids(info, observe(obs)))

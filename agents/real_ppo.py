@@ -6,11 +6,16 @@ The simulators run in a `gymnasium.vector.AsyncVectorEnv` (one process each, SAM
 the frames are tokenized and the policy acts in this process, batched. A snapshot of the policy is kept every
 `snapshot_minutes` with the wall time and real steps it had used, so that its held-out return can be measured
 against both afterwards (`bench baseline`), outside the timed training.
+
+A training that is killed resumes at its last snapshot when it is started again with the same settings: the policy
+and its Adam moments are kept there (`policy_last`), its real steps and wall time go on from the snapshot's, and the
+simulators start new episodes. What was done after that snapshot is lost and not counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -19,22 +24,27 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from agents.policy import ActorCritic
-from agents.ppo import POLICY, PPOConfig, optimise
+from agents.policy import ActorCritic, PolicyConfig
+from agents.ppo import POLICY, PPOConfig, optimise, ppo_optimizer
 from envs.sources import SourceConfig, make_source_env
-from worldmodel.checkpoint import save_checkpoint
+from worldmodel.checkpoint import load_module, resumable, save_checkpoint
 from worldmodel.config import ConfigError
-from worldmodel.files import write_json_atomic
+from worldmodel.files import read_json, write_json_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.run_dir import RunDir
 from worldmodel.train import load_tokenizer
+from worldmodel.trainer import optimizer_state, restore_optimizer
 from worldmodel.world_model import token_grid_space
 
 REAL_PPO = "real_ppo"
 """The baseline's folder inside a run folder."""
 SNAPSHOTS = "snapshots.json"
 """The list of a training's snapshots, in its folder: there, an earlier training that is not overwritten."""
+RESUME_SEED_STRIDE = 1000
+"""A resumed training's simulators and sampling are seeded `ppo.seed` plus this for each resume, so that it does not
+drive its first tracks again (and, under 1,000 resumes, never reaches the evaluation's seeds from 1,000,000)."""
 
 
 @dataclass
@@ -68,7 +78,8 @@ def train_real_ppo(
     out: Path | None = None,
 ) -> dict[str, object]:
     """Train PPO in the real simulator on the run's tokens; writes snapshots and `snapshots.json` to `out`
-    (default `<run>/real_ppo`). Returns the steps taken, their rate and the snapshots."""
+    (default `<run>/real_ppo`), or resumes the killed training there. Returns the real steps taken in all, their rate,
+    the snapshots and, for a resumed training, where it was resumed (`resumed`: real steps and wall seconds)."""
     run_dir = Path(run_dir)
     out = out or RunDir(run_dir).real_ppo
     if (
@@ -81,16 +92,20 @@ def train_real_ppo(
             "the real-simulator PPO needs positive minutes, snapshot minutes, simulators and rollout steps, got "
             f"{config.minutes}, {config.snapshot_minutes}, {config.num_envs} and {config.rollout_steps}"
         )
-    if (out / SNAPSHOTS).exists():
-        raise ConfigError(
-            f"{out} holds an earlier real-simulator training ({SNAPSHOTS}); move it away to train again, or score it "
-            "with `worldmodel bench baseline`"
-        )
+    settings = _settings(source, ppo, config)
+    resume = _unfinished(out, settings)
     tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)  # a run without one stops before any folder is made
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(ppo.seed)
+    snapshots: list[dict[str, float | str]] = resume["snapshots"] if resume else []
+    resumed: list[dict[str, float]] = resume["resumed"] if resume else []
+    done_steps, done_s = (int(resume["real_steps"]), float(resume["wall_s"])) if resume else (0, 0.0)
+    if resume:
+        resumed = [*resumed, {"real_steps": done_steps, "wall_s": done_s}]
+        tqdm.write(f"resuming the real-simulator PPO in {out} at {done_steps} real steps, {done_s / 60:.1f} minutes")
+    seed = ppo.seed + RESUME_SEED_STRIDE * len(resumed)
+    torch.manual_seed(seed)
     full_episodes = dataclasses.replace(source, max_steps=None)
-    began = time.monotonic()
+    began = time.monotonic() - done_s  # the wall time goes on from the last snapshot's
     envs = gym.vector.AsyncVectorEnv(
         [partial(make_source_env, full_episodes) for _ in range(config.num_envs)],
         context="spawn",
@@ -105,42 +120,96 @@ def train_real_ppo(
             init_log_std=ppo.init_log_std,
             frames=ppo.policy_frames,
         )
+        optimizer = ppo_optimizer(policy, ppo)
+        if resume:
+            kept, _, moments = load_module(_last(out), POLICY, ActorCritic, PolicyConfig)
+            policy.load_state_dict(kept.state_dict())
+            restore_optimizer(optimizer, moments)
 
         @torch.no_grad()
         def observe(frames: np.ndarray) -> torch.Tensor:
             return tokenizer.encode(torch.from_numpy(np.ascontiguousarray(frames))).tokens
 
-        snapshots: list[dict[str, float | str]] = []
-
         def snapshot(steps: int, final: bool = False) -> None:
+            steps += done_steps
             elapsed = time.monotonic() - began
             due = (len(snapshots) + 1) * 60 * config.snapshot_minutes
             if not final and elapsed < due:
                 return
-            if final and snapshots and snapshots[-1]["real_steps"] == steps:
-                return  # the last update's own snapshot is the final one
-            name = f"{POLICY}-{len(snapshots):03d}"
-            meta = {"real_steps": steps, "wall_s": round(elapsed, 1)}
-            save_checkpoint(out / name, policy, POLICY, meta)
-            snapshots.append({"checkpoint": name, **meta})
+            if not (final and snapshots and snapshots[-1]["real_steps"] == steps):  # else the last update's is final
+                name = f"{POLICY}-{len(snapshots):03d}"
+                meta = {"real_steps": steps, "wall_s": round(elapsed, 1)}
+                save_checkpoint(out / name, policy, POLICY, meta)
+                snapshots.append({"checkpoint": name, **meta})
+            state = {"settings": settings, "snapshots": snapshots, "resumed": resumed, "finished": final}
+            save_checkpoint(_last(out), policy, POLICY, {**snapshots[-1], **state}, optimizer_state(optimizer))
             write_json_atomic(out / SNAPSHOTS, snapshots)
 
         budget = dataclasses.replace(
             ppo,
+            seed=seed,
             rollout_steps=config.steps_per_env(ppo),
             total_steps=10**12,
-            max_minutes=config.minutes - (time.monotonic() - began) / 60,
+            max_minutes=max(0.0, config.minutes - (time.monotonic() - began) / 60),  # 0: one update, then stop
         )
         figures = optimise(
-            envs, policy, budget, logger, observe=observe, after_update=snapshot, log_prefix="real_ppo/train"
+            envs,
+            policy,
+            budget,
+            logger,
+            observe=observe,
+            step_offset=done_steps,
+            after_update=snapshot,
+            log_prefix="real_ppo/train",
+            optimizer=optimizer,
         )
         snapshot(int(figures["steps"]), final=True)
     finally:
         envs.close()
+    real_steps = done_steps + int(figures["steps"])
     return {
         "rollout_steps": budget.rollout_steps,
-        "real_steps": figures["steps"],
-        "steps_per_second": figures["steps_per_second"],
+        "real_steps": real_steps,
+        "steps_per_second": figures["steps_per_second"],  # this start's own rate, where it was resumed
         "episode_return": figures["episode_return"],
         "snapshots": snapshots,
+        **({"resumed": resumed} if resumed else {}),
     }
+
+
+def _last(out: Path) -> Path:
+    """The state a killed training resumes from: the last snapshot's policy, Adam moments and bookkeeping."""
+    return resumable(out / POLICY)
+
+
+def _settings(source: SourceConfig, ppo: PPOConfig, config: RealPPOConfig) -> dict[str, object]:
+    """What a training is made with, as its JSON reads back: a resumed training must be made with the same."""
+    parts = {"source": source, "ppo": ppo, "real": config}
+    return json.loads(json.dumps({name: dataclasses.asdict(part) for name, part in parts.items()}))
+
+
+def _unfinished(out: Path, settings: dict[str, object]) -> dict | None:
+    """The bookkeeping of a killed training in `out` to resume; None where `out` holds no training. A finished
+    training, one from before trainings could resume, or one made with other settings, is refused: never
+    overwritten, never mixed with this one."""
+    if not (out / SNAPSHOTS).exists():
+        return None
+    last = _last(out).with_suffix(".json")
+    state = read_json(last) if last.is_file() else {"finished": True}
+    if state.get("finished", True):
+        raise ConfigError(
+            f"{out} holds an earlier real-simulator training ({SNAPSHOTS}); move it away to train again, or score it "
+            "with `worldmodel bench baseline`"
+        )
+    differ = sorted(
+        f"{part}.{key}"
+        for part, values in settings.items()
+        for key in values
+        if state.get("settings", {}).get(part, {}).get(key) != values[key]
+    )
+    if differ:
+        raise ConfigError(
+            f"{out} holds an unfinished real-simulator training made with other {', '.join(differ)}; give the same "
+            "settings to resume it, or move it away to train again"
+        )
+    return state

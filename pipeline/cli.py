@@ -487,7 +487,8 @@ def _pipeline_commands(commands: Any) -> None:
     train.add_argument(
         "--real",
         action="store_true",
-        help="policy: train PPO in the real simulator instead of the dream (on the run's tokens; RUN/real_ppo/)",
+        help="policy: train PPO in the real simulator instead of the dream (on the run's tokens; RUN/real_ppo/); "
+        "a killed training resumes at its last snapshot when run again with the same settings",
     )
     _real_ppo_flags(train, "--real: ")
     train.set_defaults(func=cmd_train)

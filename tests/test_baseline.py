@@ -6,6 +6,7 @@ import shutil
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import write_synthetic_dataset
 
@@ -205,6 +206,73 @@ def test_real_ppo_trains_in_the_real_simulator_and_keeps_snapshots(box_run, tmp_
     policy = load_policy(run / "real_ppo" / snapshots[-1]["checkpoint"])
     assert policy.config.grid_size == 4 and policy.config.action_dim == 3
     assert (run / "real_ppo" / f"{POLICY}-000.safetensors").is_file()
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+class KilledAtLog(RunLogger):
+    """A logger whose `after`-th row never comes: the training dies just before it."""
+
+    def __init__(self, run_dir, after: int):
+        super().__init__(run_dir)
+        self.left = after
+
+    def log(self, metrics, step):
+        self.left -= 1
+        if self.left < 0:
+            raise Killed
+        super().log(metrics, step)
+
+
+@pytest.mark.slow
+def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run, tmp_path, monkeypatch):
+    import agents.real_ppo
+
+    run = tmp_path / "run"
+    shutil.copytree(box_run, run)
+    folder = run / "real_ppo"
+    source = SourceConfig("carracing", frame_size=16)
+    ppo = PPOConfig(num_envs=4, rollout_steps=4, epochs=1, minibatches=2, hidden=32)
+    real = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.001)  # a snapshot after every update
+    with pytest.raises(Killed):  # killed in its third update, after two snapshots: the third's steps are lost
+        train_real_ppo(run, source, ppo, real, KilledAtLog(run, after=2))
+    snapshots = json.loads((folder / "snapshots.json").read_text())
+    assert [s["real_steps"] for s in snapshots] == [16, 32]
+    last = json.loads((folder / f"{POLICY}_last.json").read_text())
+    assert not last["finished"] and last["real_steps"] == 32 and last["snapshots"] == snapshots
+
+    other = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.5)
+    with pytest.raises(ConfigError, match="unfinished real-simulator training made with other real.snapshot_minutes"):
+        train_real_ppo(run, source, ppo, other, RunLogger(run))
+    assert json.loads((folder / "snapshots.json").read_text()) == snapshots  # refused before anything is touched
+
+    started = {}
+    optimise = agents.real_ppo.optimise
+
+    def watched(envs, policy, config, logger, **kwargs):
+        started["weights"] = {k: v.clone() for k, v in policy.state_dict().items()}
+        started["moments"] = {i: s["exp_avg"].clone() for i, s in kwargs["optimizer"].state_dict()["state"].items()}
+        started["seed"], started["offset"] = config.seed, kwargs["step_offset"]
+        return optimise(envs, policy, config, logger, **kwargs)
+
+    monkeypatch.setattr(agents.real_ppo, "optimise", watched)
+    figures = train_real_ppo(run, source, ppo, real, RunLogger(run))
+    kept = load_policy(folder / snapshots[-1]["checkpoint"]).state_dict()
+    assert all(torch.equal(started["weights"][k], kept[k]) for k in kept)  # from the last snapshot's weights
+    assert started["moments"] and all(m.abs().sum() > 0 for m in started["moments"].values())  # and Adam's moments
+    assert started["offset"] == 32 and started["seed"] == ppo.seed + agents.real_ppo.RESUME_SEED_STRIDE
+    assert figures["resumed"] == [{"real_steps": 32, "wall_s": snapshots[-1]["wall_s"]}]
+    after = json.loads((folder / "snapshots.json").read_text())
+    assert after[:2] == snapshots and after == figures["snapshots"] and len(after) >= 3
+    assert [s["checkpoint"] for s in after] == [f"{POLICY}-{i:03d}" for i in range(len(after))]
+    assert [s["real_steps"] for s in after] == list(range(16, 16 * len(after) + 1, 16))  # the lost update is not
+    assert [s["wall_s"] for s in after] == sorted(s["wall_s"] for s in after)  # counted; the clock goes on
+    assert figures["real_steps"] == after[-1]["real_steps"]
+    assert json.loads((folder / f"{POLICY}_last.json").read_text())["finished"]
+    with pytest.raises(ConfigError, match="earlier real-simulator training"):  # a finished training is not resumed
+        train_real_ppo(run, source, ppo, real, RunLogger(run))
 
 
 def test_real_ppo_updates_on_as_many_steps_as_the_dreams_ppo_unless_told():

@@ -53,7 +53,8 @@ def lr_factor(step: int, config: TrainConfig, seconds: float = 0.0) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's moments as flat tensors, for `save_checkpoint`'s `state` (`restore_optimizer` reads them)."""
     tensors = {}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
@@ -61,7 +62,8 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor
     return tensors
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the moments `optimizer_state` kept back into `optimizer`, made for the same parameters."""
     state_dict = optimizer.state_dict()
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -134,7 +136,7 @@ def train(
                     f" delete it to start this stage afresh"
                 )
             model.load_state_dict(restored.state_dict())
-            _restore_optimizer(optimizer, state)
+            restore_optimizer(optimizer, state)
             start, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
             if main:
                 tqdm.write(f"resuming {kind} training from step {start} ({last})")
@@ -144,7 +146,7 @@ def train(
                 raise CheckpointError(f"{init} has another config than this {kind} training; it cannot continue it")
             model.load_state_dict(restored.state_dict())
             if state:
-                _restore_optimizer(optimizer, state)
+                restore_optimizer(optimizer, state)
         forward_batch = distributed.loss_function(model)
         began = time.monotonic() - seconds  # the budget counts the earlier runs' training time
         val_logs: dict[str, float] = {}
@@ -179,7 +181,7 @@ def train(
                 tqdm.write(f"{kind} step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
             if main and (done % config.checkpoint_every == 0 or done == config.steps or out_of_time):
                 meta = {"step": done, "seconds": seconds, **(extra_meta or {})}
-                save_checkpoint(last, model, kind, meta, _optimizer_state(optimizer))
+                save_checkpoint(last, model, kind, meta, optimizer_state(optimizer))
             if out_of_time:
                 if main:
                     tqdm.write(f"{kind}: stopping at step {done} after the {config.max_minutes:g}-minute budget")
