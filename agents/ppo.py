@@ -325,7 +325,7 @@ def optimise(
     logger: RunLogger,
     observe: Callable[[np.ndarray], torch.Tensor] | None = None,
     step_offset: int = 0,
-    after_update: Callable[[int], None] | None = None,
+    after_update: Callable[[int, dict[str, float]], None] | None = None,
     log_prefix: str = "ppo/train",
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
@@ -334,10 +334,10 @@ def optimise(
 
     `envs` must autoreset in SAME_STEP mode (Gymnasium 1.x), reporting a finished episode's last observation in
     `info["final_obs"]`; `observe` turns a batch of its observations into token grids (default: they are token grids
-    already), and the policy sees the latest `policy.config.frames` of them (`TokenHistory`). `after_update(steps)` is
-    called after every update. `optimizer` (default: a fresh `ppo_optimizer`) lets a resumed training keep its Adam's
-    moments. Returns the environment steps taken (`steps`), their rate and the mean return of the last 100 finished
-    episodes (`episode_return`)."""
+    already), and the policy sees the latest `policy.config.frames` of them (`TokenHistory`). `after_update(steps,
+    figures)` is called after every update, with its figures (`episode_return`, the losses). `optimizer` (default: a
+    fresh `ppo_optimizer`) lets a resumed training keep its Adam's moments. Returns the environment steps taken
+    (`steps`), their rate and the mean return of the last 100 finished episodes (`episode_return`)."""
     dev = next(policy.parameters()).device
     observe = observe or (lambda batch: torch.as_tensor(batch, device=dev))
     optimizer = ppo_optimizer(policy, config) if optimizer is None else optimizer
@@ -372,7 +372,7 @@ def optimise(
         }
         logger.log({f"{log_prefix}/{k}": v for k, v in logs.items()}, step_offset + step)
         if after_update is not None:
-            after_update(step)
+            after_update(step, logs)
         progress.set_postfix(steps=step, ret=f"{logs['episode_return']:.1f}", r=f"{logs['reward_per_step']:.3f}")
         progress.update(min(round(time.monotonic() - began), progress.total) - progress.n if timed else 1)
         if config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes:

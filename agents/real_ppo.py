@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from agents.policy import ActorCritic, PolicyConfig
 from agents.ppo import POLICY, PPOConfig, optimise, ppo_optimizer
 from envs.sources import SourceConfig, make_source_env
-from worldmodel.checkpoint import load_module, resumable, save_checkpoint
+from worldmodel.checkpoint import fingerprint, load_module, resumable, save_checkpoint
 from worldmodel.config import ConfigError
-from worldmodel.files import read_json, write_json_atomic
+from worldmodel.files import json_safe, read_json, write_json_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.run_dir import RunDir
 from worldmodel.train import load_tokenizer
@@ -43,8 +43,8 @@ REAL_PPO = "real_ppo"
 SNAPSHOTS = "snapshots.json"
 """The list of a training's snapshots, in its folder: there, an earlier training that is not overwritten."""
 RESUME_SEED_STRIDE = 1000
-"""A resumed training's simulators and sampling are seeded `ppo.seed` plus this for each resume, so that it does not
-drive its first tracks again (and, under 1,000 resumes, never reaches the evaluation's seeds from 1,000,000)."""
+"""A resumed training's simulators and sampling are seeded `ppo.seed` plus this for each time it was resumed, so
+that it does not drive its first tracks again."""
 
 
 @dataclass
@@ -78,8 +78,9 @@ def train_real_ppo(
     out: Path | None = None,
 ) -> dict[str, object]:
     """Train PPO in the real simulator on the run's tokens; writes snapshots and `snapshots.json` to `out`
-    (default `<run>/real_ppo`), or resumes the killed training there. Returns the real steps taken in all, their rate,
-    the snapshots and, for a resumed training, where it was resumed (`resumed`: real steps and wall seconds)."""
+    (default `<run>/real_ppo`), or resumes the killed training there, or gives back the figures of the finished one
+    made with the same settings. Returns the real steps taken in all, their rate over the wall time counted, the
+    sampled episodes' mean return at the end, the snapshots and, where it was resumed, where (`resumed`)."""
     run_dir = Path(run_dir)
     out = out or RunDir(run_dir).real_ppo
     if (
@@ -92,17 +93,22 @@ def train_real_ppo(
             "the real-simulator PPO needs positive minutes, snapshot minutes, simulators and rollout steps, got "
             f"{config.minutes}, {config.snapshot_minutes}, {config.num_envs} and {config.rollout_steps}"
         )
-    settings = _settings(source, ppo, config)
-    resume = _unfinished(out, settings)
     tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)  # a run without one stops before any folder is made
+    settings = _settings(source, ppo, config, fingerprint(tokenizer))
+    state = _earlier(out, settings)
+    if state is not None and (state["finished"] or state["snapshots"][-1]["wall_s"] >= 60 * config.minutes):
+        tqdm.write(f"the real-simulator PPO in {out} has finished; its figures stand")
+        return _finish(out, state)
     out.mkdir(parents=True, exist_ok=True)
-    snapshots: list[dict[str, float | str]] = resume["snapshots"] if resume else []
-    resumed: list[dict[str, float]] = resume["resumed"] if resume else []
-    done_steps, done_s = (int(resume["real_steps"]), float(resume["wall_s"])) if resume else (0, 0.0)
-    if resume:
-        resumed = [*resumed, {"real_steps": done_steps, "wall_s": done_s}]
-        tqdm.write(f"resuming the real-simulator PPO in {out} at {done_steps} real steps, {done_s / 60:.1f} minutes")
-    seed = ppo.seed + RESUME_SEED_STRIDE * len(resumed)
+    if state is None:
+        state = {"settings": settings, "snapshots": [], "resumed": [], "finished": False}
+        state["rollout_steps"] = config.steps_per_env(ppo)
+    else:
+        state["resumed"].append({k: state["snapshots"][-1][k] for k in ("real_steps", "wall_s")})
+        tqdm.write(f"resuming the real-simulator PPO in {out} at its last snapshot, {state['resumed'][-1]}")
+    snapshots = state["snapshots"]
+    done_steps, done_s = (snapshots[-1]["real_steps"], snapshots[-1]["wall_s"]) if snapshots else (0, 0.0)
+    seed = ppo.seed + RESUME_SEED_STRIDE * len(state["resumed"])
     torch.manual_seed(seed)
     full_episodes = dataclasses.replace(source, max_steps=None)
     began = time.monotonic() - done_s  # the wall time goes on from the last snapshot's
@@ -121,16 +127,14 @@ def train_real_ppo(
             frames=ppo.policy_frames,
         )
         optimizer = ppo_optimizer(policy, ppo)
-        if resume:
-            kept, _, moments = load_module(_last(out), POLICY, ActorCritic, PolicyConfig)
-            policy.load_state_dict(kept.state_dict())
-            restore_optimizer(optimizer, moments)
+        if snapshots:
+            _restore(out, snapshots[-1], policy, optimizer)
 
         @torch.no_grad()
         def observe(frames: np.ndarray) -> torch.Tensor:
             return tokenizer.encode(torch.from_numpy(np.ascontiguousarray(frames))).tokens
 
-        def snapshot(steps: int, final: bool = False) -> None:
+        def snapshot(steps: int, figures: dict[str, float], final: bool = False) -> None:
             steps += done_steps
             elapsed = time.monotonic() - began
             due = (len(snapshots) + 1) * 60 * config.snapshot_minutes
@@ -141,16 +145,18 @@ def train_real_ppo(
                 meta = {"real_steps": steps, "wall_s": round(elapsed, 1)}
                 save_checkpoint(out / name, policy, POLICY, meta)
                 snapshots.append({"checkpoint": name, **meta})
-            state = {"settings": settings, "snapshots": snapshots, "resumed": resumed, "finished": final}
-            save_checkpoint(_last(out), policy, POLICY, {**snapshots[-1], **state}, optimizer_state(optimizer))
+            state.update(finished=final, episode_return=json_safe(figures["episode_return"]))  # None: none ended
+            # the moments name their snapshot: a kill between this checkpoint's two files is told apart on resume
+            moments = {**optimizer_state(optimizer), "real_steps": torch.tensor(steps)}
+            save_checkpoint(_last(out), policy, POLICY, state, moments)
             write_json_atomic(out / SNAPSHOTS, snapshots)
 
         budget = dataclasses.replace(
             ppo,
             seed=seed,
-            rollout_steps=config.steps_per_env(ppo),
+            rollout_steps=state["rollout_steps"],
             total_steps=10**12,
-            max_minutes=max(0.0, config.minutes - (time.monotonic() - began) / 60),  # 0: one update, then stop
+            max_minutes=config.minutes - (time.monotonic() - began) / 60,
         )
         figures = optimise(
             envs,
@@ -163,53 +169,79 @@ def train_real_ppo(
             log_prefix="real_ppo/train",
             optimizer=optimizer,
         )
-        snapshot(int(figures["steps"]), final=True)
+        snapshot(int(figures["steps"]), figures, final=True)
     finally:
         envs.close()
-    real_steps = done_steps + int(figures["steps"])
-    return {
-        "rollout_steps": budget.rollout_steps,
-        "real_steps": real_steps,
-        "steps_per_second": figures["steps_per_second"],  # this start's own rate, where it was resumed
-        "episode_return": figures["episode_return"],
-        "snapshots": snapshots,
-        **({"resumed": resumed} if resumed else {}),
-    }
+    return _finish(out, state)
 
 
 def _last(out: Path) -> Path:
-    """The state a killed training resumes from: the last snapshot's policy, Adam moments and bookkeeping."""
+    """Where a training keeps its newest snapshot's policy with its Adam moments, and its bookkeeping (`state`):
+    what a killed training resumes from, and a finished one's figures."""
     return resumable(out / POLICY)
 
 
-def _settings(source: SourceConfig, ppo: PPOConfig, config: RealPPOConfig) -> dict[str, object]:
+def _settings(
+    source: SourceConfig, ppo: PPOConfig, config: RealPPOConfig, tokenizer: str
+) -> dict[str, dict[str, object]]:
     """What a training is made with, as its JSON reads back: a resumed training must be made with the same."""
     parts = {"source": source, "ppo": ppo, "real": config}
-    return json.loads(json.dumps({name: dataclasses.asdict(part) for name, part in parts.items()}))
+    made = {name: dataclasses.asdict(part) for name, part in parts.items()}
+    return json.loads(json.dumps({**made, "tokenizer": {"fingerprint": tokenizer}}))
 
 
-def _unfinished(out: Path, settings: dict[str, object]) -> dict | None:
-    """The bookkeeping of a killed training in `out` to resume; None where `out` holds no training. A finished
-    training, one from before trainings could resume, or one made with other settings, is refused: never
+def _earlier(out: Path, settings: dict[str, dict[str, object]]) -> dict | None:
+    """The bookkeeping of the training in `out` made with `settings`, finished or killed; None where `out` holds
+    none. One made with other settings, or from before trainings kept their bookkeeping, is refused: never
     overwritten, never mixed with this one."""
-    if not (out / SNAPSHOTS).exists():
-        return None
     last = _last(out).with_suffix(".json")
-    state = read_json(last) if last.is_file() else {"finished": True}
-    if state.get("finished", True):
-        raise ConfigError(
-            f"{out} holds an earlier real-simulator training ({SNAPSHOTS}); move it away to train again, or score it "
-            "with `worldmodel bench baseline`"
-        )
+    if not last.is_file():
+        if (out / SNAPSHOTS).exists():
+            raise ConfigError(
+                f"{out} holds an earlier real-simulator training ({SNAPSHOTS}); move it away to train again, or "
+                "score it with `worldmodel bench baseline`"
+            )
+        return None  # nothing, or a training killed before its first snapshot
+    state = read_json(last)
     differ = sorted(
-        f"{part}.{key}"
-        for part, values in settings.items()
-        for key in values
-        if state.get("settings", {}).get(part, {}).get(key) != values[key]
+        f"{part}.{key}" for part, values in settings.items() for key in values if _made(state, part, key) != values[key]
     )
     if differ:
         raise ConfigError(
-            f"{out} holds an unfinished real-simulator training made with other {', '.join(differ)}; give the same "
-            "settings to resume it, or move it away to train again"
+            f"{out} holds a real-simulator training made with other {', '.join(differ)}; give the same settings to "
+            "resume or score it, or move it away to train again"
         )
     return state
+
+
+def _made(state: dict, part: str, key: str) -> object:
+    return state.get("settings", {}).get(part, {}).get(key)
+
+
+def _restore(out: Path, last: dict[str, object], policy: ActorCritic, optimizer: torch.optim.Optimizer) -> None:
+    """The policy of the snapshot `last`, and its Adam moments where `policy_last` holds that snapshot's (a kill
+    between that checkpoint's two files can leave the next snapshot's there: then Adam starts afresh)."""
+    kept, _, _ = load_module(out / str(last["checkpoint"]), POLICY, ActorCritic, PolicyConfig)
+    policy.load_state_dict(kept.state_dict())
+    _, _, moments = load_module(_last(out), POLICY, ActorCritic, PolicyConfig)
+    if int(moments.pop("real_steps", torch.tensor(-1))) == last["real_steps"]:
+        restore_optimizer(optimizer, moments)
+    else:
+        tqdm.write(f"{_last(out)} is not of the last snapshot's step: Adam's moments start afresh")
+
+
+def _finish(out: Path, state: dict) -> dict[str, object]:
+    """The figures of a training whose bookkeeping is `state`, marked finished, with `snapshots.json` written."""
+    if not state["finished"]:  # resumed past its budget: nothing left to train
+        state["finished"] = True
+        write_json_atomic(_last(out).with_suffix(".json"), {**read_json(_last(out).with_suffix(".json")), **state})
+    write_json_atomic(out / SNAPSHOTS, state["snapshots"])
+    last = state["snapshots"][-1]
+    return {
+        "rollout_steps": state["rollout_steps"],
+        "real_steps": last["real_steps"],
+        "steps_per_second": last["real_steps"] / max(last["wall_s"], 1e-9),
+        "episode_return": state["episode_return"],
+        "snapshots": state["snapshots"],
+        **({"resumed": state["resumed"]} if state["resumed"] else {}),
+    }

@@ -229,6 +229,8 @@ class KilledAtLog(RunLogger):
 @pytest.mark.slow
 def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run, tmp_path, monkeypatch):
     import agents.real_ppo
+    from agents.policy import ActorCritic, PolicyConfig
+    from worldmodel.checkpoint import load_module
 
     run = tmp_path / "run"
     shutil.copytree(box_run, run)
@@ -241,10 +243,11 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     snapshots = json.loads((folder / "snapshots.json").read_text())
     assert [s["real_steps"] for s in snapshots] == [16, 32]
     last = json.loads((folder / f"{POLICY}_last.json").read_text())
-    assert not last["finished"] and last["real_steps"] == 32 and last["snapshots"] == snapshots
+    assert not last["finished"] and last["snapshots"] == snapshots
+    _, _, saved = load_module(folder / f"{POLICY}_last", POLICY, ActorCritic, PolicyConfig)
 
     other = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.5)
-    with pytest.raises(ConfigError, match="unfinished real-simulator training made with other real.snapshot_minutes"):
+    with pytest.raises(ConfigError, match="training made with other real.snapshot_minutes"):
         train_real_ppo(run, source, ppo, other, RunLogger(run))
     assert json.loads((folder / "snapshots.json").read_text()) == snapshots  # refused before anything is touched
 
@@ -253,7 +256,8 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
 
     def watched(envs, policy, config, logger, **kwargs):
         started["weights"] = {k: v.clone() for k, v in policy.state_dict().items()}
-        started["moments"] = {i: s["exp_avg"].clone() for i, s in kwargs["optimizer"].state_dict()["state"].items()}
+        moments = kwargs["optimizer"].state_dict()["state"]
+        started["moments"] = {f"optim.{i}.{k}": v.clone() for i, m in moments.items() for k, v in m.items()}
         started["seed"], started["offset"] = config.seed, kwargs["step_offset"]
         return optimise(envs, policy, config, logger, **kwargs)
 
@@ -261,7 +265,8 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     figures = train_real_ppo(run, source, ppo, real, RunLogger(run))
     kept = load_policy(folder / snapshots[-1]["checkpoint"]).state_dict()
     assert all(torch.equal(started["weights"][k], kept[k]) for k in kept)  # from the last snapshot's weights
-    assert started["moments"] and all(m.abs().sum() > 0 for m in started["moments"].values())  # and Adam's moments
+    assert started["moments"].keys() == {k for k in saved if k.startswith("optim.")}  # and its Adam's moments
+    assert all(torch.equal(started["moments"][k].float(), saved[k].float()) for k in started["moments"])
     assert started["offset"] == 32 and started["seed"] == ppo.seed + agents.real_ppo.RESUME_SEED_STRIDE
     assert figures["resumed"] == [{"real_steps": 32, "wall_s": snapshots[-1]["wall_s"]}]
     after = json.loads((folder / "snapshots.json").read_text())
@@ -270,9 +275,13 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     assert [s["real_steps"] for s in after] == list(range(16, 16 * len(after) + 1, 16))  # the lost update is not
     assert [s["wall_s"] for s in after] == sorted(s["wall_s"] for s in after)  # counted; the clock goes on
     assert figures["real_steps"] == after[-1]["real_steps"]
+    assert figures["steps_per_second"] == pytest.approx(after[-1]["real_steps"] / after[-1]["wall_s"])
     assert json.loads((folder / f"{POLICY}_last.json").read_text())["finished"]
-    with pytest.raises(ConfigError, match="earlier real-simulator training"):  # a finished training is not resumed
-        train_real_ppo(run, source, ppo, real, RunLogger(run))
+
+    monkeypatch.setattr(agents.real_ppo, "optimise", lambda *a, **k: pytest.fail("trained again"))
+    (folder / "snapshots.json").unlink()  # as if killed before its end was written: the figures stand
+    assert train_real_ppo(run, source, ppo, real, RunLogger(run)) == figures
+    assert json.loads((folder / "snapshots.json").read_text()) == after
 
 
 def test_real_ppo_updates_on_as_many_steps_as_the_dreams_ppo_unless_told():
@@ -306,7 +315,8 @@ def test_held_out_scores_are_kept_and_never_mixed_across_episode_counts(tmp_path
     assert other("a")["mean"] == 3.0 and calls[-1][2] == 50  # scores over 5 episodes are not taken for 50
 
 
-def test_real_ppo_never_overwrites_an_earlier_training_and_refuses_empty_budgets(tmp_path):
+def test_real_ppo_never_overwrites_an_earlier_training_and_refuses_empty_budgets(box_run, tmp_path):
+    shutil.copytree(box_run, tmp_path / "run")
     folder = tmp_path / "run" / "real_ppo"
     folder.mkdir(parents=True)
     (folder / "snapshots.json").write_text("[]")
