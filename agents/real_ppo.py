@@ -234,7 +234,7 @@ def _finish(out: Path, state: dict) -> dict[str, object]:
     """The figures of a training whose bookkeeping is `state`, marked finished, with `snapshots.json` written."""
     if not state["finished"]:  # resumed past its budget: nothing left to train
         state["finished"] = True
-        write_json_atomic(_last(out).with_suffix(".json"), {**read_json(_last(out).with_suffix(".json")), **state})
+        write_json_atomic(_last(out).with_suffix(".json"), state)  # read from there: its sidecar whole
     write_json_atomic(out / SNAPSHOTS, state["snapshots"])
     last = state["snapshots"][-1]
     return {

@@ -282,6 +282,10 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     (folder / "snapshots.json").unlink()  # as if killed before its end was written: the figures stand
     assert train_real_ppo(run, source, ppo, real, RunLogger(run)) == figures
     assert json.loads((folder / "snapshots.json").read_text()) == after
+    sidecar = folder / f"{POLICY}_last.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "finished": False}))  # killed past its budget
+    assert train_real_ppo(run, source, ppo, real, RunLogger(run)) == figures  # nothing left to train
+    assert json.loads(sidecar.read_text())["finished"] and load_policy(folder / f"{POLICY}_last")
 
 
 def test_real_ppo_updates_on_as_many_steps_as_the_dreams_ppo_unless_told():
