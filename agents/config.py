@@ -282,13 +282,16 @@ def check_pipeline_config(config: PipelineConfig) -> None:
             raise ConfigError(
                 f"{key}: expected 1 to dynamics.model.context_frames ({context}), got {_value(config, key)}"
             )
-    # dataset episode i is driven on seed collect.seed + i; the loop appends (iterations + 1) rounds of episodes
+    # dataset episode i is driven on seed collect.seed + i; the loop appends (iterations + 1) rounds of episodes,
+    # and its playoff drives the seeds after them
     loop = config.loop
-    collected = config.collect.episodes + (loop.iterations + 1) * loop.episodes * (loop.iterations > 0)
+    collected = config.collect.episodes + ((loop.iterations + 1) * loop.episodes + loop.playoff_episodes) * (
+        loop.iterations > 0
+    )
     first, last = config.collect.seed, config.collect.seed + collected - 1
     eval_first, eval_last = config.eval.seed, config.eval.seed + config.eval.episodes - 1
     if eval_first <= last and first <= eval_last:
         raise ConfigError(
             f"eval.seed: expected evaluation seeds apart from the collection's {first}..{last} (collect.seed + each"
-            f" dataset episode, loop rounds included), got {eval_first}..{eval_last}"
+            f" dataset episode, loop rounds and playoff included), got {eval_first}..{eval_last}"
         )

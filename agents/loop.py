@@ -47,7 +47,7 @@ class LoopConfig:
     workers: int = 2
     """Processes that drive the real simulator, each with its own copy of the policy."""
     recent_share: float = 0.5
-    """Share of each dynamics batch drawn from the newest round's episodes; the rest is uniform over all."""
+    """Share of each dynamics batch drawn from the newest round's episodes; the rest is uniform over the older ones."""
     recent_starts: float = 0.0
     """Share of PPO's dreams that start from the newest round's real states, where the current policy went (as
     MBPO branches its rollouts from the policy's own states); the rest start anywhere in the training episodes."""

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from bench.codecs import QUALITIES, CodecPoint, compare, measure_codec
 from bench.imagination import timed_rate
 from envs.sources import fit_frame
-from worldmodel.checkpoint import config_matches, read_checkpoint, resumable
+from worldmodel.checkpoint import checkpoint_exists, config_matches, read_checkpoint, resumable
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
 from worldmodel.files import read_json, save_figure_atomic, write_json_atomic, write_text_atomic
@@ -395,7 +395,7 @@ def trained_tokenizer(
     elsewhere = f"delete {folder} or write to another --out"
 
     def step_of(checkpoint: Path) -> int | None:
-        if not checkpoint.with_suffix(".safetensors").is_file():
+        if not checkpoint_exists(checkpoint):
             return None
         meta, _ = read_checkpoint(checkpoint, TOKENIZER)
         if not config_matches(meta.get("config"), stage.model) or meta.get("dataset") != str(dataset_dir):

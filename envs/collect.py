@@ -212,8 +212,17 @@ def collect(config: CollectConfig, root: str | Path) -> Dataset:
         )
     done = {record.name for record in dataset.episodes}
     todo = [i for i in range(config.episodes) if episode_name(i) not in done]
-    if not todo:
-        return dataset
+    if todo:
+        _record_all(dataset, config, root, todo)
+    names = [record.name for record in dataset.episodes]
+    if names != sorted(names):  # in episode order, also where a kill came between the last episode and this sort
+        dataset.manifest.episodes.sort(key=lambda r: r.name)
+        dataset.save_manifest()
+    return dataset
+
+
+def _record_all(dataset: Dataset, config: CollectConfig, root: str | Path, todo: list[int]) -> None:
+    """Record episodes `todo` into `dataset`, each added to its manifest as soon as it ends."""
     tasks = [(config, str(root), i) for i in todo]
     progress = tqdm(
         total=config.episodes,
@@ -229,6 +238,3 @@ def collect(config: CollectConfig, root: str | Path) -> Dataset:
             progress.set_postfix(ret=f"{record.ret:.0f}", kind=record.kind)
     finally:
         progress.close()
-    dataset.manifest.episodes.sort(key=lambda r: r.name)
-    dataset.save_manifest()
-    return dataset

@@ -26,7 +26,7 @@ from agents.loop import PLAYOFF, collect_with_policy, dream_gap, driven_seeds, p
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
 from envs.sources import SOURCES
-from worldmodel.checkpoint import copy_checkpoint, read_checkpoint, resumable, save_checkpoint
+from worldmodel.checkpoint import checkpoint_exists, copy_checkpoint, read_checkpoint, resumable, save_checkpoint
 from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
@@ -99,13 +99,16 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     config_path = RunDir(run_dir).config
     if config_path.is_file():
         previous = yaml.safe_load(config_path.read_text()) or {}
-        for stage_name, keys in STAGE_SECTIONS.items():
+        order = list(STAGE_SECTIONS)
+        for at, (stage_name, keys) in enumerate(STAGE_SECTIONS.items()):
+            # a stage's settings are fixed once it, or a stage after it (on its output), finished: a loop added to a
+            # finished run would leave its evaluation and video of the policy before the loop
+            finished = next((later for later in order[at:] if results.done(later)), None)
             for key in keys:
-                if results.done(stage_name) and _changed(
-                    _lookup(previous, key), _lookup(resolved, key), _lookup(defaults, key)
-                ):
+                if finished and _changed(_lookup(previous, key), _lookup(resolved, key), _lookup(defaults, key)):
+                    what = repr(finished) + ("" if finished == stage_name else f", after stage {stage_name!r},")
                     raise ConfigError(
-                        f"{run_dir}: stage {stage_name!r} finished with other `{key}` settings than "
+                        f"{run_dir}: stage {what} finished with other `{key}` settings than "
                         f"now{_scale_changed(key, previous, config)} (see {config_path}); choose a new run.name, or "
                         "delete the run folder"
                     )
@@ -175,7 +178,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
     run_dir, data_dir, device = config.run_dir, config.dataset_dir, config.run.device
     run = RunDir(run_dir)
     initial = run.loop_round(0).policy
-    if not initial.with_suffix(".safetensors").is_file():
+    if not checkpoint_exists(initial):
         copy_checkpoint(run.policy, initial, POLICY)
 
     def seconds(prefix: str) -> float:
@@ -218,10 +221,8 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             warmup_steps=0,  # it goes on with the optimizer's moments where the last training left them
         )
         if iteration == 1:
-            previous, offset = (
-                resumable(run.dynamics),
-                int(read_checkpoint(run.dynamics, DYNAMICS)[0]["step"]),
-            )
+            # the first training's steps, from its record: <run>/dynamics may already be this round's copy
+            previous, offset = resumable(run.dynamics), int(results.data["dynamics"]["steps"])
         else:
             previous = resumable(run.loop_round(iteration - 1).dynamics)
             offset = int(results.data[f"loop/{iteration - 1:02d}/dynamics"]["steps_total"])

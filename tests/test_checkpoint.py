@@ -7,6 +7,7 @@ from torch import nn
 
 from worldmodel.checkpoint import (
     CheckpointError,
+    checkpoint_exists,
     clean_state_dict,
     config_matches,
     fingerprint,
@@ -178,3 +179,21 @@ def test_an_older_checkpoint_without_newer_fields_still_matches_and_resumes(tmp_
     config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, log_every=1, eval_every=100, checkpoint_every=100)
     train(tiny_tokenizer(), lambda step: {"frames": frames}, config, tmp_path / "tok", "tokenizer", RunLogger(tmp_path))
     assert json.loads((tmp_path / "tok.json").read_text())["step"] == 2  # resumed from step 1, not refused
+
+
+def test_weights_without_their_sidecar_count_as_no_checkpoint_and_a_training_starts_afresh(tmp_path):
+    # a kill between the two files of a training's first `_last` save leaves the weights alone: the stage must start
+    # again, not stop at "tok_last.json not found" until someone deletes the file
+    from worldmodel.logger import RunLogger
+    from worldmodel.trainer import TrainConfig, train
+
+    save_checkpoint(tmp_path / "tok_last", tiny_tokenizer(), "tokenizer", {"step": 1})
+    assert checkpoint_exists(tmp_path / "tok_last")
+    (tmp_path / "tok_last.json").unlink()
+    assert not checkpoint_exists(tmp_path / "tok_last")
+    frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    config = TrainConfig(steps=3, batch_size=2, warmup_steps=1, log_every=1, eval_every=100, checkpoint_every=100)
+    figures = train(
+        tiny_tokenizer(), lambda step: {"frames": frames}, config, tmp_path / "tok", "tokenizer", RunLogger(tmp_path)
+    )
+    assert figures["steps"] == 3 and json.loads((tmp_path / "tok_last.json").read_text())["step"] == 3

@@ -206,6 +206,7 @@ def test_cli_overrides_may_follow_flags_and_strays_are_refused(capsys):
         "tokenizer.train.max_minutes=0",
         "eval.seed=50",  # the tiny preset collects 100 episodes from seed 0
         "eval.seed=120",  # and its 3 loop rounds (and the scoring round) 8 more each, seeds 100 to 131
+        "eval.seed=132",  # and the playoff's 8 tracks after them, seeds 132 to 139
         "ppo.lr=.inf",
         "ppo.num_envs=true",  # YAML's true is an int to Python, not a count
         "run.threads=-2",
@@ -230,8 +231,9 @@ def test_cuda_is_refused_at_load_where_torch_has_none(monkeypatch):
     assert load_pipeline_config("tiny", ["run.device=auto"]).run.device == "auto"
 
 
-def test_evaluation_seeds_just_past_every_collection_are_accepted():
-    assert load_pipeline_config("tiny", ["eval.seed=132"]).eval.seed == 132
+def test_evaluation_seeds_just_past_every_collection_and_the_playoff_are_accepted():
+    assert load_pipeline_config("tiny", ["eval.seed=140"]).eval.seed == 140
+    assert load_pipeline_config("tiny", ["eval.seed=132", "loop.playoff_episodes=0"]).eval.seed == 132
 
 
 def test_a_refused_setting_is_one_line_and_exit_status_2_from_the_command(capsys):

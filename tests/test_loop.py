@@ -825,6 +825,9 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
     assert all(torch.equal(kept[k], policy[k]) for k in kept)
     steps = [row["real_steps"] for row in loop["curve"]]
     assert steps == [80, 120, 160]
+    # each round's dynamics steps count on from the training before it, the first from the stage before the loop
+    totals = [finished["dynamics"]["steps"]] + [finished[f"loop/{j:02d}/dynamics"]["steps_total"] for j in (1, 2)]
+    assert totals[1:] == [totals[j] + finished[f"loop/{j + 1:02d}/dynamics"]["steps"] for j in (0, 1)]
     assert all(np.isfinite(row["dream_gap"]) for row in loop["curve"])
     assert "loop policy 2" in out and "loop kept" in out
     # evaluation seeds never overlap any collection seed, the loop's included

@@ -437,6 +437,22 @@ def test_a_resume_under_another_time_scale_is_refused_and_says_so(tmp_path):
         run_pipeline(resumed)
 
 
+def test_a_loop_added_to_a_run_evaluated_without_one_is_refused(tmp_path):
+    from pipeline.run import run_pipeline
+    from worldmodel.run_dir import Results
+
+    overrides = [f"run.runs_dir={tmp_path}", "run.name=x"]
+    started = load_pipeline_config("tiny", [*overrides, "loop.iterations=0"])
+    run_dir = started.run_dir
+    run_dir.mkdir(parents=True)
+    RunDir(run_dir).config.write_text(yaml.safe_dump(to_dict(started), sort_keys=False))
+    Results(run_dir).record("evaluate", {"policy": {"mean": 600.0}})  # the policy before any loop, scored
+    # no loop stage ever ran, but the evaluation (and the video) would stay that policy's beside the loop's curve
+    with pytest.raises(ConfigError, match=r"stage 'evaluate', after stage 'loop', finished with other `loop` settings"):
+        run_pipeline(load_pipeline_config("tiny", overrides))
+    assert not (run_dir / "dataset").exists()  # refused before any work
+
+
 def _run_command(tmp_path, monkeypatch, preset="tiny", name="auto"):
     """`worldmodel run ... run.time_scale=auto`'s config as the pipeline would get it (the pipeline itself stubbed)."""
     import pipeline.run

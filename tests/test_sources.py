@@ -160,6 +160,13 @@ def test_collect_writes_a_dataset_and_resumes(tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "data" / "episodes").iterdir()}
     assert {k: after[k] for k in before} == before  # the first two episodes were not re-recorded
     assert set(after) == {"000000", "000001", "000002"}
+    # killed after the last episode was added, before the manifest was put in episode order: the next call sorts it
+    dataset = Dataset.open(tmp_path / "data")
+    dataset.manifest.episodes.reverse()
+    dataset.save_manifest()
+    again = collect(dataclasses.replace(config, episodes=3), tmp_path / "data")
+    assert [e.name for e in again.episodes] == [e.name for e in Dataset.open(tmp_path / "data").episodes]
+    assert [e.name for e in again.episodes] == ["000000", "000001", "000002"]
 
 
 def test_road_camera_frames_come_from_the_full_drawing(tmp_path):

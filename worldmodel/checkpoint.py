@@ -44,6 +44,14 @@ def resumable(path: str | Path) -> Path:
     return path.with_name(path.name + "_last")
 
 
+def checkpoint_exists(path: str | Path) -> bool:
+    """Whether both files of the checkpoint at `path` are there. `save_checkpoint` and `copy_checkpoint` write the
+    weights first: a kill between the two files of a first write leaves weights without their `.json`, which this
+    counts as no checkpoint (to be written again), not as one that cannot be read."""
+    path = Path(path)
+    return path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file()
+
+
 def save_checkpoint(
     path: str | Path,
     module: nn.Module,

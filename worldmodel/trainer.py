@@ -14,7 +14,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from worldmodel import distributed
-from worldmodel.checkpoint import CheckpointError, config_matches, load_module, resumable, save_checkpoint
+from worldmodel.checkpoint import (
+    CheckpointError,
+    checkpoint_exists,
+    config_matches,
+    load_module,
+    resumable,
+    save_checkpoint,
+)
 from worldmodel.logger import RunLogger
 
 
@@ -127,7 +134,7 @@ def train(
         last = resumable(checkpoint_path)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         start, seconds = 0, 0.0
-        if last.with_suffix(".safetensors").is_file():
+        if checkpoint_exists(last):
             restored, meta, state = load_module(last, kind, type(model), type(model.config))
             stale = {k: v for k, v in (extra_meta or {}).items() if k.endswith("fingerprint") and meta.get(k) != v}
             if stale or not config_matches(meta["config"], model.config):
