@@ -298,3 +298,25 @@ def test_a_missing_or_damaged_token_cache_is_named_with_what_to_do(tmp_path):
     np.savez(path, tokens=np.zeros((2, 4, 4), np.int16))  # a zip without the cache's other arrays
     with pytest.raises(DatasetError, match="unreadable token cache"):
         TokenizedDataset.load(path)
+
+
+def test_a_resumed_training_draws_new_batches_and_a_fresh_one_its_seeds_stream():
+    from worldmodel.train import StepRng
+
+    lengths = np.array([40, 50, 60])
+    fresh, plain = StepRng(3), np.random.default_rng(3)
+    drawn = [sample_windows(lengths, 4, 8, fresh(step)) for step in range(6)]
+    # from the first step on, one stream, as the generator seeded alone would draw it
+    for episode, start in drawn:
+        want_episode, want_start = sample_windows(lengths, 4, 8, plain)
+        assert np.array_equal(episode, want_episode) and np.array_equal(start, want_start)
+    # a training resumed at step 3 draws neither its first batches again nor the ones it drew there before
+    resumed = StepRng(3)
+    again = [sample_windows(lengths, 4, 8, resumed(step)) for step in range(3, 6)]
+    for episode, start in again:
+        assert not any(np.array_equal(start, s) and np.array_equal(episode, e) for e, s in drawn)
+    # and the same resume draws the same batches
+    twice = StepRng(3)
+    for (episode, start), step in zip(again, range(3, 6), strict=True):
+        want_episode, want_start = sample_windows(lengths, 4, 8, twice(step))
+        assert np.array_equal(episode, want_episode) and np.array_equal(start, want_start)

@@ -126,7 +126,12 @@ def test_two_ranks_stay_in_step_write_once_and_resume(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     output = result.stdout + result.stderr
     assert output.count("resuming tokenizer training from step 4") == 1  # said once, by rank 0
-    assert len(recorded(tmp_path, "batches", 0)) == len(recorded(tmp_path, "batches", 1)) == 4 + 2
+    resumed = [recorded(tmp_path, "batches", rank) for rank in (0, 1)]
+    assert len(resumed[0]) == len(resumed[1]) == 4 + 2
+    assert [b[:4] for b in resumed] == batches  # the launch before, recorded in the same files
+    # the resumed steps draw new batches on each rank, not again the ones the training began with
+    assert not set(resumed[0][4:]) & set(batches[0]) and not set(resumed[1][4:]) & set(batches[1])
+    assert not set(resumed[0][4:]) & set(resumed[1][4:])
     assert recorded(tmp_path, "weights", 0) == recorded(tmp_path, "weights", 1)
     assert checkpoint_meta(tmp_path, "tokenizer")["step"] == 6
 
@@ -196,8 +201,8 @@ def _worker(argv: list[str]) -> None:
         note("weights", fingerprint(model))
         return metrics
 
-    def recording_sample(self, batch_size):
-        frames = sample(self, batch_size)
+    def recording_sample(self, batch_size, rng=None):
+        frames = sample(self, batch_size, rng)
         note("batches", hashlib.sha256(frames.tobytes()).hexdigest()[:16])
         return frames
 

@@ -408,8 +408,8 @@ class FrameSampler:
         self.lengths = np.array([len(e.frames) for e in self.episodes])
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, batch_size: int) -> np.ndarray:
-        episode, start = sample_windows(self.lengths, 1, batch_size, self.rng)
+    def sample(self, batch_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        episode, start = sample_windows(self.lengths, 1, batch_size, self.rng if rng is None else rng)
         return np.stack([self.episodes[e].frames[s] for e, s in zip(episode, start, strict=True)])  # (B, H, W, C)
 
     def all_frames(self, stride: int = 1) -> np.ndarray:

@@ -94,6 +94,21 @@ def evaluate_reconstruction(
     return {"psnr": sum(psnrs) / len(frames), "ssim": sum(ssims) / len(frames), "codes_used": float(len(used))}
 
 
+class StepRng:
+    """The generator a training's batches are drawn with at each step: one stream seeded `seed` from the first step,
+    reseeded with the step where a training resumes (from its `_last` checkpoint), so that a resumed training draws new
+    batches rather than again the ones it began with."""
+
+    def __init__(self, seed: int):
+        self.seed, self.generator, self.next = seed, np.random.default_rng(seed), 0
+
+    def __call__(self, step: int) -> np.random.Generator:
+        if step != self.next:
+            self.generator = np.random.default_rng([self.seed, step])
+        self.next = step + 1
+        return self.generator
+
+
 def train_tokenizer(
     dataset_dir: str | Path,
     run_dir: str | Path,
@@ -115,7 +130,8 @@ def train_tokenizer(
     )
     config.validate()  # frames the stages cannot halve are refused before any work
     train_ids, val_ids = dataset.split(val_fraction)
-    sampler = FrameSampler(dataset, dataset.usable(train_ids), seed=stage.train.seed + distributed.rank())
+    sampler = FrameSampler(dataset, dataset.usable(train_ids))
+    rng = StepRng(stage.train.seed + distributed.rank())
     val_all = FrameSampler(dataset, dataset.usable(val_ids)).all_frames()
     val_frames = val_all[np.linspace(0, len(val_all) - 1, min(stage.val_frames, len(val_all))).astype(int)]
     torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
@@ -123,7 +139,7 @@ def train_tokenizer(
     path = RunDir(run_dir).tokenizer
 
     def sample(step: int) -> dict[str, torch.Tensor]:
-        return {"frames": torch.from_numpy(sampler.sample(stage.train.batch_size)).to(dev)}
+        return {"frames": torch.from_numpy(sampler.sample(stage.train.batch_size, rng(step))).to(dev)}
 
     metrics = train(
         tokenizer,
@@ -251,7 +267,7 @@ def train_dynamics(
     torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
     model = DynamicsModel(config).to(dev)
     weights = None if recent is None else recent_weights(train_set, window, *recent)
-    rng = np.random.default_rng(stage.train.seed + distributed.rank())
+    rng = StepRng(stage.train.seed + distributed.rank())
     val_rng = np.random.default_rng(12345)
     val_batches = [
         _to_tensors(val_set.sample(window, stage.train.batch_size, val_rng), dev) for _ in range(stage.val_batches)
@@ -271,7 +287,7 @@ def train_dynamics(
 
     metrics = train(
         model,
-        lambda step: _to_tensors(train_set.sample(window, stage.train.batch_size, rng, weights=weights), dev),
+        lambda step: _to_tensors(train_set.sample(window, stage.train.batch_size, rng(step), weights=weights), dev),
         stage.train,
         checkpoint or RunDir(run_dir).dynamics,
         DYNAMICS,
