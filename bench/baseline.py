@@ -6,9 +6,10 @@ counted in its time). Its snapshots, and the dream pipeline's policies (the one 
 loop round's), are scored on the run's held-out evaluation tracks. The table and plot give the held-out return
 against wall time and against real environment steps (recorded steps, each 4 simulator frames on CarRacing; on
 highway the table counts crashes too), and `time_ratio`: the wall time the real-simulator PPO needed to reach the
-dream pipeline's held-out score over the dream pipeline's wall time to its kept policy (a lower bound when it never
-did in its budget). Everything is resumable: a trained baseline and every scored policy are kept in
-`<run>/real_ppo/`.
+dream pipeline's held-out score over the dream pipeline's wall time to its kept policy (a lower bound when none of
+its snapshots did in its budget). The kept policy is scored on the tracks every other row is: the run's own
+evaluation where `--episodes` is left as the run's, else anew. Everything is resumable: a trained baseline and every
+scored policy are kept in `<run>/real_ppo/`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
         write_json_atomic(trained, training)
 
     eval_config = pipeline.eval
+    evaluated = eval_config.episodes  # the run's own evaluation, in its summary
     if config.episodes is not None:
         eval_config.episodes = config.episodes
     score = HeldOutScores(folder / "scores.json", run_dir, pipeline.collect.source, eval_config, used)
@@ -99,21 +101,22 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
                 {"policy": row["policy"], "wall_s": row["wall_s"], "real_steps": row["real_steps"], **held_out}
             )
         last = loop["curve"][-1]
-        final_steps = last["real_steps"] + last["round_steps"]
+        # the last policy's scoring round, and the playoff's episodes: real driving too, in the pipeline's time
+        final_steps = last["real_steps"] + last["round_steps"] + loop.get("playoff", {}).get("steps", 0)
     else:
         final_steps = initial_steps
-    dream_score = summary["policy"]["real_return_mean"]
-    dream_curve.append(
-        {
-            "policy": "kept",
-            "wall_s": round(pipeline_wall, 1),
-            "real_steps": final_steps,
-            "mean": dream_score,
-            "std": summary["policy"]["real_return_std"],
+    if eval_config.episodes == evaluated:
+        evaluation = summary["policy"]
+        kept = {
+            "mean": evaluation["real_return_mean"],
+            "std": evaluation["real_return_std"],
             "returns": None,
-            "crashes": summary["policy"].get("crashes"),
+            "crashes": evaluation.get("crashes"),
         }
-    )
+    else:  # the score to reach, on the tracks every other row is scored on
+        kept = score("kept", RunDir(run_dir).policy)
+    dream_score = kept["mean"]
+    dream_curve.append({"policy": "kept", "wall_s": round(pipeline_wall, 1), "real_steps": final_steps, **kept})
     ratio = time_ratio(baseline_curve, dream_score, pipeline_wall, 60 * training["minutes"])
     results = {
         "run": str(run_dir),

@@ -357,3 +357,52 @@ def test_baseline_checks_the_dataset_and_an_earlier_training_before_it_trains(tm
     (run / "real_ppo" / "training.json").write_text(json.dumps({"minutes": 5.0, "num_envs": 8, "snapshots": []}))
     with pytest.raises(ConfigError, match="rollout_steps 32, not rollout_steps 256"):
         bench.baseline.bench_baseline(run, BaselineConfig(RealPPOConfig(minutes=5.0)))
+
+
+def _finished_run(tmp_path, evaluated: int):
+    """A finished run's folder as the baseline reads it: a loop of one round with a playoff, a trained baseline."""
+    run = tmp_path / "run"
+    (run / "real_ppo").mkdir(parents=True)
+    config = {"collect": {"source": {"name": "highway"}}, "eval": {"episodes": evaluated}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    write_synthetic_dataset(run / "dataset", gym.spaces.Discrete(5), episodes=1, steps=3, size=16, channels=1)
+    curve = [
+        {"policy": 0, "wall_s": 60.0, "real_steps": 100, "round_steps": 20},
+        {"policy": 1, "wall_s": 90.0, "real_steps": 120, "round_steps": 20},
+    ]
+    summary = {
+        "timings_s": {"collect": 30.0, "policy": 30.0, "loop/02/collect": 40.0, "loop/playoff": 20.0, "evaluate": 9.0},
+        "dataset": {"steps": 100},
+        "loop": {"rounds": 1, "chosen": 1, "curve": curve, "playoff": {"seeds": [7, 8], "steps": 50}},
+        "policy": {"real_return_mean": 20.0, "real_return_std": 1.0, "crashes": 2},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    snapshots = [{"checkpoint": "policy-000", "wall_s": 60.0, "real_steps": 512}]
+    training = {"minutes": 17.0, "num_envs": 8, "rollout_steps": 256, "real_steps": 512, "steps_per_second": 8.5}
+    (run / "real_ppo" / "training.json").write_text(json.dumps({**training, "snapshots": snapshots}))
+    return run
+
+
+@pytest.mark.parametrize("episodes", [None, 2])
+def test_the_baseline_scores_the_kept_policy_on_the_tracks_of_every_other_row(tmp_path, monkeypatch, episodes):
+    import bench.baseline
+    import bench.scores
+
+    # each policy's score says which policy and how many tracks: the kept one (the run's policy) scores 21 on 2
+    def fake_evaluate(run_dir, source, config, used, kinds, policy):
+        mean = {"policy": 21.0, "policy-000": 20.5}.get(policy.name, 10.0) + (0 if config.episodes == 2 else 100)
+        return {"policy": {"mean": mean, "std": 0.0, "returns": [mean], "crashes": 0, "steps": 9}}
+
+    monkeypatch.setattr(bench.scores, "evaluate", fake_evaluate)
+    run = _finished_run(tmp_path, evaluated=5)
+    figures = bench.baseline.bench_baseline(run, BaselineConfig(RealPPOConfig(minutes=17.0), episodes=episodes))
+    kept = figures["dream_pipeline"]["curve"][-1]
+    # the kept policy's real steps: the last policy's scoring round and the playoff's episodes included
+    assert kept["policy"] == "kept" and kept["real_steps"] == 120 + 20 + 50
+    if episodes is None:  # the run's own evaluation, on the same 5 tracks as the rest
+        assert kept["mean"] == figures["dream_pipeline"]["score"] == 20.0 and kept["crashes"] == 2
+        assert figures["time_ratio"] == {"value": 60.0 / 120.0, "bound": "<="}  # 120.5 on those 5 reaches it
+    else:  # not the 5-track evaluation's 20.0, which the snapshot's 20.5 on 2 tracks would seem to pass
+        assert kept["mean"] == figures["dream_pipeline"]["score"] == 21.0
+        assert figures["time_ratio"] == {"value": 17 * 60 / 120.0, "bound": ">"}
+    assert figures["eval_episodes"] == (episodes or 5)
