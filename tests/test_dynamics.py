@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -218,3 +220,31 @@ def test_far_positions_predict_as_near_ones(start):
     far = cached_rollout(model, tokens, actions, cache)
     for a, b in zip(near, far, strict=True):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("reward_from", ["action", "transition"])
+@torch.no_grad()
+def test_a_window_padded_past_its_end_has_the_loss_of_the_window_cut_there(reward_from):
+    # the steps after the end are left out, and the causal attention keeps them from the steps before: the padded
+    # window's loss and figures are those of its first 2 steps alone
+    model = make_model(context=4)
+    if reward_from == "transition":
+        model = DynamicsModel(dataclasses.replace(model.config, reward_from="transition")).eval()
+    tokens, actions = make_inputs(model, 1, 5)
+    rewards, terminated = torch.tensor([[0.5, -1.0, 9.0, 9.0]]), torch.tensor([[False, True, True, True]])
+    padded = {
+        "tokens": tokens.clone(),
+        "actions": actions[:, :-1].clone(),
+        "rewards": rewards,
+        "terminated": terminated,
+    }
+    padded["tokens"][:, 3:] = 7  # whatever stands after the end
+    padded["valid"] = torch.tensor([[True, True, False, False]])
+    loss, figures = model.forward_batch(padded)
+    cut, cut_figures = model.loss(tokens[:, :3], actions[:, :2], rewards[:, :2], terminated[:, :2])
+    torch.testing.assert_close(loss, cut)
+    assert figures == pytest.approx(cut_figures)
+    # and every step valid is the plain loss
+    padded["valid"] = torch.ones(1, 4, dtype=torch.bool)
+    plain, _ = model.loss(padded["tokens"], padded["actions"], rewards, terminated)
+    torch.testing.assert_close(model.forward_batch(padded)[0], plain)

@@ -178,6 +178,14 @@ def test_dynamics_training_continues_from_a_checkpoint(box_run, tmp_path):
     train_dynamics(data, run, stage, RunLogger(run), 0.25, checkpoint=run / "later", init=run / f"{DYNAMICS}_last")
     _, later = read_checkpoint(run / "later", DYNAMICS)
     assert any(not torch.equal(later[k], start[k]) for k in later)
+    # and so do steps on windows that run past their episodes' ends, the first episode's weighted up
+    stage.past_end = True
+    padded = run / "padded"
+    train_dynamics(
+        data, run, stage, RunLogger(run), 0.25, checkpoint=padded, init=run / f"{DYNAMICS}_last", recent=([0], 0.5)
+    )
+    _, moved = read_checkpoint(padded, DYNAMICS)
+    assert any(not torch.equal(moved[k], start[k]) for k in moved)
     # a checkpoint of another model cannot be continued
     stage.model = type(TINY_DYNAMICS)(context_frames=3, d_model=16, layers=1, heads=2)
     with pytest.raises(CheckpointError, match="another config"):

@@ -71,3 +71,25 @@ def test_a_lookahead_of_one_step_is_the_identity_and_zero_is_refused():
     assert data.foreseen_terminations(1) is data
     with pytest.raises(ValueError, match=">= 1"):
         data.foreseen_terminations(0)
+
+
+def test_windows_past_the_end_pad_it_mark_it_and_hold_the_end_at_every_place():
+    data = _tokenized([[0.0] * 3, [1.0] * 8], terminal=True)
+    data.tokens[:, 0, 0] = np.arange(len(data.tokens))  # each frame says where it stands
+    rng = np.random.default_rng(0)
+    inside = data.sample(4, 2000, rng)
+    assert "valid" not in inside and (inside["rewards"] == 1.0).all()  # the 3-step episode holds no 4-step window
+    batch = data.sample(4, 2000, rng, past_end=True)
+    frames, valid = batch["tokens"][:, :, 0, 0], batch["valid"]
+    episode = (batch["rewards"][:, 0] == 1.0).astype(int)  # episode 1's rewards are 1
+    first = frames[:, 0] - data.frame_offsets[episode]
+    length = data.lengths[episode]
+    np.testing.assert_array_equal(valid, first[:, None] + np.arange(4) < length[:, None])
+    # the episode's own frames, then its last frame again; never a frame of another episode
+    want = data.frame_offsets[episode][:, None] + np.minimum(first[:, None] + np.arange(5), length[:, None])
+    np.testing.assert_array_equal(frames, want)
+    # each end stands at every place of the window its episode reaches (the 3-step one's at the first three)
+    ends = batch["terminated"] & valid
+    assert (ends.sum(axis=1) <= 1).all()
+    for e, places in ((0, {0, 1, 2}), (1, {0, 1, 2, 3})):
+        assert set(np.argmax(ends[(episode == e) & ends.any(axis=1)], axis=1)) == places

@@ -372,16 +372,26 @@ class Dataset:
         return train, val
 
 
+def window_counts(lengths: np.ndarray, window: int, past_end: bool = False) -> np.ndarray:
+    """The windows of `window` steps each episode of `lengths` steps offers: those inside it, or with `past_end` one
+    starting at each of its steps."""
+    lengths = np.asarray(lengths)
+    return lengths.copy() if past_end else np.maximum(lengths - window + 1, 0)
+
+
 def sample_windows(
     lengths: np.ndarray,
     window: int,
     batch_size: int,
     rng: np.random.Generator,
     weights: np.ndarray | None = None,
+    past_end: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pick `batch_size` (episode, start) pairs uniformly over all windows of `window` steps, or, with per-episode
-    `weights`, each window with probability proportional to its episode's weight."""
-    counts = np.maximum(np.asarray(lengths) - window + 1, 0)
+    `weights`, each window with probability proportional to its episode's weight. With `past_end`, a window may
+    start at any step and run past its episode's end (the caller pads it): every step then stands at every place
+    of a window equally often, the last steps included."""
+    counts = window_counts(lengths, window, past_end)
     if counts.sum() == 0:
         raise DatasetError(f"no episode is long enough for windows of {window} steps (lengths {list(lengths)[:10]})")
     if weights is not None:

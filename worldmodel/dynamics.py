@@ -422,23 +422,41 @@ class DynamicsModel(nn.Module):
         return KVCache(self.config, batch_size, device or param.device, dtype or param.dtype)
 
     def loss(
-        self, tokens: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        terminated: torch.Tensor,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Teacher-forced losses on a window: tokens (B, T+1, K), actions (B, T, ...), rewards/terminated (B, T)."""
+        """Teacher-forced losses on a window: tokens (B, T+1, K), actions (B, T, ...), rewards/terminated (B, T);
+        `valid` (B, T) bool leaves the steps where it is False out of every loss and figure (windows padded past
+        their episode's end; the attention is causal, so the steps before never see them)."""
         out = self(tokens[:, :-1], actions)
         target = tokens[:, 1:]
-        token_loss = F.cross_entropy(rearrange(out.logits, "b t k v -> (b t k) v").float(), target.reshape(-1))
-        reward_loss = F.mse_loss(self.step_reward(out, tokens[:, :-1], target).float(), rewards.float())
-        termination_loss = F.binary_cross_entropy_with_logits(out.termination_logit.float(), terminated.float())
+        logits, hidden, inputs = out.logits, out.hidden, tokens[:, :-1]
+        reward = self.step_reward(out, inputs, target)
+        termination = out.termination_logit
+        if valid is not None:
+            logits, hidden, inputs, target = logits[valid], hidden[valid], inputs[valid], target[valid]
+            reward, rewards, termination, terminated = (
+                reward[valid],
+                rewards[valid],
+                termination[valid],
+                terminated[valid],
+            )
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+        reward_loss = F.mse_loss(reward.float(), rewards.float())
+        termination_loss = F.binary_cross_entropy_with_logits(termination.float(), terminated.float())
         loss = token_loss + self.config.reward_weight * reward_loss + self.config.termination_weight * termination_loss
         figures = {}
         if self.refiner is not None:
-            refine_loss, figures["refine_accuracy"] = self.refine_loss(out.hidden, target)
+            refine_loss, figures["refine_accuracy"] = self.refine_loss(hidden, target)
             figures["refine_ce"] = refine_loss.item()
             loss = loss + self.config.refine_weight * refine_loss
         with torch.no_grad():
-            accuracy = (out.logits.argmax(-1) == target).float().mean().item()
-            copy_accuracy = (tokens[:, :-1] == target).float().mean().item()
+            accuracy = (logits.argmax(-1) == target).float().mean().item()
+            copy_accuracy = (inputs == target).float().mean().item()
         return loss, {
             "loss": loss.item(),
             "token_ce": token_loss.item(),
@@ -450,4 +468,4 @@ class DynamicsModel(nn.Module):
         }
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["terminated"])
+        return self.loss(batch["tokens"], batch["actions"], batch["rewards"], batch["terminated"], batch.get("valid"))

@@ -131,25 +131,31 @@ class TokenizedDataset:
         rng: np.random.Generator,
         start_fraction: float = 0.0,
         weights: np.ndarray | None = None,
+        past_end: bool = False,
     ) -> dict[str, np.ndarray]:
         """Windows of `window` steps: tokens (B, window + 1, h, w), actions (B, window, ...), rewards, terminated.
 
         A `start_fraction` of the windows begin at their episode's first step. With `weights` (E,), one per episode
         held here, a window is drawn with probability proportional to its episode's weight (`sample_windows`).
+        With `past_end`, windows may run past their episode's end: the steps after it repeat its last step and
+        frame, and `valid` (B, window) marks the steps that are the episode's (the loss leaves the others out).
         """
-        episode, start = sample_windows(self.lengths, window, batch_size, rng, weights)
+        episode, start = sample_windows(self.lengths, window, batch_size, rng, weights, past_end)
         if start_fraction > 0:
             start = np.where(rng.random(batch_size) < start_fraction, 0, start)
-        frame0 = self.frame_offsets[episode] + start
-        step0 = self.step_offsets[episode] + start
-        frame_index = frame0[:, None] + np.arange(window + 1)
-        step_index = step0[:, None] + np.arange(window)
-        return {
-            "tokens": self.tokens[frame_index].astype(np.int64),
+        length = self.lengths[episode][:, None]
+        steps = start[:, None] + np.arange(window)
+        frames = np.minimum(start[:, None] + np.arange(window + 1), length)  # an episode has length + 1 frames
+        step_index = self.step_offsets[episode][:, None] + np.minimum(steps, length - 1)
+        batch = {
+            "tokens": self.tokens[self.frame_offsets[episode][:, None] + frames].astype(np.int64),
             "actions": self.actions[step_index],
             "rewards": self.rewards[step_index],
             "terminated": self.terminated[step_index],
         }
+        if past_end:
+            batch["valid"] = steps < length
+        return batch
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from worldmodel import distributed
 from worldmodel.checkpoint import CheckpointError, fingerprint, load_module, read_checkpoint
 from worldmodel.config import ConfigError, from_dict
-from worldmodel.dataset import Dataset, DatasetError, FrameSampler
+from worldmodel.dataset import Dataset, DatasetError, FrameSampler, window_counts
 from worldmodel.dynamics import DynamicsConfig, DynamicsModel
 from worldmodel.logger import RunLogger
 from worldmodel.run_dir import RunDir
@@ -43,6 +43,12 @@ class DynamicsStage:
     termination_lookahead: int = 1
     """Train the termination head to say "the episode ends within this many steps" (1: "it ends now"); validation
     always scores the raw end. See `TokenizedDataset.foreseen_terminations`."""
+    past_end: bool = False
+    """Let training windows run past their episode's end, the steps after it padded and left out of the loss. A
+    window inside its episode never holds the end anywhere but at its last step, so the heads learn that nothing
+    ends with less than a full window of context, which is where a dream's first steps stand (docs/loop.md,
+    "The end of an episode at every place of the window"); past the end, every step stands at every place alike.
+    Validation windows stay inside their episodes."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -205,14 +211,16 @@ def tokens_for_run(dataset_dir: str | Path, run_dir: str | Path, device: str = "
     return tokenized
 
 
-def recent_weights(tokenized: TokenizedDataset, window: int, recent: list[int], share: float) -> np.ndarray | None:
-    """Per-episode weights under which windows of `window` steps come from the episodes whose dataset indices are
-    in `recent` with probability `share`, and from the others with `1 - share` (uniformly within each group).
-    None (uniform) when either group has no such window."""
+def recent_weights(
+    tokenized: TokenizedDataset, window: int, recent: list[int], share: float, past_end: bool = False
+) -> np.ndarray | None:
+    """Per-episode weights under which windows of `window` steps (`past_end`: as `sample_windows`) come from the
+    episodes whose dataset indices are in `recent` with probability `share`, and from the others with `1 - share`
+    (uniformly within each group). None (uniform) when either group has no such window."""
     if not 0 <= share <= 1:
         raise ValueError(f"the recent episodes' share of training windows must be in [0, 1], got {share}")
     is_recent = np.isin(tokenized.episode_ids, np.asarray(list(recent), dtype=np.int64))
-    counts = np.maximum(tokenized.lengths - window + 1, 0).astype(np.float64)
+    counts = window_counts(tokenized.lengths, window, past_end).astype(np.float64)
     mass_recent, mass_rest = counts[is_recent].sum(), counts[~is_recent].sum()
     if mass_recent == 0 or mass_rest == 0:
         return None
@@ -266,7 +274,7 @@ def train_dynamics(
     window = config.context_frames
     torch.manual_seed(stage.train.seed)  # the same seed gives the same initial weights, on every rank
     model = DynamicsModel(config).to(dev)
-    weights = None if recent is None else recent_weights(train_set, window, *recent)
+    weights = None if recent is None else recent_weights(train_set, window, *recent, past_end=stage.past_end)
     rng = StepRng(stage.train.seed + distributed.rank())
     val_rng = np.random.default_rng(12345)
     val_batches = [
@@ -287,7 +295,9 @@ def train_dynamics(
 
     metrics = train(
         model,
-        lambda step: _to_tensors(train_set.sample(window, stage.train.batch_size, rng(step), weights=weights), dev),
+        lambda step: _to_tensors(
+            train_set.sample(window, stage.train.batch_size, rng(step), weights=weights, past_end=stage.past_end), dev
+        ),
         stage.train,
         checkpoint or RunDir(run_dir).dynamics,
         DYNAMICS,
