@@ -221,8 +221,9 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
             warmup_steps=0,  # it goes on with the optimizer's moments where the last training left them
         )
         if iteration == 1:
-            # the first training's steps, from its record: <run>/dynamics may already be this round's copy
-            previous, offset = resumable(run.dynamics), int(results.data["dynamics"]["steps"])
+            # the first training's steps, from its `_last` checkpoint: <run>/dynamics may already be this round's copy
+            previous = resumable(run.dynamics)
+            offset = int(read_checkpoint(previous, DYNAMICS)[0]["step"])
         else:
             previous = resumable(run.loop_round(iteration - 1).dynamics)
             offset = int(results.data[f"loop/{iteration - 1:02d}/dynamics"]["steps_total"])

@@ -389,8 +389,8 @@ def sample_windows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pick `batch_size` (episode, start) pairs uniformly over all windows of `window` steps, or, with per-episode
     `weights`, each window with probability proportional to its episode's weight. With `past_end`, a window may
-    start at any step and run past its episode's end (the caller pads it): every step then stands at every place
-    of a window equally often, the last steps included."""
+    start at any step and run past its episode's end (the caller pads it): every step then stands once at each
+    place of a window it can reach (step s at places 0 to s), the last steps included."""
     counts = window_counts(lengths, window, past_end)
     if counts.sum() == 0:
         raise DatasetError(f"no episode is long enough for windows of {window} steps (lengths {list(lengths)[:10]})")

@@ -47,8 +47,8 @@ class DynamicsStage:
     """Let training windows run past their episode's end, the steps after it padded and left out of the loss. A
     window inside its episode never holds the end anywhere but at its last step, so the heads learn that nothing
     ends with less than a full window of context, which is where a dream's first steps stand (docs/loop.md,
-    "The end of an episode at every place of the window"); past the end, every step stands at every place alike.
-    Validation windows stay inside their episodes."""
+    "The end of an episode at every place of the window"); past the end, a step stands once at each place it can
+    reach (step s at places 0 to s). Validation windows stay inside their episodes."""
 
 
 def resolve_device(device: str) -> torch.device:
