@@ -245,17 +245,17 @@ def test_split():
 
 def test_frame_sampler(tmp_path):
     dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=3, steps=5, lengths=[5, 2, 7])
-    sampler = FrameSampler(dataset, [0, 2], seed=0)
-    batch = sampler.sample(10)
+    sampler, rng = FrameSampler(dataset, [0, 2]), np.random.default_rng(0)
+    batch = sampler.sample(10, rng)
     assert batch.shape == (10, 16, 16, 3) and batch.dtype == np.uint8
     everything = sampler.all_frames()
     assert everything.shape == (6 + 8, 16, 16, 3)
     assert sampler.all_frames(stride=2).shape == (3 + 4, 16, 16, 3)
     # every sampled frame is one of the sampler's episodes' frames
     pool = {f.tobytes() for f in everything}
-    assert all(f.tobytes() in pool for f in sampler.sample(50))
+    assert all(f.tobytes() in pool for f in sampler.sample(50, rng))
     excluded = dataset.load(1).frames
-    assert not any(np.array_equal(f, g) for f in sampler.sample(50) for g in excluded)
+    assert not any(np.array_equal(f, g) for f in sampler.sample(50, rng) for g in excluded)
 
 
 def test_saved_episodes_are_never_replaced_by_mistake_and_only_written_ones_are_added(tmp_path):

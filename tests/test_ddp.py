@@ -201,7 +201,7 @@ def _worker(argv: list[str]) -> None:
         note("weights", fingerprint(model))
         return metrics
 
-    def recording_sample(self, batch_size, rng=None):
+    def recording_sample(self, batch_size, rng):
         frames = sample(self, batch_size, rng)
         note("batches", hashlib.sha256(frames.tobytes()).hexdigest()[:16])
         return frames

@@ -413,13 +413,12 @@ def sample_windows(
 class FrameSampler:
     """Random frames from a set of episodes, read from memory-mapped arrays (for tokenizer training)."""
 
-    def __init__(self, dataset: Dataset, indices: list[int], seed: int = 0):
+    def __init__(self, dataset: Dataset, indices: list[int]):
         self.episodes = [dataset.load(i) for i in indices]
         self.lengths = np.array([len(e.frames) for e in self.episodes])
-        self.rng = np.random.default_rng(seed)
 
-    def sample(self, batch_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
-        episode, start = sample_windows(self.lengths, 1, batch_size, self.rng if rng is None else rng)
+    def sample(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        episode, start = sample_windows(self.lengths, 1, batch_size, rng)
         return np.stack([self.episodes[e].frames[s] for e, s in zip(episode, start, strict=True)])  # (B, H, W, C)
 
     def all_frames(self, stride: int = 1) -> np.ndarray:
