@@ -152,6 +152,15 @@ def test_recent_weights_give_the_recent_episodes_their_share(tmp_path, box_run):
     recent_tokens = {t.tobytes() for t in tokens.episode(4)["tokens"]}
     from_recent = np.mean([batch["tokens"][i, 0].astype(np.int16).tobytes() in recent_tokens for i in range(20000)])
     assert from_recent == pytest.approx(0.5, abs=0.02)
+    # a recent group of episodes shorter than the window holds windows only when they may run past the end
+    short = write_synthetic_dataset(tmp_path / "short", BOX_SPACE, episodes=3, lengths=[20, 20, 2])
+    short_tokens = tokenize_dataset(short, tokenizer, "x")
+    assert recent_weights(short_tokens, 3, [2], 0.5) is None
+    weights = recent_weights(short_tokens, 3, [2], 0.5, past_end=True)
+    batch = short_tokens.sample(3, 20000, np.random.default_rng(1), weights=weights, past_end=True)
+    recent_tokens = {t.tobytes() for t in short_tokens.episode(2)["tokens"]}
+    from_recent = np.mean([batch["tokens"][i, 0].astype(np.int16).tobytes() in recent_tokens for i in range(20000)])
+    assert from_recent == pytest.approx(0.5, abs=0.02)
     assert recent_weights(tokens, 3, [], 0.5) is None  # nothing recent: uniform
     with pytest.raises(ValueError, match="share"):
         recent_weights(tokens, 3, [4], 1.5)

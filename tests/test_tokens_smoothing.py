@@ -85,6 +85,8 @@ def test_windows_past_the_end_pad_it_mark_it_and_hold_the_end_at_every_place():
     first = frames[:, 0] - data.frame_offsets[episode]
     length = data.lengths[episode]
     np.testing.assert_array_equal(valid, first[:, None] + np.arange(4) < length[:, None])
+    assert valid[:, 0].all()  # a window starts at one of its episode's steps, never past its end
+    assert set(first[episode == 0]) == {0, 1, 2} and set(first[episode == 1]) == set(range(8))
     # the episode's own frames, then its last frame again; never a frame of another episode
     want = data.frame_offsets[episode][:, None] + np.minimum(first[:, None] + np.arange(5), length[:, None])
     np.testing.assert_array_equal(frames, want)

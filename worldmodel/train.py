@@ -216,7 +216,8 @@ def recent_weights(
 ) -> np.ndarray | None:
     """Per-episode weights under which windows of `window` steps (`past_end`: as `sample_windows`) come from the
     episodes whose dataset indices are in `recent` with probability `share`, and from the others with `1 - share`
-    (uniformly within each group). None (uniform) when either group has no such window."""
+    (uniformly within each group). None (uniform) when either group has no such window. The share is of windows,
+    not of trained steps: with `past_end`, a window near an end holds fewer steps that count."""
     if not 0 <= share <= 1:
         raise ValueError(f"the recent episodes' share of training windows must be in [0, 1], got {share}")
     is_recent = np.isin(tokenized.episode_ids, np.asarray(list(recent), dtype=np.int64))
