@@ -145,22 +145,22 @@ def test_weighted_windows_follow_the_weights_and_stay_inside_episodes():
 
 def test_recent_weights_give_the_recent_episodes_their_share(tmp_path, box_run):
     tokenizer, _ = load_tokenizer(box_run / TOKENIZER)
+
+    def share_of_last_episode(tokens, weights, past_end=False):
+        batch = tokens.sample(3, 20000, np.random.default_rng(0), weights=weights, past_end=past_end)
+        last = {t.tobytes() for t in tokens.episode(len(tokens.lengths) - 1)["tokens"]}
+        return np.mean([batch["tokens"][i, 0].astype(np.int16).tobytes() in last for i in range(20000)])
+
     dataset = write_synthetic_dataset(tmp_path, BOX_SPACE, episodes=5, lengths=[20, 20, 20, 20, 6])
     tokens = tokenize_dataset(dataset, tokenizer, "x")
     weights = recent_weights(tokens, 3, [4], 0.5)  # one short recent episode among four long ones
-    batch = tokens.sample(3, 20000, np.random.default_rng(0), weights=weights)
-    recent_tokens = {t.tobytes() for t in tokens.episode(4)["tokens"]}
-    from_recent = np.mean([batch["tokens"][i, 0].astype(np.int16).tobytes() in recent_tokens for i in range(20000)])
-    assert from_recent == pytest.approx(0.5, abs=0.02)
+    assert share_of_last_episode(tokens, weights) == pytest.approx(0.5, abs=0.02)
     # a recent group of episodes shorter than the window holds windows only when they may run past the end
     short = write_synthetic_dataset(tmp_path / "short", BOX_SPACE, episodes=3, lengths=[20, 20, 2])
     short_tokens = tokenize_dataset(short, tokenizer, "x")
     assert recent_weights(short_tokens, 3, [2], 0.5) is None
     weights = recent_weights(short_tokens, 3, [2], 0.5, past_end=True)
-    batch = short_tokens.sample(3, 20000, np.random.default_rng(1), weights=weights, past_end=True)
-    recent_tokens = {t.tobytes() for t in short_tokens.episode(2)["tokens"]}
-    from_recent = np.mean([batch["tokens"][i, 0].astype(np.int16).tobytes() in recent_tokens for i in range(20000)])
-    assert from_recent == pytest.approx(0.5, abs=0.02)
+    assert share_of_last_episode(short_tokens, weights, past_end=True) == pytest.approx(0.5, abs=0.02)
     assert recent_weights(tokens, 3, [], 0.5) is None  # nothing recent: uniform
     with pytest.raises(ValueError, match="share"):
         recent_weights(tokens, 3, [4], 1.5)
