@@ -36,7 +36,12 @@ class LoopConfig:
     """Rounds of (collect with the policy -> tokenize the new episodes -> continue the dynamics model -> continue
     PPO) after the first world model and policy; 0 runs no loop."""
     max_minutes: float | None = None
-    """Wall-clock budget of the whole loop: no round starts that would, at the last round's pace, end past it."""
+    """Wall-clock budget of the whole loop: no round starts that would, at the last round's pace, end past it
+    (`next_round_share`)."""
+    min_round_share: float = 0.5
+    """A round that would not fit `max_minutes` whole still runs, its dynamics and PPO minutes shortened to fit, if
+    at least this share of them does (a machine a few percent slower loses a few percent of a round, not all of it);
+    1.0: a round runs whole or not at all."""
     episodes: int = 16
     """Real episodes each round collects with the current policy."""
     explore: float = 0.5
@@ -80,6 +85,30 @@ class LoopConfig:
             )
         if self.playoff_episodes and not self.keep_best:
             raise ValueError("playoff_episodes chooses the policy to keep: it needs keep_best=true")
+        if not 0 < self.min_round_share <= 1:
+            raise ValueError(f"min_round_share: expected a share in (0, 1], got {self.min_round_share!r}")
+
+
+def next_round_share(loop: LoopConfig, spent: float, collect: float, trained: float, share: float) -> float:
+    """The share of its training minutes (`dynamics_minutes` and `ppo_minutes`) the next round gets so that the loop
+    still ends within `loop.max_minutes`, at the last round's pace: 1.0 where the whole round fits, 0.0 where not even
+    `loop.min_round_share` of it does (no round).
+
+    Seconds, as the run recorded them: `spent` by the loop so far, `collect` by the last round's collection (this
+    round collects as many episodes, the policy it trains drives one more collection, and the playoff follows),
+    `trained` by the last round's dynamics and PPO stages, which had `share` of their minutes. What those stages
+    took beyond their minutes (loading, checkpoints, validation) is taken to stay the same."""
+    if loop.max_minutes is None:
+        return 1.0
+    playoff = collect * loop.playoff_candidates * loop.playoff_episodes / loop.episodes
+    left = 60 * loop.max_minutes - spent - 2 * collect - playoff
+    minutes = 60 * (loop.dynamics_minutes or 0) + 60 * (loop.ppo_minutes or 0)
+    beyond = trained - share * minutes
+    if loop.dynamics_minutes is None or loop.ppo_minutes is None or beyond < 0:
+        # the stages stop at their steps (before their minutes, if any): shorter minutes would not shorten them
+        return 1.0 if left >= trained else 0.0
+    fitted = min(1.0, (left - beyond) / minutes)
+    return fitted if fitted >= loop.min_round_share else 0.0
 
 
 PLAYOFF = "loop/playoff"

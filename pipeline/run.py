@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 
 from agents.config import MINUTE_BUDGETS, PipelineConfig
 from agents.evaluate import STEADY, EvalConfig, evaluate
-from agents.loop import PLAYOFF, collect_with_policy, dream_gap, driven_seeds, plot_learning_curve, round_figures
+from agents.loop import (
+    PLAYOFF,
+    collect_with_policy,
+    dream_gap,
+    driven_seeds,
+    next_round_share,
+    plot_learning_curve,
+    round_figures,
+)
 from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
 from envs.sources import SOURCES
@@ -188,7 +196,7 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         """The dataset index of round `iteration`'s first episode; it drives on seed `collect.seed` + that index."""
         return config.collect.episodes + (iteration - 1) * loop.episodes
 
-    def collect_round(iteration: int) -> dict[str, Any]:
+    def collect_round(iteration: int, share: float = 1.0) -> dict[str, Any]:
         policy = run.loop_round(iteration - 1).policy
         first = first_episode(iteration)
         collected = collect_with_policy(
@@ -201,6 +209,8 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         dataset = Dataset.open(data_dir)
         figures["real_steps_total"] = int(sum(e.length for e in dataset.episodes))
         figures["policy"] = str(policy.relative_to(run_dir))
+        if share < 1:
+            figures["round_share"] = share  # of the training minutes of the round that starts with this collection
         logged = ("real_return_mean", "real_sampled_return_mean", "dream_gap", "dream_policy_return")
         logger.log({f"loop/real/{k}": figures[k] for k in logged if k in figures}, figures["real_steps_total"])
         tqdm.write(
@@ -210,13 +220,17 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         )
         return figures
 
+    def share_of(iteration: int) -> float:
+        """The share of its training minutes round `iteration` runs with (`next_round_share`)."""
+        return results.data.get(f"loop/{iteration:02d}/collect", {}).get("round_share", 1.0)
+
     def dynamics_round(iteration: int) -> dict[str, Any]:
         dataset = Dataset.open(data_dir)
         recent = [i for i, e in enumerate(dataset.episodes) if e.iteration == iteration]
         train = dataclasses.replace(
             config.dynamics.train,
             steps=loop.dynamics_steps,
-            max_minutes=loop.dynamics_minutes,
+            max_minutes=None if loop.dynamics_minutes is None else loop.dynamics_minutes * share_of(iteration),
             seed=config.dynamics.train.seed + iteration,
             warmup_steps=0,  # it goes on with the optimizer's moments where the last training left them
         )
@@ -244,8 +258,9 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         return {**figures, "steps_total": offset + figures["steps"]}
 
     def policy_round(iteration: int) -> dict[str, Any]:
+        minutes = None if loop.ppo_minutes is None else loop.ppo_minutes * share_of(iteration)
         ppo = dataclasses.replace(
-            config.ppo, total_steps=loop.ppo_steps, max_minutes=loop.ppo_minutes, seed=config.ppo.seed + iteration
+            config.ppo, total_steps=loop.ppo_steps, max_minutes=minutes, seed=config.ppo.seed + iteration
         )
         start = best_so_far(iteration) if loop.continue_from == "best" else iteration - 1
         before = run.loop_round(start).policy
@@ -294,16 +309,20 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         if results.done("loop/stop"):
             rounds = results.data["loop/stop"]["rounds"]
             break
-        if not results.done(f"{name}/collect") and loop.max_minutes is not None and iteration > 1:
-            # at the last round's pace, this round, the scoring of its policy (one more collection) and the playoff
-            collect_s = seconds(f"loop/{iteration - 1:02d}/collect")
-            playoff_s = collect_s * loop.playoff_candidates * loop.playoff_episodes / loop.episodes
-            ahead = seconds(f"loop/{iteration - 1:02d}/") + collect_s + playoff_s
-            if seconds("loop/") + ahead > 60 * loop.max_minutes:
+        share = 1.0
+        if not results.done(f"{name}/collect") and iteration > 1:
+            last = f"loop/{iteration - 1:02d}/"
+            trained = seconds(f"{last}dynamics") + seconds(f"{last}policy")
+            share = next_round_share(
+                loop, seconds("loop/"), seconds(f"{last}collect"), trained, share_of(iteration - 1)
+            )
+            if share == 0:
                 stage("loop/stop", lambda it=iteration: {"rounds": it - 1, "reason": "loop.max_minutes"})
                 rounds = iteration - 1
                 break
-        stage(f"{name}/collect", lambda it=iteration: collect_round(it))
+            if share < 1:
+                tqdm.write(f"round {iteration}: {share:.0%} of its training minutes fit in loop.max_minutes")
+        stage(f"{name}/collect", lambda it=iteration, s=share: collect_round(it, s))
         stage(f"{name}/dynamics", lambda it=iteration: dynamics_round(it))
         stage(f"{name}/policy", lambda it=iteration: policy_round(it))
     final = rounds + 1
@@ -387,6 +406,7 @@ def loop_curve(results: dict[str, Any]) -> dict[str, Any] | None:
             row["dynamics_val_token_accuracy"] = results[f"loop/{j:02d}/dynamics"]["val_token_accuracy"]
             row["ppo_dream_return"] = results[f"loop/{j:02d}/policy"]["dream_return"]
             row["continued_from"] = results[f"loop/{j:02d}/policy"].get("continued_from", j - 1)
+            row["round_share"] = results[f"loop/{j:02d}/collect"].get("round_share", 1.0)
         rows.append(row)
     selected = results["loop/select"]
     loop = {"rounds": selected["rounds"], "chosen": selected["chosen"], "curve": rows}
@@ -511,7 +531,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         for row in loop["curve"]:
             # policy j's PPO went on from policy j - 1, or from an earlier one that had done better for real
             parent = row.get("continued_from", row["policy"] - 1)
-            name = f"loop policy {row['policy']}" + (f" (from {parent})" if parent != row["policy"] - 1 else "")
+            notes = [f"from {parent}"] if parent != row["policy"] - 1 else []
+            if row.get("round_share", 1.0) < 1:  # loop.max_minutes left the round less time to train it
+                notes.append(f"{row['round_share']:.0%} of a round's minutes")
+            name = f"loop policy {row['policy']}" + (f" ({'; '.join(notes)})" if notes else "")
             figures = (
                 f"real {_number(row['real_return_mean'])} (sampled {_number(row['real_sampled_return_mean'])}), "
                 f"dream {_number(row['dream_policy_return'])}, dream gap {row['dream_gap']:+.1f}; "

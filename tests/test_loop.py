@@ -20,7 +20,15 @@ from conftest import BOX_SPACE, TINY_DYNAMICS, make_episode, write_synthetic_dat
 from gymnasium.vector.utils import batch_space
 from test_pipeline import LIGHT, MICRO
 
-from agents.loop import ReplayWindows, dream_policy_returns, dream_replay, replay_windows, round_figures
+from agents.loop import (
+    LoopConfig,
+    ReplayWindows,
+    dream_policy_returns,
+    dream_replay,
+    next_round_share,
+    replay_windows,
+    round_figures,
+)
 from agents.policy import ActorCritic, TokenHistory, clipped_normal_mean
 from agents.ppo import PPOConfig, compute_gae, learn_from_episodes, optimise
 from bench.branch import branch_run
@@ -755,6 +763,45 @@ def test_round_figures_score_the_deterministic_episodes_with_their_intro_reward(
     assert figures["real_return_mean"] == 195.0 and figures["real_returns"] == [95.0, 295.0]
     assert figures["real_sampled_return_mean"] == 8.0
     assert figures["episodes"] == 3 and figures["steps"] == 60 and figures["seeds"] == [1, 2, 3]
+
+
+def test_a_round_that_does_not_fit_whole_is_shortened_to_fit_not_dropped():
+    # highway's preset on a machine that measured its budgets x1.03: a round is 2 + 3 minutes of training, and
+    # 32 playoff episodes for each of 2 candidates follow the 128-episode collections
+    loop = LoopConfig(
+        iterations=2,
+        max_minutes=865 / 60,
+        episodes=128,
+        dynamics_minutes=2.0,
+        ppo_minutes=3.0,
+        playoff_episodes=32,
+        playoff_candidates=2,
+    )
+    # round 1 took 52 s to collect and 131 + 189 s to train (20 s beyond its 300 s of minutes): round 2 fits whole
+    assert next_round_share(loop, 52 + 320, 52, 320, 1.0) == 1.0
+    # a process beside it slowed round 1's collection to 68 s: whole, the loop would end at 882 s; 94% of the
+    # training minutes fit, and the loop then ends within its budget as the round's stages are paced
+    share = next_round_share(loop, 68 + 322, 68, 322, 1.0)
+    assert share == pytest.approx((865 - 390 - 2 * 68 - 34 - 22) / 300)
+    assert 390 + 68 + 22 + share * 300 + 68 + 34 == pytest.approx(865)
+    # all or nothing, as before the share: no round
+    assert next_round_share(dataclasses.replace(loop, min_round_share=1.0), 68 + 322, 68, 322, 1.0) == 0.0
+    # less than half the minutes left: no round; with a smaller floor, the round gets what is left
+    assert next_round_share(loop, 600, 68, 322, 1.0) == 0.0
+    low = next_round_share(dataclasses.replace(loop, min_round_share=0.1), 600, 68, 322, 1.0)
+    assert low == pytest.approx((865 - 600 - 2 * 68 - 34 - 22) / 300)
+    # the last round was itself shortened to half its minutes: what it took beyond them is what counts
+    assert next_round_share(loop, 300, 52, 150 + 20, 0.5) == 1.0
+    assert next_round_share(loop, 420, 52, 150 + 20, 0.5) == pytest.approx((865 - 420 - 104 - 26 - 20) / 300)
+    # stages that stop at their steps before their minutes are not shortened by fewer minutes: whole or nothing
+    assert next_round_share(loop, 600, 20, 100, 1.0) == 1.0  # 600 + 40 + 10 + 100 fits
+    assert next_round_share(loop, 740, 20, 100, 1.0) == 0.0  # 890 would not
+    for unbudgeted in (dataclasses.replace(loop, ppo_minutes=None), dataclasses.replace(loop, max_minutes=None)):
+        assert next_round_share(unbudgeted, 300, 52, 320, 1.0) == 1.0
+    assert next_round_share(dataclasses.replace(loop, ppo_minutes=None), 600, 52, 320, 1.0) == 0.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="min_round_share"):
+            LoopConfig(min_round_share=bad)
 
 
 # --- the loop as the `worldmodel` command ------------------------------------------------------------------------

@@ -175,6 +175,32 @@ def test_summary_from_results():
     assert text.rstrip().endswith("collect 1; minute budgets x2 (run.time_scale)")
 
 
+def test_summary_names_the_loop_policy_a_shortened_round_trained():
+    config = load_pipeline_config("tiny", ["run.runs_dir=/nowhere", "run.name=x"])
+    evaluation = {kind: {"mean": 1.0, "std": 0.0, "returns": [1.0], "seeds": [5]} for kind in ("policy", "random")}
+    results = _stage_results(evaluation)
+    for j, share in ((1, None), (2, 0.94), (3, None)):  # round 2 had 94% of its minutes; round 3 only scored
+        results[f"loop/{j:02d}/collect"] = {
+            "real_steps_total": 10 + 4 * j,
+            "steps": 4,
+            "real_return_mean": float(j),
+            "real_return_std": 0.0,
+            "real_sampled_return_mean": 0.0,
+            "dream_replay_return": 0.0,
+            "real_recorded_return": 0.0,
+            "dream_gap": 0.0,
+            **({"round_share": share} if share else {}),
+        }
+        if j < 3:
+            results[f"loop/{j:02d}/dynamics"] = {"val_token_accuracy": 0.5}
+            results[f"loop/{j:02d}/policy"] = {"dream_return": 1.0, "continued_from": j - 1 if j == 1 else 0}
+    results["loop/select"] = {"rounds": 2, "chosen": 2, "scores": [1.0, 2.0, 3.0]}
+    summary = make_summary(config, results)
+    assert [row.get("round_share") for row in summary["loop"]["curve"]] == [None, 1.0, 0.94]
+    text = format_summary(summary)
+    assert "loop policy 1  " in text and "loop policy 2 (from 0; 94% of a round's minutes)  " in text
+
+
 def test_a_run_without_the_video_writer_stops_before_collecting(tmp_path, monkeypatch):
     import importlib.util
 
