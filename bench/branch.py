@@ -94,7 +94,14 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
         shutil.rmtree(dataset.episode_dir(index), ignore_errors=True)
     dataset.manifest.episodes = [e for e in dataset.episodes if (e.iteration or 0) <= iteration]
     dataset.save_manifest()
-    for stale in (out.summary, out.report, out.policy.with_suffix(".json"), out.policy.with_suffix(".safetensors")):
+    stale_files = (
+        out.summary,
+        out.report,
+        out.stage_clock,
+        out.policy.with_suffix(".json"),
+        out.policy.with_suffix(".safetensors"),
+    )
+    for stale in stale_files:
         stale.unlink(missing_ok=True)
     write_text_atomic(out.config, yaml.safe_dump(raw, sort_keys=False))  # what `worldmodel run` checks it against
     return config

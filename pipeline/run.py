@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
 from worldmodel.rollout import check_video_writer, write_rollout
-from worldmodel.run_dir import Results, RunDir
+from worldmodel.run_dir import Results, RunDir, StageClock
 from worldmodel.train import (
     DYNAMICS,
     tokens_for_run,
@@ -122,18 +122,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     )
     write_text_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
     logger = RunLogger(run_dir, config.run.wandb, dataclasses.asdict(config))
-    timings: dict[str, float] = dict(results.data.get("timings", {}))
-
-    def stage(name: str, work) -> None:
-        if results.done(name):
-            print(f"[{name}] already done, skipping (delete {results.path} entries to redo)")
-            return
-        began = time.monotonic()
-        print(f"[{name}] ...")
-        figures = work()
-        timings[name] = round(time.monotonic() - began, 1)
-        results.record(name, figures)
-        results.record("timings", timings)
+    stage = Stages(results, StageClock(run_dir))
 
     def do_collect() -> dict[str, Any]:
         dataset = collect(config.collect, data_dir)
@@ -172,7 +161,33 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger) -> None:
+class Stages:
+    """Runs each stage of a run once: a stage recorded in `results.json` is skipped; one that finishes is recorded
+    with its figures and its wall time (`timings`), including what a run killed in it had spent (`StageClock`)."""
+
+    def __init__(self, results: Results, clock: StageClock):
+        self.results, self.clock = results, clock
+        self.timings: dict[str, float] = dict(results.data.get("timings", {}))
+        self.carried = clock.left_behind(results.done)  # the stage a killed run was in, and its time there
+
+    def __call__(self, name: str, work: Callable[[], dict[str, Any]]) -> None:
+        if self.results.done(name):
+            print(f"[{name}] already done, skipping (delete {self.results.path} entries to redo)")
+            return
+        print(f"[{name}] ...")
+        with self.clock.running(name, self.carried.pop(name, 0.0)) as elapsed:
+            figures = work()
+            self.timings[name] = round(elapsed(), 1)
+            self.results.record(name, figures)
+            self.results.record("timings", self.timings)
+
+    def seconds(self, prefix: str) -> float:
+        """The wall time spent in the stages whose names start with `prefix`, a killed stage's time included."""
+        spent = {**self.timings, **self.carried}
+        return sum(v for k, v in spent.items() if k.startswith(prefix))
+
+
+def run_loop(config: PipelineConfig, results: Results, stage: Stages, logger: RunLogger) -> None:
     """`config.loop.iterations` rounds of collect with the policy -> dynamics -> PPO, then the last policy's own
     collection round, then the choice of the policy to keep (`LoopConfig.keep_best`), written to `<run>/policy`.
 
@@ -188,9 +203,6 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
     initial = run.loop_round(0).policy
     if not checkpoint_exists(initial):
         copy_checkpoint(run.policy, initial, POLICY)
-
-    def seconds(prefix: str) -> float:
-        return sum(v for k, v in results.data.get("timings", {}).items() if k.startswith(prefix))
 
     def first_episode(iteration: int) -> int:
         """The dataset index of round `iteration`'s first episode; it drives on seed `collect.seed` + that index."""
@@ -312,9 +324,9 @@ def run_loop(config: PipelineConfig, results: Results, stage, logger: RunLogger)
         share = 1.0
         if not results.done(f"{name}/collect") and iteration > 1:
             last = f"loop/{iteration - 1:02d}/"
-            trained = seconds(f"{last}dynamics") + seconds(f"{last}policy")
+            trained = stage.seconds(f"{last}dynamics") + stage.seconds(f"{last}policy")
             share = next_round_share(
-                loop, seconds("loop/"), seconds(f"{last}collect"), trained, share_of(iteration - 1)
+                loop, stage.seconds("loop/"), stage.seconds(f"{last}collect"), trained, share_of(iteration - 1)
             )
             if share == 0:
                 stage("loop/stop", lambda it=iteration: {"rounds": it - 1, "reason": "loop.max_minutes"})

@@ -844,6 +844,8 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
     for stage in ("loop/01/dynamics", "loop/01/policy"):
         del killed_at[stage]
     results.write_text(json.dumps(killed_at))
+    # and as if the kill had come 100 s into that dynamics stage: its clock says so, and its timing will count it
+    (tmp_path / "loop" / "stage_clock.json").write_text(json.dumps({"stage": "loop/01/dynamics", "seconds": 100.0}))
 
     second = _cli(args, tmp_path)
     out, err = second.communicate(timeout=300)
@@ -853,6 +855,7 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
     assert "[loop/01/dynamics] already done" not in out and "[loop/01/policy] already done" not in out
     run = tmp_path / "loop"
     finished = json.loads(results.read_text())
+    assert 100 < finished["timings"]["loop/01/dynamics"] < 400 and not (run / "stage_clock.json").exists()
     for stage in ("loop/02/collect", "loop/02/dynamics", "loop/02/policy", "loop/03/collect", "loop/select"):
         assert stage in finished
     # every round's episodes are in the manifest once, with the round and the policy that drove them

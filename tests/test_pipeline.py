@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,46 @@ def test_summary_names_the_loop_policy_a_shortened_round_trained():
     assert [row.get("round_share") for row in summary["loop"]["curve"]] == [None, 1.0, 0.94]
     text = format_summary(summary)
     assert "loop policy 1  " in text and "loop policy 2 (from 0; 94% of a round's minutes)  " in text
+
+
+def test_the_stage_clock_keeps_a_killed_stage_s_time_for_its_resume(tmp_path):
+    from pipeline.run import Stages
+    from worldmodel.run_dir import Results, StageClock
+
+    clock = StageClock(tmp_path, every=0.02)
+    with clock.running("tokenizer", before=3.0) as elapsed:
+        time.sleep(0.2)
+        seen = json.loads(RunDir(tmp_path).stage_clock.read_text())  # rewritten while the stage runs
+        assert seen["stage"] == "tokenizer" and 3.05 <= seen["seconds"] <= elapsed() + 0.05  # to 0.1 s
+    assert not RunDir(tmp_path).stage_clock.exists()  # a finished stage leaves nothing behind
+    with pytest.raises(RuntimeError), clock.running("dynamics"):
+        time.sleep(0.3)
+        raise RuntimeError("out of memory")  # a stage that fails is resumed as after a kill, its time kept
+    left = clock.left_behind(lambda stage: False)
+    assert list(left) == ["dynamics"] and 0.3 <= left["dynamics"] < 5.0
+    assert clock.left_behind(lambda stage: stage == "dynamics") == {}  # it finished after all
+    RunDir(tmp_path).stage_clock.write_text("{not json")
+    assert clock.left_behind(lambda stage: False) == {}
+
+    # a run killed 40 s into round 1's dynamics, after 100 s of the loop: the loop's budget counts the 40 s at once,
+    # and the stage's timing counts them when it finishes
+    results = Results(tmp_path)
+    results.record("timings", {"collect": 10.0, "loop/01/collect": 100.0})
+    results.record("collect", {})
+    results.record("loop/01/collect", {})
+    RunDir(tmp_path).stage_clock.write_text(json.dumps({"stage": "loop/01/dynamics", "seconds": 40.0}))
+    stage = Stages(Results(tmp_path), StageClock(tmp_path))
+    ran = []
+    stage("collect", lambda: ran.append("collect") or {})
+    assert ran == [] and stage.seconds("loop/") == 140.0
+    stage("loop/01/dynamics", lambda: {"steps": 5})
+    timings = Results(tmp_path).data["timings"]
+    assert 40.0 <= timings["loop/01/dynamics"] < 45.0 and stage.seconds("loop/") == pytest.approx(
+        100 + timings["loop/01/dynamics"]
+    )
+    assert Results(tmp_path).data["loop/01/dynamics"] == {"steps": 5} and not RunDir(tmp_path).stage_clock.exists()
+    stage("loop/01/policy", lambda: {})  # the next stage starts its own clock from zero
+    assert Results(tmp_path).data["timings"]["loop/01/policy"] < 5.0
 
 
 def test_a_run_without_the_video_writer_stops_before_collecting(tmp_path, monkeypatch):

@@ -4,10 +4,14 @@ outputs through a `RunDir`, so no file name is spelled in two modules. Checkpoin
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from worldmodel.files import read_json, write_json_atomic
+from worldmodel.files import DamagedFile, read_json, write_json_atomic
 
 
 class RunDir:
@@ -26,6 +30,11 @@ class RunDir:
     def results(self) -> Path:
         """Each finished stage's figures; a stage listed here is skipped when the run resumes."""
         return self.root / "results.json"
+
+    @property
+    def stage_clock(self) -> Path:
+        """How long the stage now running has taken (`StageClock`); a run killed mid-stage leaves it behind."""
+        return self.root / "stage_clock.json"
 
     @property
     def summary(self) -> Path:
@@ -115,3 +124,57 @@ class Results:
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
+
+
+class StageClock:
+    """`<run>/stage_clock.json`: the stage now running and the seconds it has taken, rewritten every `every` seconds
+    while it runs and removed once it is recorded. A run killed (or failed) mid-stage leaves the file behind, and the
+    resumed run counts that time in the stage's timing: neither the summary's times nor the loop's budget
+    (`loop.max_minutes`) lose the minutes spent before a crash."""
+
+    def __init__(self, run_dir: str | Path, every: float = 5.0):
+        self.path = RunDir(run_dir).stage_clock
+        self.every = every
+
+    def left_behind(self, finished: Callable[[str], bool]) -> dict[str, float]:
+        """{stage: seconds} that a killed run spent in a stage not `finished` since; {} if none (or unreadable)."""
+        try:
+            found = read_json(self.path, {})
+        except DamagedFile:  # written atomically, so edited by hand: the time it held is only lost from the timings
+            return {}
+        stage, seconds = (found.get("stage"), found.get("seconds")) if isinstance(found, dict) else (None, None)
+        if not isinstance(stage, str) or not isinstance(seconds, (int, float)) or finished(stage):
+            return {}
+        return {stage: float(seconds)}
+
+    @contextmanager
+    def running(self, stage: str, before: float = 0.0) -> Iterator[Callable[[], float]]:
+        """Time `stage`, counting on from `before` seconds (its time before a kill); yields the clock. Record the
+        stage inside the block: the file goes only when the block ends without an exception."""
+        began = time.monotonic()
+
+        def elapsed() -> float:
+            return before + time.monotonic() - began
+
+        def write() -> None:
+            write_json_atomic(self.path, {"stage": stage, "seconds": round(elapsed(), 1)})
+
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(self.every):
+                write()
+
+        write()
+        thread = threading.Thread(target=tick, name="stage-clock", daemon=True)
+        thread.start()
+        try:
+            yield elapsed
+        except BaseException:
+            stop.set()
+            thread.join()
+            write()  # the stage did not finish: the run resumes it as after a kill, with this time on its clock
+            raise
+        stop.set()
+        thread.join()
+        self.path.unlink(missing_ok=True)
