@@ -41,7 +41,7 @@ class LoopConfig:
     min_round_share: float = 0.5
     """A round that would not fit `max_minutes` whole still runs, its dynamics and PPO minutes shortened to fit, if
     at least this share of them does (a machine a few percent slower loses a few percent of a round, not all of it);
-    1.0: a round runs whole or not at all."""
+    1.0: a round runs whole or not at all, as does one whose stages stop at their steps, not their minutes."""
     episodes: int = 16
     """Real episodes each round collects with the current policy."""
     explore: float = 0.5
@@ -89,25 +89,34 @@ class LoopConfig:
             raise ValueError(f"min_round_share: expected a share in (0, 1], got {self.min_round_share!r}")
 
 
-def next_round_share(loop: LoopConfig, spent: float, collect: float, trained: float, share: float) -> float:
+def next_round_share(
+    loop: LoopConfig, spent: float, collect: float, trained: tuple[float, float], share: float
+) -> float:
     """The share of its training minutes (`dynamics_minutes` and `ppo_minutes`) the next round gets so that the loop
     still ends within `loop.max_minutes`, at the last round's pace: 1.0 where the whole round fits, 0.0 where not even
     `loop.min_round_share` of it does (no round).
 
     Seconds, as the run recorded them: `spent` by the loop so far, `collect` by the last round's collection (this
     round collects as many episodes, the policy it trains drives one more collection, and the playoff follows),
-    `trained` by the last round's dynamics and PPO stages, which had `share` of their minutes. What those stages
-    took beyond their minutes (loading, checkpoints, validation) is taken to stay the same."""
+    `trained` by the last round's dynamics and PPO stages, which ran with `share` of their minutes. A stage that used
+    its minutes is taken to need again what it took beyond them (loading, checkpoints, validation), plus its minutes
+    at the new share; a stage that stopped at its steps before its minutes, or has none, what it took. A round in
+    which no stage used its minutes runs whole or not at all. After a kill the last round's times include what the
+    killed attempt spent, so the rule errs towards a shorter round, not past the budget."""
     if loop.max_minutes is None:
         return 1.0
     playoff = collect * loop.playoff_candidates * loop.playoff_episodes / loop.episodes
     left = 60 * loop.max_minutes - spent - 2 * collect - playoff
-    minutes = 60 * (loop.dynamics_minutes or 0) + 60 * (loop.ppo_minutes or 0)
-    beyond = trained - share * minutes
-    if loop.dynamics_minutes is None or loop.ppo_minutes is None or beyond < 0:
-        # the stages stop at their steps (before their minutes, if any): shorter minutes would not shorten them
-        return 1.0 if left >= trained else 0.0
-    fitted = min(1.0, (left - beyond) / minutes)
+    fixed = scalable = 0.0
+    for seconds, minutes in zip(trained, (loop.dynamics_minutes, loop.ppo_minutes), strict=True):
+        budget = 60 * (minutes or 0.0)
+        if budget > 0 and seconds >= share * budget:
+            fixed, scalable = fixed + seconds - share * budget, scalable + budget
+        else:
+            fixed += seconds
+    if not scalable:
+        return 1.0 if left >= fixed else 0.0
+    fitted = min(1.0, (left - fixed) / scalable)
     return fitted if fitted >= loop.min_round_share else 0.0
 
 

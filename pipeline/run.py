@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -324,7 +325,7 @@ def run_loop(config: PipelineConfig, results: Results, stage: Stages, logger: Ru
         share = 1.0
         if not results.done(f"{name}/collect") and iteration > 1:
             last = f"loop/{iteration - 1:02d}/"
-            trained = stage.seconds(f"{last}dynamics") + stage.seconds(f"{last}policy")
+            trained = (stage.seconds(f"{last}dynamics"), stage.seconds(f"{last}policy"))
             share = next_round_share(
                 loop, stage.seconds("loop/"), stage.seconds(f"{last}collect"), trained, share_of(iteration - 1)
             )
@@ -333,7 +334,7 @@ def run_loop(config: PipelineConfig, results: Results, stage: Stages, logger: Ru
                 rounds = iteration - 1
                 break
             if share < 1:
-                tqdm.write(f"round {iteration}: {share:.0%} of its training minutes fit in loop.max_minutes")
+                tqdm.write(f"round {iteration}: {percent(share)} of its training minutes fit in loop.max_minutes")
         stage(f"{name}/collect", lambda it=iteration, s=share: collect_round(it, s))
         stage(f"{name}/dynamics", lambda it=iteration: dynamics_round(it))
         stage(f"{name}/policy", lambda it=iteration: policy_round(it))
@@ -545,7 +546,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             parent = row.get("continued_from", row["policy"] - 1)
             notes = [f"from {parent}"] if parent != row["policy"] - 1 else []
             if row.get("round_share", 1.0) < 1:  # loop.max_minutes left the round less time to train it
-                notes.append(f"{row['round_share']:.0%} of a round's minutes")
+                notes.append(f"{percent(row['round_share'])} of a round's minutes")
             name = f"loop policy {row['policy']}" + (f" ({'; '.join(notes)})" if notes else "")
             figures = (
                 f"real {_number(row['real_return_mean'])} (sampled {_number(row['real_sampled_return_mean'])}), "
@@ -593,6 +594,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     width = max(len(r[0]) for r in rows)
     return "\n".join(["", "summary", "-" * 7] + [f"{k.ljust(width)}  {v}" for k, v in rows])
+
+
+def percent(share: float) -> str:
+    """A share as whole percent, rounded down: a round short of its minutes never reads as 100%."""
+    return f"{math.floor(100 * share + 1e-9)}%"
 
 
 def _number(value: float | None) -> str:
