@@ -90,7 +90,12 @@ class LoopConfig:
 
 
 def next_round_share(
-    loop: LoopConfig, spent: float, collect: float, trained: tuple[float, float], share: float
+    loop: LoopConfig,
+    spent: float,
+    collect: float,
+    trained: tuple[float, float],
+    timed: tuple[bool, bool],
+    share: float,
 ) -> float:
     """The share of its training minutes (`dynamics_minutes` and `ppo_minutes`) the next round gets so that the loop
     still ends within `loop.max_minutes`, at the last round's pace: 1.0 where the whole round fits, 0.0 where not even
@@ -98,20 +103,21 @@ def next_round_share(
 
     Seconds, as the run recorded them: `spent` by the loop so far, `collect` by the last round's collection (this
     round collects as many episodes, the policy it trains drives one more collection, and the playoff follows),
-    `trained` by the last round's dynamics and PPO stages, which ran with `share` of their minutes. A stage that used
-    its minutes is taken to need again what it took beyond them (loading, checkpoints, validation), plus its minutes
-    at the new share; a stage that stopped at its steps before its minutes, or has none, what it took. A round in
-    which no stage used its minutes runs whole or not at all. After a kill the last round's times include what the
-    killed attempt spent, so the rule errs towards a shorter round, not past the budget."""
+    `trained` by the last round's dynamics and PPO stages, which ran with `share` of their minutes, and `timed`
+    whether each was stopped by its minutes (not its steps). A stage its minutes stopped is taken to need again what
+    it took beyond them (loading, checkpoints, validation), plus its minutes at the new share; one its steps stopped,
+    or without minutes, what it took. A round in which no stage was stopped by its minutes runs whole or not at all.
+    After a kill the last round's times include what the killed attempt spent, so the rule errs towards a shorter
+    round, not past the budget."""
     if loop.max_minutes is None:
         return 1.0
     playoff = collect * loop.playoff_candidates * loop.playoff_episodes / loop.episodes
     left = 60 * loop.max_minutes - spent - 2 * collect - playoff
     fixed = scalable = 0.0
-    for seconds, minutes in zip(trained, (loop.dynamics_minutes, loop.ppo_minutes), strict=True):
+    for seconds, clocked, minutes in zip(trained, timed, (loop.dynamics_minutes, loop.ppo_minutes), strict=True):
         budget = 60 * (minutes or 0.0)
-        if budget > 0 and seconds >= share * budget:
-            fixed, scalable = fixed + seconds - share * budget, scalable + budget
+        if budget > 0 and clocked:
+            fixed, scalable = fixed + max(0.0, seconds - share * budget), scalable + budget
         else:
             fixed += seconds
     if not scalable:

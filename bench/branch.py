@@ -56,8 +56,8 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
     Kept: every stage before the loop, rounds 1 .. iteration - 1, round `iteration`'s collection and dynamics (the
     run's world model is set back to it). Dropped: that round's PPO, later rounds and their episodes, the final
     collection, the choice of policy, the evaluation and the video. A round the run shortened to fit
-    `loop.max_minutes` (`round_share` in its collection's figures) keeps its share: the branch's PPO runs as long as
-    the run's did, whatever the overrides say of the budget, so the two stay a paired comparison."""
+    `loop.max_minutes` (`round_share` in its collection's figures) keeps its share of `loop.ppo_minutes`: the share
+    is not recomputed for another `loop.max_minutes`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     results = Results(run_dir).data
     if f"loop/{iteration:02d}/dynamics" not in results:

@@ -326,9 +326,13 @@ def run_loop(config: PipelineConfig, results: Results, stage: Stages, logger: Ru
         if not results.done(f"{name}/collect") and iteration > 1:
             last = f"loop/{iteration - 1:02d}/"
             trained = (stage.seconds(f"{last}dynamics"), stage.seconds(f"{last}policy"))
-            share = next_round_share(
-                loop, stage.seconds("loop/"), stage.seconds(f"{last}collect"), trained, share_of(iteration - 1)
+            # a stage short of its step cap was stopped by its minutes
+            timed = (
+                results.data[f"{last}dynamics"]["steps"] < loop.dynamics_steps,
+                results.data[f"{last}policy"]["imagined_steps"] < loop.ppo_steps,
             )
+            spent, collected = stage.seconds("loop/"), stage.seconds(f"{last}collect")
+            share = next_round_share(loop, spent, collected, trained, timed, share_of(iteration - 1))
             if share == 0:
                 stage("loop/stop", lambda it=iteration: {"rounds": it - 1, "reason": "loop.max_minutes"})
                 rounds = iteration - 1
@@ -598,7 +602,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def percent(share: float) -> str:
     """A share as whole percent, rounded down: a round short of its minutes never reads as 100%."""
-    return f"{math.floor(100 * share + 1e-9)}%"
+    whole = math.floor(100 * share + 1e-9)
+    return f"{min(whole, 99) if share < 1 else whole}%"
 
 
 def _number(value: float | None) -> str:

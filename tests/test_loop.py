@@ -778,31 +778,40 @@ def test_a_round_that_does_not_fit_whole_is_shortened_to_fit_not_dropped():
         playoff_candidates=2,
     )
     # round 1 took 52 s to collect and 131 + 189 s to train (20 s beyond its 300 s of minutes): round 2 fits whole
-    assert next_round_share(loop, 52 + 320, 52, (131, 189), 1.0) == 1.0
+    assert next_round_share(loop, 52 + 320, 52, (131, 189), (True, True), 1.0) == 1.0
     # a process beside it slowed round 1's collection to 68 s: whole, the loop would end at 882 s; 94% of the
     # training minutes fit, and the loop then ends within its budget as the round's stages are paced
-    share = next_round_share(loop, 68 + 322, 68, (133, 189), 1.0)
+    share = next_round_share(loop, 68 + 322, 68, (133, 189), (True, True), 1.0)
     assert share == pytest.approx((865 - 390 - 2 * 68 - 34 - 22) / 300)
     assert 390 + 68 + 22 + share * 300 + 68 + 34 == pytest.approx(865)
     # all or nothing, as before the share: no round
-    assert next_round_share(dataclasses.replace(loop, min_round_share=1.0), 68 + 322, 68, (133, 189), 1.0) == 0.0
+    assert (
+        next_round_share(dataclasses.replace(loop, min_round_share=1.0), 68 + 322, 68, (133, 189), (True, True), 1.0)
+        == 0.0
+    )
     # less than half the minutes left: no round; with a smaller floor, the round gets what is left
-    assert next_round_share(loop, 600, 68, (133, 189), 1.0) == 0.0
-    low = next_round_share(dataclasses.replace(loop, min_round_share=0.1), 600, 68, (133, 189), 1.0)
+    assert next_round_share(loop, 600, 68, (133, 189), (True, True), 1.0) == 0.0
+    low = next_round_share(dataclasses.replace(loop, min_round_share=0.1), 600, 68, (133, 189), (True, True), 1.0)
     assert low == pytest.approx((865 - 600 - 2 * 68 - 34 - 22) / 300)
     # the last round was itself shortened to half its minutes: what it took beyond them is what counts
-    assert next_round_share(loop, 300, 52, (70, 100), 0.5) == 1.0
-    assert next_round_share(loop, 420, 52, (70, 100), 0.5) == pytest.approx((865 - 420 - 104 - 26 - 20) / 300)
+    assert next_round_share(loop, 300, 52, (70, 100), (True, True), 0.5) == 1.0
+    assert next_round_share(loop, 420, 52, (70, 100), (True, True), 0.5) == pytest.approx(
+        (865 - 420 - 104 - 26 - 20) / 300
+    )
     # stages that stop at their steps before their minutes are not shortened by fewer minutes: whole or nothing
-    assert next_round_share(loop, 600, 20, (40, 60), 1.0) == 1.0  # 600 + 40 + 10 + 100 fits
-    assert next_round_share(loop, 740, 20, (40, 60), 1.0) == 0.0  # 890 would not
+    assert next_round_share(loop, 600, 20, (40, 60), (False, False), 1.0) == 1.0  # 600 + 40 + 10 + 100 fits
+    assert next_round_share(loop, 740, 20, (40, 60), (False, False), 1.0) == 0.0  # 890 would not
     # one stage at its steps (dynamics, 55 s of its 72 at 0.6), the other at its minutes (PPO, 113 s, 5 beyond its
     # 108): only the PPO's minutes stretch, and a whole round's PPO takes its whole 180 s, so 86% fits, not 100%
-    mixed = next_round_share(loop, 520, 52, (55, 113), 0.6)
+    mixed = next_round_share(loop, 520, 52, (55, 113), (False, True), 0.6)
     assert mixed == pytest.approx((865 - 520 - 130 - 55 - 5) / 180) and mixed < 1
+    # PPO stopped at its steps 5 s short of its 180 s of minutes, 15 s of overhead included: its 185 s are what a
+    # round takes whatever its minutes, not 5 s of overhead on minutes that would shrink with the share
+    late = next_round_share(loop, 460, 52, (131, 185), (True, False), 1.0)
+    assert late == pytest.approx((865 - 460 - 130 - 11 - 185) / 120)  # 0.66; as if both stretched: 0.86
     for unbudgeted in (dataclasses.replace(loop, ppo_minutes=None), dataclasses.replace(loop, max_minutes=None)):
-        assert next_round_share(unbudgeted, 300, 52, (131, 189), 1.0) == 1.0
-    assert next_round_share(dataclasses.replace(loop, ppo_minutes=None), 600, 52, (131, 189), 1.0) == 0.0
+        assert next_round_share(unbudgeted, 300, 52, (131, 189), (True, True), 1.0) == 1.0
+    assert next_round_share(dataclasses.replace(loop, ppo_minutes=None), 600, 52, (131, 189), (True, True), 1.0) == 0.0
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="min_round_share"):
             LoopConfig(min_round_share=bad)

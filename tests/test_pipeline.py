@@ -14,7 +14,7 @@ from conftest import BOX_SPACE, build_run, open_in_chromium
 
 from agents.config import load_pipeline_config
 from pipeline.cli import main as cli_main
-from pipeline.run import format_summary, make_summary
+from pipeline.run import format_summary, make_summary, percent
 from worldmodel.checkpoint import read_checkpoint
 from worldmodel.config import ConfigError, to_dict
 from worldmodel.dataset import Dataset
@@ -202,6 +202,7 @@ def test_summary_names_the_loop_policy_a_shortened_round_trained():
     assert "loop policy 1  " in text and "loop policy 2 (from 0; 94% of a round's minutes)  " in text
     summary["loop"]["curve"][2]["round_share"] = 0.996  # short of its minutes, if by little: never "100%"
     assert "loop policy 2 (from 0; 99% of a round's minutes)  " in format_summary(summary)
+    assert [percent(x) for x in (0.94, 0.57, 1 - 1e-12, 1.0)] == ["94%", "57%", "99%", "100%"]
 
 
 def test_the_stage_clock_keeps_a_killed_stage_s_time_for_its_resume(tmp_path):
