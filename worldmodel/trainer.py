@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -67,6 +67,28 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
     return tensors
+
+
+def progress_state(step: int, seconds: float) -> dict[str, torch.Tensor]:
+    """The step and training seconds a `_last` checkpoint was written at, kept with its weights as well as in its
+    `.json`: the weights are written first, so a kill between the two files leaves newer weights beside an older
+    sidecar, and these say which step the weights are of (`resumed_progress`)."""
+    return {
+        "progress.step": torch.tensor(step, dtype=torch.int64),
+        "progress.seconds": torch.tensor(seconds, dtype=torch.float64),
+    }
+
+
+def resumed_progress(meta: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> tuple[int, float]:
+    """(step, seconds) to resume a training from: the sidecar's, unless the weights were saved at another step (a
+    kill between the checkpoint's two files), then theirs. A checkpoint from before the weights kept them: the
+    sidecar's."""
+    step, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
+    if "progress.step" in state and int(state["progress.step"]) != step:
+        saved = int(state["progress.step"])
+        tqdm.write(f"{path}: its weights are of step {saved}, its .json of step {step} (a kill between the two files)")
+        step, seconds = saved, float(state["progress.seconds"])
+    return step, seconds
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
@@ -144,7 +166,7 @@ def train(
                 )
             model.load_state_dict(restored.state_dict())
             restore_optimizer(optimizer, state)
-            start, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
+            start, seconds = resumed_progress(meta, state, last)
             if main:
                 tqdm.write(f"resuming {kind} training from step {start} ({last})")
         elif init is not None:
@@ -188,7 +210,9 @@ def train(
                 tqdm.write(f"{kind} step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in val_logs.items()))
             if main and (done % config.checkpoint_every == 0 or done == config.steps or out_of_time):
                 meta = {"step": done, "seconds": seconds, **(extra_meta or {})}
-                save_checkpoint(last, model, kind, meta, optimizer_state(optimizer))
+                save_checkpoint(
+                    last, model, kind, meta, {**optimizer_state(optimizer), **progress_state(done, seconds)}
+                )
             if out_of_time:
                 if main:
                     tqdm.write(f"{kind}: stopping at step {done} after the {config.max_minutes:g}-minute budget")
