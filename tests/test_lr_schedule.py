@@ -72,31 +72,29 @@ def test_a_resumed_run_gets_what_is_left_of_its_budget(tmp_path, capsys):
 def test_a_kill_between_the_last_checkpoint_s_two_files_resumes_at_the_weights_step(tmp_path, capsys):
     frames = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
     config = TrainConfig(steps=4, batch_size=2, warmup_steps=1, eval_every=100, checkpoint_every=2)
-    logger = RunLogger(tmp_path)
-    train(tiny_tokenizer(), lambda step: {"frames": frames}, config, tmp_path / "tok", "tokenizer", logger)
-    older = (tmp_path / "tok_last.json").read_text()  # the sidecar of step 4
-    train(
-        tiny_tokenizer(),
-        lambda step: {"frames": frames},
-        replace(config, steps=6),
-        tmp_path / "tok",
-        "tokenizer",
-        logger,
-    )
-    assert json.loads((tmp_path / "tok_last.json").read_text())["step"] == 6
-    (tmp_path / "tok_last.json").write_text(older)  # as if killed after the step-6 weights, before their sidecar
+    logger, trained = RunLogger(tmp_path), []
+
+    def run(steps: int) -> dict:
+        batch = lambda step: trained.append(step) or {"frames": frames}  # noqa: E731
+        return train(tiny_tokenizer(), batch, replace(config, steps=steps), tmp_path / "tok", "tokenizer", logger)
+
+    sidecar = tmp_path / "tok_last.json"
+    run(4)
+    older = sidecar.read_text()  # the sidecar of step 4
+    run(6)
+    assert json.loads(sidecar.read_text())["step"] == 6
+    sidecar.write_text(older)  # as if killed after the step-6 weights were written, before their sidecar
     capsys.readouterr()
-    metrics = train(
-        tiny_tokenizer(),
-        lambda step: {"frames": frames},
-        replace(config, steps=8),
-        tmp_path / "tok",
-        "tokenizer",
-        logger,
-    )
+    trained.clear()
+    assert run(8)["steps"] == 8
     out = capsys.readouterr().out
     assert "its weights are of step 6, its .json of step 4" in out and "resuming tokenizer training from step 6" in out
-    assert metrics["steps"] == 8 and json.loads((tmp_path / "tok_last.json").read_text())["step"] == 8
+    assert trained == [6, 7] and json.loads(sidecar.read_text())["step"] == 8  # steps 4 and 5 are not trained again
+    # torn at the last step: nothing is left to train, so no save would mend the sidecar; the resume does
+    sidecar.write_text(older)
+    trained.clear()
+    assert run(8)["steps"] == 8 and trained == []
+    assert json.loads(sidecar.read_text())["step"] == 8
 
 
 def test_a_preset_takes_the_schedule_and_refuses_a_floor_outside_zero_to_one():

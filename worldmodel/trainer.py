@@ -22,6 +22,7 @@ from worldmodel.checkpoint import (
     resumable,
     save_checkpoint,
 )
+from worldmodel.files import write_json_atomic
 from worldmodel.logger import RunLogger
 
 
@@ -79,16 +80,13 @@ def progress_state(step: int, seconds: float) -> dict[str, torch.Tensor]:
     }
 
 
-def resumed_progress(meta: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> tuple[int, float]:
+def resumed_progress(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[int, float]:
     """(step, seconds) to resume a training from: the sidecar's, unless the weights were saved at another step (a
     kill between the checkpoint's two files), then theirs. A checkpoint from before the weights kept them: the
     sidecar's."""
-    step, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
-    if "progress.step" in state and int(state["progress.step"]) != step:
-        saved = int(state["progress.step"])
-        tqdm.write(f"{path}: its weights are of step {saved}, its .json of step {step} (a kill between the two files)")
-        step, seconds = saved, float(state["progress.seconds"])
-    return step, seconds
+    if "progress.step" in state and int(state["progress.step"]) != int(meta["step"]):
+        return int(state["progress.step"]), float(state["progress.seconds"])
+    return int(meta["step"]), float(meta.get("seconds", 0.0))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
@@ -166,7 +164,14 @@ def train(
                 )
             model.load_state_dict(restored.state_dict())
             restore_optimizer(optimizer, state)
-            start, seconds = resumed_progress(meta, state, last)
+            start, seconds = resumed_progress(meta, state)
+            if main and start != int(meta["step"]):
+                # mend the sidecar now: a kill at the last step leaves nothing to train, so no save would
+                tqdm.write(
+                    f"{last}: its weights are of step {start}, its .json of step {meta['step']} (a kill between"
+                    " the two files): resuming from the weights' step"
+                )
+                write_json_atomic(last.with_suffix(".json"), {**meta, "step": start, "seconds": seconds})
             if main:
                 tqdm.write(f"resuming {kind} training from step {start} ({last})")
         elif init is not None:
