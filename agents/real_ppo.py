@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from agents.policy import ActorCritic, PolicyConfig
 from agents.ppo import POLICY, PPOConfig, optimise, ppo_optimizer
 from envs.sources import SourceConfig, make_source_env
-from worldmodel.checkpoint import fingerprint, load_module, resumable, save_checkpoint
+from worldmodel.checkpoint import fingerprint, load_module, resumable, save_checkpoint, write_meta
 from worldmodel.config import ConfigError
 from worldmodel.files import json_safe, read_json, write_json_atomic
 from worldmodel.logger import RunLogger
@@ -234,7 +234,7 @@ def _finish(out: Path, state: dict) -> dict[str, object]:
     """The figures of a training whose bookkeeping is `state`, marked finished, with `snapshots.json` written."""
     if not state["finished"]:  # resumed past its budget: nothing left to train
         state["finished"] = True
-        write_json_atomic(_last(out).with_suffix(".json"), state)  # read from there: its sidecar whole
+        write_meta(_last(out), state)  # read from there: its sidecar whole
     write_json_atomic(out / SNAPSHOTS, state["snapshots"])
     last = state["snapshots"][-1]
     return {

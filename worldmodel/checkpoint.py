@@ -68,9 +68,16 @@ def save_checkpoint(
     with atomic_path(path.with_suffix(".safetensors")) as tmp:
         save_file(tensors, tmp)
     config = getattr(module, "config", None)
-    meta = {"kind": kind, "config": dataclasses.asdict(config) if config is not None else {}, **(extra or {})}
-    write_json_atomic(path.with_suffix(".json"), meta)
+    write_meta(
+        path, {"kind": kind, "config": dataclasses.asdict(config) if config is not None else {}, **(extra or {})}
+    )
     return path.with_suffix(".safetensors")
+
+
+def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
+    """Write the `.json` sidecar of the checkpoint at `path` atomically (`save_checkpoint` writes it after the
+    weights; a resume that finds it older than the weights writes it again)."""
+    write_json_atomic(Path(path).with_suffix(".json"), meta)
 
 
 def copy_checkpoint(source: str | Path, target: str | Path, kind: str) -> Path:

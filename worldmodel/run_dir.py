@@ -168,13 +168,14 @@ class StageClock:
         write()
         thread = threading.Thread(target=tick, name="stage-clock", daemon=True)
         thread.start()
+        finished = False
         try:
             yield elapsed
-        except BaseException:
+            finished = True
+        finally:
             stop.set()
             thread.join()
-            write()  # the stage did not finish: the run resumes it as after a kill, with this time on its clock
-            raise
-        stop.set()
-        thread.join()
-        self.path.unlink(missing_ok=True)
+            if finished:
+                self.path.unlink(missing_ok=True)
+            else:  # the stage raised: the run resumes it as after a kill, with this time on its clock
+                write()

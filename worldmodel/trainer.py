@@ -21,8 +21,8 @@ from worldmodel.checkpoint import (
     load_module,
     resumable,
     save_checkpoint,
+    write_meta,
 )
-from worldmodel.files import write_json_atomic
 from worldmodel.logger import RunLogger
 
 
@@ -171,7 +171,7 @@ def train(
                     f"{last}: its weights are of step {start}, its .json of step {meta['step']} (a kill between"
                     " the two files): resuming from the weights' step"
                 )
-                write_json_atomic(last.with_suffix(".json"), {**meta, "step": start, "seconds": seconds})
+                write_meta(last, {**meta, "step": start, "seconds": seconds})
             if main:
                 tqdm.write(f"resuming {kind} training from step {start} ({last})")
         elif init is not None:
