@@ -823,24 +823,31 @@ def test_a_round_that_does_not_fit_whole_is_shortened_to_fit_not_dropped():
 LOOP = ["loop.iterations=2", "collect.workers=1", "loop.continue_from=best"]
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+def _cli(args: list[str], cwd: Path, log: Path | None = None) -> subprocess.Popen:
+    """The CLI in its own process group; its output to pipes for `communicate`, or to `log` for a run the test
+    watches meanwhile (an unread pipe fills up and stalls the run)."""
     env = {**os.environ, "SDL_VIDEODRIVER": "offscreen", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    out = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115 (closed below, the child holds its own)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        if log is not None:
+            out.close()
 
 
 @pytest.mark.slow
 def test_the_loop_resumes_where_it_was_killed(tmp_path):
     args = ["run", "--name", "loop", *MICRO, *LIGHT, *LOOP, f"run.runs_dir={tmp_path}"]
     results = tmp_path / "loop" / "results.json"
-    first = _cli(args, tmp_path)
+    first = _cli(args, tmp_path, log=tmp_path / "first.log")
     began = time.monotonic()
     # kill it (as a crash would, no clean-up) once the first round has finished, before the run is done
     while time.monotonic() - began < 240:
@@ -848,9 +855,9 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
         if "loop/01/policy" in done or first.poll() is not None:
             break
         time.sleep(0.05)
-    assert first.poll() is None, first.communicate()[1][-3000:]
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)
-    first.communicate()
+    first.wait()
     killed_at = json.loads(results.read_text())
     assert "loop/01/policy" in killed_at and "evaluate" not in killed_at
     # as if killed a moment after round 1's dynamics model was copied to <run>/dynamics, before the stage was recorded
