@@ -30,6 +30,8 @@ from worldmodel.tokens import TokenizedDataset
 class CloneConfig:
     minutes: float = 3.0
     """Wall-clock budget of the fit."""
+    max_steps: int | None = None
+    """Updates at most, besides the minutes (None: the minutes alone): the fit ends at whichever comes first."""
     batch_size: int = 256
     lr: float = 3e-4
     weight_decay: float = 0.05
@@ -127,7 +129,7 @@ def train_clone(run_dir: str | Path, config: CloneConfig, out: Path) -> dict[str
         optimizer.step()
         step += 1
         elapsed = time.monotonic() - began
-        done = elapsed > 60 * config.minutes
+        done = elapsed > 60 * config.minutes or (config.max_steps is not None and step >= config.max_steps)
         if step % config.eval_every == 0 or done:
             figures = held_out_figures(policy, val, bounds)
             if figures["val_nll"] < best["val_nll"]:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -55,6 +56,9 @@ class RealPPOConfig:
     """Real simulators, one process each."""
     snapshot_minutes: float = 2.0
     """A snapshot of the policy every this many minutes of training (and one at the end)."""
+    max_steps: int | None = None
+    """Real environment steps at most, besides the minutes (None: the minutes alone): the training ends at whichever
+    comes first, after a whole update (at least one, so the cap is rounded down to whole updates)."""
     rollout_steps: int | None = None
     """Steps each simulator takes between PPO updates. None: as many steps an update as the dream's PPO takes
     (`ppo.num_envs` times `ppo.rollout_steps`, shared over the simulators), so that the same learning rate, clip
@@ -88,15 +92,17 @@ def train_real_ppo(
         or not config.snapshot_minutes > 0
         or config.num_envs < 1
         or (config.rollout_steps is not None and config.rollout_steps < 1)
+        or (config.max_steps is not None and config.max_steps < 1)
     ):
         raise ConfigError(
-            "the real-simulator PPO needs positive minutes, snapshot minutes, simulators and rollout steps, got "
-            f"{config.minutes}, {config.snapshot_minutes}, {config.num_envs} and {config.rollout_steps}"
+            "the real-simulator PPO needs positive minutes, snapshot minutes, simulators, rollout steps and max steps,"
+            f" got {config.minutes}, {config.snapshot_minutes}, {config.num_envs}, {config.rollout_steps} and"
+            f" {config.max_steps}"
         )
     tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)  # a run without one stops before any folder is made
     settings = _settings(source, ppo, config, fingerprint(tokenizer))
     state = _earlier(out, settings)
-    if state is not None and (state["finished"] or state["snapshots"][-1]["wall_s"] >= 60 * config.minutes):
+    if state is not None and (state["finished"] or budget_spent(state["snapshots"][-1], config)):
         tqdm.write(f"the real-simulator PPO in {out} has finished; its figures stand")
         return _finish(out, state)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +161,7 @@ def train_real_ppo(
             ppo,
             seed=seed,
             rollout_steps=state["rollout_steps"],
-            total_steps=10**12,
+            total_steps=10**12 if config.max_steps is None else config.max_steps - done_steps,
             max_minutes=config.minutes - (time.monotonic() - began) / 60,
         )
         figures = optimise(
@@ -179,6 +185,12 @@ def _last(out: Path) -> Path:
     """Where a training keeps its newest snapshot's policy with its Adam moments, and its bookkeeping (`state`):
     what a killed training resumes from, and a finished one's figures."""
     return resumable(out / POLICY)
+
+
+def budget_spent(last: dict[str, Any], config: RealPPOConfig) -> bool:
+    """Whether a training whose last snapshot is `last` has used its budget: its minutes, or its steps."""
+    steps_spent = config.max_steps is not None and last["real_steps"] >= config.max_steps
+    return last["wall_s"] >= 60 * config.minutes or steps_spent
 
 
 def _settings(

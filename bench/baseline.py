@@ -38,7 +38,7 @@ class BaselineConfig:
     real: RealPPOConfig
     episodes: int | None = None
     """Held-out episodes per scored policy (default: the run's `eval.episodes`)."""
-    checked: tuple[str, ...] = ("minutes", "num_envs", "rollout_steps")
+    checked: tuple[str, ...] = ("minutes", "max_steps", "num_envs", "rollout_steps")
     """The settings of `real` an earlier training in RUN/real_ppo must have been made with to be scored instead of
     trained again (the command line checks the flags it was given)."""
 
@@ -56,8 +56,10 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
     if trained.is_file():
         training = read_json(trained)
         training.setdefault("rollout_steps", pipeline.ppo.rollout_steps)  # trained before the flag: the dream's
+        training.setdefault("max_steps", None)  # trained before the flag: the minutes alone
         wanted = {
             "minutes": config.real.minutes,
+            "max_steps": config.real.max_steps,
             "num_envs": config.real.num_envs,
             "rollout_steps": config.real.steps_per_env(pipeline.ppo),
         }
@@ -73,7 +75,8 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
         logger = RunLogger(folder)
         figures = train_real_ppo(run_dir, pipeline.collect.source, pipeline.ppo, config.real, logger, folder)
         logger.close()
-        training = {"minutes": config.real.minutes, "num_envs": config.real.num_envs, **figures}
+        real = config.real
+        training = {"minutes": real.minutes, "max_steps": real.max_steps, "num_envs": real.num_envs, **figures}
         write_json_atomic(trained, training)
 
     eval_config = pipeline.eval
@@ -117,13 +120,16 @@ def bench_baseline(run_dir: str | Path, config: BaselineConfig, out: Path | None
         kept = score("kept", RunDir(run_dir).policy)
     dream_score = kept["mean"]
     dream_curve.append({"policy": "kept", "wall_s": round(pipeline_wall, 1), "real_steps": final_steps, **kept})
-    ratio = time_ratio(baseline_curve, dream_score, pipeline_wall, 60 * training["minutes"])
+    # what it trained: its minutes, or less where its steps ended it first
+    trained_s = min(60 * training["minutes"], training["snapshots"][-1]["wall_s"])
+    ratio = time_ratio(baseline_curve, dream_score, pipeline_wall, trained_s)
     results = {
         "run": str(run_dir),
         "source": pipeline.collect.source.name,
         "dream_pipeline": {"score": dream_score, "wall_s": round(pipeline_wall, 1), "curve": dream_curve},
         "real_ppo": {
             "minutes": training["minutes"],
+            "max_steps": training["max_steps"],
             "num_envs": training["num_envs"],
             "rollout_steps": training["rollout_steps"],
             "real_steps": training["real_steps"],
@@ -173,10 +179,12 @@ def format_markdown(results: dict[str, Any]) -> str:
     ratio = results["time_ratio"]
     rollout = real.get("rollout_steps")  # None in a baseline.json from before it was recorded
     each = f", {rollout} steps each between updates" if rollout else ""
+    trained_min = real["curve"][-1]["wall_s"] / 60 if real["curve"] else real["minutes"]
+    cap = f", at most {real['max_steps']:,} steps" if real.get("max_steps") else ""
     lines += [
         "",
-        f"Real-simulator PPO: {real['real_steps']:,.0f} steps in {real['minutes']:.0f} minutes "
-        f"({real['steps_per_second']:.0f}/s over {real['num_envs']} simulators{each}), "
+        f"Real-simulator PPO: {real['real_steps']:,.0f} steps in {trained_min:.1f} minutes (budget "
+        f"{real['minutes']:g}{cap}; {real['steps_per_second']:.0f}/s over {real['num_envs']} simulators{each}), "
         f"best held-out {real['best']:.1f}. "
         f"Time it needs to reach the dream pipeline's {dream['score']:.1f}, over the dream pipeline's "
         f"{dream['wall_s'] / 60:.1f} minutes: {ratio['bound']} {ratio['value']:.2f}.",

@@ -88,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _config(args)
     if not (args.component == "policy" and args.real) and _real_ppo_given(args):
         raise ConfigError(
-            "--minutes, --envs, --snapshot-minutes and --rollout-steps set `train policy --real`, not this command"
+            "--minutes, --max-steps, --envs, --snapshot-minutes and --rollout-steps set `train policy --real`, not"
+            " this command"
         )
     data = Path(args.data) if args.data else config.dataset_dir
     logger = _logger(config)
@@ -266,7 +267,7 @@ def cmd_bench_clone(args: argparse.Namespace) -> None:
     from agents.clone import CloneConfig
     from bench.clone import bench_clone, format_markdown
 
-    config = CloneConfig(minutes=args.minutes)
+    config = CloneConfig(minutes=args.minutes, max_steps=args.max_steps)
     results = bench_clone(args.run, config, args.episodes, Path(args.out) if args.out else None)
     print(format_markdown(results))
 
@@ -424,6 +425,12 @@ def _real_ppo_flags(parser: argparse.ArgumentParser, note: str) -> None:
     parser.add_argument(
         "--minutes", type=_positive_float, default=None, help=f"{note}the real-simulator PPO's wall-clock budget (17)"
     )
+    parser.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help=f"{note}and at most this many real steps, in whole updates (default: the minutes alone)",
+    )
     parser.add_argument("--envs", type=_positive_int, default=None, help=f"{note}real simulators, one process each (8)")
     parser.add_argument(
         "--snapshot-minutes", type=_positive_float, default=None, help=f"{note}keep a policy snapshot this often (2)"
@@ -439,6 +446,7 @@ def _real_ppo_flags(parser: argparse.ArgumentParser, note: str) -> None:
 
 REAL_PPO_FLAGS = {
     "minutes": "minutes",
+    "max_steps": "max_steps",
     "num_envs": "envs",
     "snapshot_minutes": "snapshot_minutes",
     "rollout_steps": "rollout_steps",
@@ -638,6 +646,9 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     )
     clone.add_argument("--run", required=True, help="run folder written by `worldmodel run`")
     clone.add_argument("--minutes", type=_positive_float, default=3.0, help="the clone's wall-clock budget")
+    clone.add_argument(
+        "--max-steps", type=_positive_int, default=None, help="and at most this many updates (default: the minutes)"
+    )
     clone.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per driver")
     clone.add_argument("--out", default=None, help="folder of clone.json and .md (default: RUN/clone)")
     clone.set_defaults(func=cmd_bench_clone)

@@ -11,7 +11,7 @@ import yaml
 from conftest import write_synthetic_dataset
 
 from agents.ppo import POLICY, PPOConfig, load_policy
-from agents.real_ppo import RealPPOConfig, train_real_ppo
+from agents.real_ppo import RealPPOConfig, budget_spent, train_real_ppo
 from bench.baseline import BaselineConfig, time_ratio
 from bench.baseline import format_markdown as baseline_markdown
 from bench.reliability import (
@@ -193,12 +193,13 @@ def test_real_ppo_trains_in_the_real_simulator_and_keeps_snapshots(box_run, tmp_
     shutil.copytree(box_run, run)  # its tokenizer reads 16x16 frames: CarRacing is drawn at that size here
     source = SourceConfig("carracing", frame_size=16)
     ppo = PPOConfig(num_envs=4, rollout_steps=4, epochs=1, minibatches=2, hidden=32)
-    real = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.001)  # a snapshot after every update
+    # three updates of 16 steps, a snapshot after each; minutes to spare on a slow machine, the steps end it
+    real = RealPPOConfig(minutes=5.0, num_envs=2, snapshot_minutes=0.001, max_steps=50)
     figures = train_real_ppo(run, source, ppo, real, RunLogger(run))
     assert figures["rollout_steps"] == 8  # the dream's 4 x 4 steps an update, over 2 simulators
-    assert figures["real_steps"] >= 16 and figures["real_steps"] % 16 == 0
+    assert figures["real_steps"] == 48  # the cap, in whole updates
     snapshots = json.loads((run / "real_ppo" / "snapshots.json").read_text())
-    assert snapshots == figures["snapshots"] and len(snapshots) >= 2
+    assert snapshots == figures["snapshots"] and len(snapshots) == 3
     assert snapshots[-1]["real_steps"] == figures["real_steps"]
     assert [s["wall_s"] for s in snapshots] == sorted(s["wall_s"] for s in snapshots)
     steps = [s["real_steps"] for s in snapshots]
@@ -237,7 +238,8 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     folder = run / "real_ppo"
     source = SourceConfig("carracing", frame_size=16)
     ppo = PPOConfig(num_envs=4, rollout_steps=4, epochs=1, minibatches=2, hidden=32)
-    real = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.001)  # a snapshot after every update
+    # a snapshot after every update, 4 updates of 16 steps (the minutes to spare)
+    real = RealPPOConfig(minutes=5.0, num_envs=2, snapshot_minutes=0.001, max_steps=64)
     with pytest.raises(Killed):  # killed in its third update, after two snapshots: the third's steps are lost
         train_real_ppo(run, source, ppo, real, KilledAtLog(run, after=2))
     snapshots = json.loads((folder / "snapshots.json").read_text())
@@ -246,7 +248,7 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     assert not last["finished"] and last["snapshots"] == snapshots
     _, _, saved = load_module(folder / f"{POLICY}_last", POLICY, ActorCritic, PolicyConfig)
 
-    other = RealPPOConfig(minutes=0.3, num_envs=2, snapshot_minutes=0.5)
+    other = RealPPOConfig(minutes=5.0, num_envs=2, snapshot_minutes=0.5, max_steps=64)
     with pytest.raises(ConfigError, match="training made with other real.snapshot_minutes"):
         train_real_ppo(run, source, ppo, other, RunLogger(run))
     assert json.loads((folder / "snapshots.json").read_text()) == snapshots  # refused before anything is touched
@@ -270,9 +272,9 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     assert started["offset"] == 32 and started["seed"] == ppo.seed + agents.real_ppo.RESUME_SEED_STRIDE
     assert figures["resumed"] == [{"real_steps": 32, "wall_s": snapshots[-1]["wall_s"]}]
     after = json.loads((folder / "snapshots.json").read_text())
-    assert after[:2] == snapshots and after == figures["snapshots"] and len(after) >= 3
+    assert after[:2] == snapshots and after == figures["snapshots"] and len(after) == 4
     assert [s["checkpoint"] for s in after] == [f"{POLICY}-{i:03d}" for i in range(len(after))]
-    assert [s["real_steps"] for s in after] == list(range(16, 16 * len(after) + 1, 16))  # the lost update is not
+    assert [s["real_steps"] for s in after] == [16, 32, 48, 64]  # the lost update is not
     assert [s["wall_s"] for s in after] == sorted(s["wall_s"] for s in after)  # counted; the clock goes on
     assert figures["real_steps"] == after[-1]["real_steps"]
     assert figures["steps_per_second"] == pytest.approx(after[-1]["real_steps"] / after[-1]["wall_s"])
@@ -286,6 +288,14 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "finished": False}))  # killed past its budget
     assert train_real_ppo(run, source, ppo, real, RunLogger(run)) == figures  # nothing left to train
     assert json.loads(sidecar.read_text())["finished"] and load_policy(folder / f"{POLICY}_last")
+
+
+def test_a_real_training_has_spent_its_budget_at_its_minutes_or_at_its_steps():
+    last = {"real_steps": 64, "wall_s": 59.0}
+    assert not budget_spent(last, RealPPOConfig(minutes=1.0))
+    assert budget_spent({**last, "wall_s": 60.0}, RealPPOConfig(minutes=1.0))
+    assert not budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=65))
+    assert budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=64))
 
 
 def test_real_ppo_updates_on_as_many_steps_as_the_dreams_ppo_unless_told():
@@ -329,7 +339,7 @@ def test_real_ppo_never_overwrites_an_earlier_training_and_refuses_empty_budgets
         train_real_ppo(tmp_path / "run", source, ppo, RealPPOConfig(minutes=1.0), RunLogger(tmp_path))
     assert (folder / "snapshots.json").read_text() == "[]"
     bad_configs = (RealPPOConfig(minutes=-1.0), RealPPOConfig(snapshot_minutes=0.0), RealPPOConfig(num_envs=0))
-    for bad in (*bad_configs, RealPPOConfig(rollout_steps=0)):
+    for bad in (*bad_configs, RealPPOConfig(rollout_steps=0), RealPPOConfig(max_steps=0)):
         with pytest.raises(ConfigError, match="positive minutes"):
             train_real_ppo(tmp_path / "other", source, ppo, bad, RunLogger(tmp_path))
     assert not (tmp_path / "other").exists()
@@ -377,8 +387,11 @@ def _finished_run(tmp_path, evaluated: int):
         "policy": {"real_return_mean": 20.0, "real_return_std": 1.0, "crashes": 2},
     }
     (run / "summary.json").write_text(json.dumps(summary))
-    snapshots = [{"checkpoint": "policy-000", "wall_s": 60.0, "real_steps": 512}]
-    training = {"minutes": 17.0, "num_envs": 8, "rollout_steps": 256, "real_steps": 512, "steps_per_second": 8.5}
+    snapshots = [  # the 17 minutes' first snapshot, and its last, past the budget
+        {"checkpoint": "policy-000", "wall_s": 60.0, "real_steps": 512},
+        {"checkpoint": "policy-001", "wall_s": 1025.0, "real_steps": 8704},
+    ]
+    training = {"minutes": 17.0, "num_envs": 8, "rollout_steps": 256, "real_steps": 8704, "steps_per_second": 8.5}
     (run / "real_ppo" / "training.json").write_text(json.dumps({**training, "snapshots": snapshots}))
     return run
 

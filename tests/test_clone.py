@@ -15,7 +15,7 @@ from worldmodel.checkpoint import save_checkpoint
 from worldmodel.dataset import Dataset, DatasetError
 from worldmodel.tokens import TokenizedDataset
 
-FAST = CloneConfig(minutes=0.05, batch_size=32, lr=1e-2, eval_every=20)
+FAST = CloneConfig(minutes=5.0, max_steps=200, batch_size=32, lr=1e-2, eval_every=20)  # the steps end it
 
 
 def _run_with_labels(trained_run, tmp_path, label, frames: int = 2):
@@ -48,6 +48,7 @@ def test_a_clone_learns_the_recorded_decisions_not_the_executed_actions(discrete
     run, _ = _run_with_labels(discrete_run, tmp_path, lambda actions: np.full_like(actions, 2))
     figures = train_clone(run, FAST, run / "clone" / "policy")
     assert figures["val_accuracy"] == 1.0 and figures["labelled_episodes"] == 4 and figures["unlabelled_episodes"] == 0
+    assert figures["steps"] == 200  # the cap, well inside the minutes
     assert figures["train_steps"] + figures["val_steps"] == 4 * 12
     clone = load_policy(run / "clone" / "policy")  # a policy checkpoint, as evaluation loads it
     assert clone.config.frames == 2 and clone.config.discrete_actions

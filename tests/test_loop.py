@@ -820,7 +820,8 @@ def test_a_round_that_does_not_fit_whole_is_shortened_to_fit_not_dropped():
 # --- the loop as the `worldmodel` command ------------------------------------------------------------------------
 
 # on top of the micro run's light round; each round's PPO goes on from the best policy so far
-LOOP = ["loop.iterations=2", "collect.workers=1", "loop.continue_from=best"]
+# no loop budget: both rounds run however slow the machine (the budget's rule is tested on its own, above)
+LOOP = ["loop.iterations=2", "collect.workers=1", "loop.continue_from=best", "loop.max_minutes=null"]
 
 
 def _cli(args: list[str], cwd: Path, log: Path | None = None) -> subprocess.Popen:
