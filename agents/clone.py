@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from agents.policy import ActorCritic, action_bounds, stack_history
 from agents.ppo import POLICY, load_policy
 from worldmodel.checkpoint import save_checkpoint
+from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset, DatasetError
 from worldmodel.run_dir import RunDir
 from worldmodel.tokens import TokenizedDataset
@@ -100,8 +101,11 @@ def held_out_figures(policy: ActorCritic, data: Labelled, bounds, chunk: int = 4
 
 
 def train_clone(run_dir: str | Path, config: CloneConfig, out: Path) -> dict[str, float | list[float]]:
-    """Fit a fresh copy of the run's policy network to the labels of its dataset for `config.minutes`; writes the
-    checkpoint `out` (a policy, as `evaluate` scores it) and returns its figures."""
+    """Fit a fresh copy of the run's policy network to the labels of its dataset for `config.minutes` (or
+    `config.max_steps` updates, whichever comes first); writes the checkpoint `out` (a policy, as `evaluate` scores
+    it) and returns its figures."""
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError(f"the clone's max_steps: expected at least 1 update, or None, got {config.max_steps}")
     run_dir = Path(run_dir)
     reference = load_policy(RunDir(run_dir).policy)
     discrete = reference.config.discrete_actions

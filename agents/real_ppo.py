@@ -102,9 +102,11 @@ def train_real_ppo(
     tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)  # a run without one stops before any folder is made
     settings = _settings(source, ppo, config, fingerprint(tokenizer))
     state = _earlier(out, settings)
-    if state is not None and (state["finished"] or budget_spent(state["snapshots"][-1], config)):
-        tqdm.write(f"the real-simulator PPO in {out} has finished; its figures stand")
-        return _finish(out, state)
+    if state is not None:
+        batch = config.num_envs * state["rollout_steps"]
+        if state["finished"] or budget_spent(state["snapshots"][-1], config, batch):
+            tqdm.write(f"the real-simulator PPO in {out} has finished; its figures stand")
+            return _finish(out, state)
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = {"settings": settings, "snapshots": [], "resumed": [], "finished": False}
@@ -187,10 +189,12 @@ def _last(out: Path) -> Path:
     return resumable(out / POLICY)
 
 
-def budget_spent(last: dict[str, Any], config: RealPPOConfig) -> bool:
-    """Whether a training whose last snapshot is `last` has used its budget: its minutes, or its steps."""
-    steps_spent = config.max_steps is not None and last["real_steps"] >= config.max_steps
-    return last["wall_s"] >= 60 * config.minutes or steps_spent
+def budget_spent(last: dict[str, Any], config: RealPPOConfig, batch: int) -> bool:
+    """Whether a training whose last snapshot is `last` has used its budget: its minutes, or its steps, where no
+    whole update of `batch` steps fits under the cap any more (the cap in whole updates, at least one)."""
+    if config.max_steps is not None and last["real_steps"] >= max(batch, config.max_steps // batch * batch):
+        return True
+    return last["wall_s"] >= 60 * config.minutes
 
 
 def _settings(

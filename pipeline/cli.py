@@ -429,7 +429,7 @@ def _real_ppo_flags(parser: argparse.ArgumentParser, note: str) -> None:
         "--max-steps",
         type=_positive_int,
         default=None,
-        help=f"{note}and at most this many real steps, in whole updates (default: the minutes alone)",
+        help=f"{note}at most this many real steps besides the minutes, in whole updates (default: the minutes alone)",
     )
     parser.add_argument("--envs", type=_positive_int, default=None, help=f"{note}real simulators, one process each (8)")
     parser.add_argument(
@@ -647,7 +647,11 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     clone.add_argument("--run", required=True, help="run folder written by `worldmodel run`")
     clone.add_argument("--minutes", type=_positive_float, default=3.0, help="the clone's wall-clock budget")
     clone.add_argument(
-        "--max-steps", type=_positive_int, default=None, help="and at most this many updates (default: the minutes)"
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help="at most this many updates besides the minutes (default: the minutes alone; an existing RUN/clone is kept"
+        " as it is, whatever the budget)",
     )
     clone.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per driver")
     clone.add_argument("--out", default=None, help="folder of clone.json and .md (default: RUN/clone)")

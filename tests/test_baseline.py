@@ -291,11 +291,27 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
 
 
 def test_a_real_training_has_spent_its_budget_at_its_minutes_or_at_its_steps():
-    last = {"real_steps": 64, "wall_s": 59.0}
-    assert not budget_spent(last, RealPPOConfig(minutes=1.0))
-    assert budget_spent({**last, "wall_s": 60.0}, RealPPOConfig(minutes=1.0))
-    assert not budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=65))
-    assert budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=64))
+    last = {"real_steps": 64, "wall_s": 59.0}  # after 4 updates of 16 steps
+    assert not budget_spent(last, RealPPOConfig(minutes=1.0), 16)
+    assert budget_spent({**last, "wall_s": 60.0}, RealPPOConfig(minutes=1.0), 16)
+    assert budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=64), 16)
+    assert budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=79), 16)  # no whole update fits under the cap
+    assert not budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=80), 16)
+    assert budget_spent({"real_steps": 16, "wall_s": 1.0}, RealPPOConfig(max_steps=10), 16)  # one update at least
+
+
+def test_the_real_ppo_flags_reach_its_config_and_only_its_commands(tmp_path):
+    from pipeline.cli import _real_ppo, cmd_train
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "policy", "--real", "--minutes", "2", "--max-steps", "500"])
+    assert _real_ppo(args) == RealPPOConfig(minutes=2.0, max_steps=500)
+    args = parser.parse_args(["bench", "baseline", "--run", "runs/x", "--max-steps", "64"])
+    assert _real_ppo(args) == RealPPOConfig(max_steps=64)
+    args = parser.parse_args(["train", "dynamics", f"run.runs_dir={tmp_path}", "--max-steps", "64"])
+    with pytest.raises(ConfigError, match="--max-steps"):
+        cmd_train(args)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_real_ppo_updates_on_as_many_steps_as_the_dreams_ppo_unless_told():

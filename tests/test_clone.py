@@ -12,6 +12,7 @@ from agents.ppo import POLICY, load_policy
 from bench.clone import format_markdown
 from pipeline.cli import build_parser
 from worldmodel.checkpoint import save_checkpoint
+from worldmodel.config import ConfigError
 from worldmodel.dataset import Dataset, DatasetError
 from worldmodel.tokens import TokenizedDataset
 
@@ -70,6 +71,8 @@ def test_a_clone_of_continuous_decisions_acts_them_as_the_environment_clips_them
 
 def test_a_dataset_without_decisions_is_refused_before_training(box_run, tmp_path):
     run, _ = _run_with_labels(box_run, tmp_path, None)
+    with pytest.raises(ConfigError, match="max_steps"):
+        train_clone(run, CloneConfig(max_steps=0), run / "clone" / "policy")
     with pytest.raises(DatasetError, match="expert_actions"):
         train_clone(run, FAST, run / "clone" / "policy")
     assert not (run / "clone").exists()
