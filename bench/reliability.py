@@ -166,9 +166,13 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     """Run (or resume) every seed's pipeline, then write `<out>/reliability.json` and `reliability.md`."""
     source, name = config.source or "carracing", config.run_name
     seeded = {item.split("=")[0] for item in seed_overrides(0)}
-    taken = sorted(seeded & {item.split("=")[0].strip() for item in config.overrides})
+    given = {item.split("=")[0].strip() for item in config.overrides}
+    taken = sorted(seeded & given)
     if taken:
         raise ConfigError(f"{', '.join(taken)}: the bench sets these for every seed (--first-seed picks the seeds)")
+    named = sorted({"run.runs_dir", "run.name"} & given)
+    if named:  # the runs would go where the bench does not read their summaries from
+        raise ConfigError(f"{', '.join(named)}: the bench names the seeds' runs; give --runs-dir and --name instead")
     where = [f"run.runs_dir={config.runs_dir}"]
     seed_configs = {  # every seed's settings checked before the first starts, not after its minutes
         seed: load_pipeline_config(

@@ -246,7 +246,10 @@ def test_a_refused_setting_is_one_line_and_exit_status_2_from_the_command(capsys
     assert err == "error: dynamics.reward_smoothing: expected an odd number of steps >= 1 (centred), got 4\n"
 
 
-@pytest.mark.parametrize("source, overrides", [("kart", []), (None, ["ppo.num_envs=0"]), (None, ["collect.seed=5"])])
+@pytest.mark.parametrize(
+    "source, overrides",
+    [("kart", []), (None, ["ppo.num_envs=0"]), (None, ["collect.seed=5"]), (None, ["run.runs_dir=elsewhere"])],
+)
 def test_bench_reliability_refuses_a_bad_setting_before_any_seed_runs(tmp_path, monkeypatch, source, overrides):
     import subprocess
 
