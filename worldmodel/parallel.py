@@ -4,25 +4,39 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without answering its task: killed, out of memory, or a crash in native code."""
+
+
 def imap_unordered(fn: Callable[[Task], Result], tasks: Iterable[Task], workers: int) -> Iterator[Result]:
-    """`fn` over `tasks` in `workers` processes (inline when workers <= 1); workers exit cleanly when done."""
+    """`fn` over `tasks` in `workers` processes (inline when workers <= 1), each result as soon as it is ready. A
+    worker that dies stops the whole with `WorkerDied` at once (`multiprocessing.Pool` would start another worker
+    and wait for the lost task's answer forever); a task that raises re-raises here. Either way, or when the caller
+    stops early, the tasks not started are dropped and the workers exit."""
     tasks = list(tasks)
     if workers <= 1 or len(tasks) <= 1:
         yield from map(fn, tasks)
         return
-    pool = mp.get_context("spawn").Pool(min(workers, len(tasks)))
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("spawn"))
     try:
-        yield from pool.imap_unordered(fn, tasks)
-    except BaseException:
-        pool.terminate()
-        raise
-    else:
-        pool.close()
+        pending = {pool.submit(fn, task) for task in tasks}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:  # forgotten once given: results are not all kept until the end
+                yield future.result()
+    except BrokenProcessPool as err:
+        name = getattr(fn, "__name__", repr(fn))
+        raise WorkerDied(
+            f"a worker process running {name} ended without an answer (killed, out of memory, or a crash in native"
+            f" code; a script that starts workers needs `if __name__ == '__main__':`): {err}"
+        ) from err
     finally:
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,37 @@
+"""Worker processes: results as they finish, a task's error, and a worker that dies."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worldmodel.parallel import WorkerDied, imap_unordered
+
+
+def test_every_task_is_answered_once_in_workers_and_inline():
+    tasks = [0.0, 1.0, 4.0, 9.0, 16.0]
+    assert sorted(imap_unordered(math.sqrt, tasks, workers=2)) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert list(imap_unordered(math.sqrt, tasks, workers=1)) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_task_that_raises_raises_in_the_caller():
+    with pytest.raises(ValueError, match="math domain error"):
+        list(imap_unordered(math.sqrt, [4.0, -1.0, 9.0], workers=2))
+
+
+def test_a_worker_that_dies_stops_the_caller_instead_of_leaving_it_waiting():
+    # os._exit ends the worker without an answer, as the kernel's OOM killer or a segfault would; in a child process
+    # of its own, so that the old behaviour (waiting forever) fails by the timeout rather than hanging the suite
+    code = "from worldmodel.parallel import imap_unordered; import os; print(list(imap_unordered(os._exit, [3, 3], 2)))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the caller was still waiting for the dead worker's answer after 120 s")
+    assert done.returncode != 0 and "WorkerDied" in done.stderr and "_exit" in done.stderr, done.stderr[-2000:]
+    assert issubclass(WorkerDied, RuntimeError)
