@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,14 @@ def test_every_task_is_answered_once_in_workers_and_inline():
 def test_a_task_that_raises_raises_in_the_caller():
     with pytest.raises(ValueError, match="math domain error"):
         list(imap_unordered(math.sqrt, [4.0, -1.0, 9.0], workers=2))
+
+
+def test_a_caller_that_stops_early_does_not_wait_for_the_running_tasks():
+    results = imap_unordered(time.sleep, [0.0, 60.0, 60.0, 60.0], workers=2)
+    assert next(results) is None  # the instant task; a 60 s one is running, the others queued
+    began = time.monotonic()
+    results.close()  # as a break, an error in the caller's loop or Ctrl-C would
+    assert time.monotonic() - began < 20  # ended, not run out (60 s each)
 
 
 def test_a_worker_that_dies_stops_the_caller_instead_of_leaving_it_waiting():
