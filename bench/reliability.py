@@ -170,7 +170,7 @@ def bench_reliability(config: ReliabilityConfig, out: Path) -> dict[str, Any]:
     taken = sorted(seeded & given)
     if taken:
         raise ConfigError(f"{', '.join(taken)}: the bench sets these for every seed (--first-seed picks the seeds)")
-    named = sorted({"run.runs_dir", "run.name"} & given)
+    named = sorted({"run", "run.runs_dir", "run.name"} & given)
     if named:  # the runs would go where the bench does not read their summaries from
         raise ConfigError(f"{', '.join(named)}: the bench names the seeds' runs; give --runs-dir and --name instead")
     where = [f"run.runs_dir={config.runs_dir}"]

@@ -248,7 +248,14 @@ def test_a_refused_setting_is_one_line_and_exit_status_2_from_the_command(capsys
 
 @pytest.mark.parametrize(
     "source, overrides",
-    [("kart", []), (None, ["ppo.num_envs=0"]), (None, ["collect.seed=5"]), (None, ["run.runs_dir=elsewhere"])],
+    [
+        ("kart", []),
+        (None, ["ppo.num_envs=0"]),
+        (None, ["collect.seed=5"]),
+        (None, ["run.runs_dir=elsewhere"]),  # the bench would look for the seeds' runs in --runs-dir
+        (None, ["run.name=mine"]),
+        (None, ["run={runs_dir: elsewhere}"]),
+    ],
 )
 def test_bench_reliability_refuses_a_bad_setting_before_any_seed_runs(tmp_path, monkeypatch, source, overrides):
     import subprocess
@@ -257,7 +264,8 @@ def test_bench_reliability_refuses_a_bad_setting_before_any_seed_runs(tmp_path, 
 
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("a seed's run started"))
     config = ReliabilityConfig(source=source, seeds=(0, 1), runs_dir=str(tmp_path), overrides=overrides)
-    with pytest.raises(ConfigError):
+    named = any(item.startswith("run") for item in overrides)
+    with pytest.raises(ConfigError, match="give --runs-dir and --name" if named else ""):
         bench_reliability(config, tmp_path)
 
 
