@@ -265,7 +265,7 @@ def test_bench_reliability_refuses_a_bad_setting_before_any_seed_runs(tmp_path, 
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("a seed's run started"))
     config = ReliabilityConfig(source=source, seeds=(0, 1), runs_dir=str(tmp_path), overrides=overrides)
     named = any(item.startswith("run") for item in overrides)
-    with pytest.raises(ConfigError, match="give --runs-dir and --name" if named else ""):
+    with pytest.raises(ConfigError, match="give --runs-dir and --name" if named else None):
         bench_reliability(config, tmp_path)
 
 
