@@ -102,15 +102,15 @@ def train_real_ppo(
     tokenizer, _ = load_tokenizer(RunDir(run_dir).tokenizer)  # a run without one stops before any folder is made
     settings = _settings(source, ppo, config, fingerprint(tokenizer))
     state = _earlier(out, settings)
-    if state is not None:
-        batch = config.num_envs * state["rollout_steps"]
-        if state["finished"] or budget_spent(state["snapshots"][-1], config, batch):
-            tqdm.write(f"the real-simulator PPO in {out} has finished; its figures stand")
-            return _finish(out, state)
+    rollout_steps = config.steps_per_env(ppo) if state is None else state["rollout_steps"]
+    cap = step_cap(config, config.num_envs * rollout_steps)
+    if state is not None and (state["finished"] or budget_spent(state["snapshots"][-1], config, cap)):
+        tqdm.write(f"the real-simulator PPO in {out} has finished; its figures stand")
+        return _finish(out, state)
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = {"settings": settings, "snapshots": [], "resumed": [], "finished": False}
-        state["rollout_steps"] = config.steps_per_env(ppo)
+        state["rollout_steps"] = rollout_steps
     else:
         state["resumed"].append({k: state["snapshots"][-1][k] for k in ("real_steps", "wall_s")})
         tqdm.write(f"resuming the real-simulator PPO in {out} at its last snapshot, {state['resumed'][-1]}")
@@ -163,7 +163,7 @@ def train_real_ppo(
             ppo,
             seed=seed,
             rollout_steps=state["rollout_steps"],
-            total_steps=10**12 if config.max_steps is None else config.max_steps - done_steps,
+            total_steps=10**12 if cap is None else cap - done_steps,
             max_minutes=config.minutes - (time.monotonic() - began) / 60,
         )
         figures = optimise(
@@ -189,12 +189,15 @@ def _last(out: Path) -> Path:
     return resumable(out / POLICY)
 
 
-def budget_spent(last: dict[str, Any], config: RealPPOConfig, batch: int) -> bool:
-    """Whether a training whose last snapshot is `last` has used its budget: its minutes, or its steps, where no
-    whole update of `batch` steps fits under the cap any more (the cap in whole updates, at least one)."""
-    if config.max_steps is not None and last["real_steps"] >= max(batch, config.max_steps // batch * batch):
-        return True
-    return last["wall_s"] >= 60 * config.minutes
+def step_cap(config: RealPPOConfig, batch: int) -> int | None:
+    """The real steps `config.max_steps` lets a training take in updates of `batch` steps: whole updates, at least
+    one. None: no cap."""
+    return None if config.max_steps is None else max(batch, config.max_steps // batch * batch)
+
+
+def budget_spent(last: dict[str, Any], config: RealPPOConfig, cap: int | None) -> bool:
+    """Whether a training whose last snapshot is `last` has used its budget: its minutes, or its `step_cap`."""
+    return (cap is not None and last["real_steps"] >= cap) or last["wall_s"] >= 60 * config.minutes
 
 
 def _settings(

@@ -11,7 +11,7 @@ import yaml
 from conftest import write_synthetic_dataset
 
 from agents.ppo import POLICY, PPOConfig, load_policy
-from agents.real_ppo import RealPPOConfig, budget_spent, train_real_ppo
+from agents.real_ppo import RealPPOConfig, budget_spent, step_cap, train_real_ppo
 from bench.baseline import BaselineConfig, time_ratio
 from bench.baseline import format_markdown as baseline_markdown
 from bench.reliability import (
@@ -291,13 +291,17 @@ def test_a_killed_real_ppo_resumes_at_its_last_snapshot_with_its_moments(box_run
 
 
 def test_a_real_training_has_spent_its_budget_at_its_minutes_or_at_its_steps():
-    last = {"real_steps": 64, "wall_s": 59.0}  # after 4 updates of 16 steps
-    assert not budget_spent(last, RealPPOConfig(minutes=1.0), 16)
-    assert budget_spent({**last, "wall_s": 60.0}, RealPPOConfig(minutes=1.0), 16)
-    assert budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=64), 16)
-    assert budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=79), 16)  # no whole update fits under the cap
-    assert not budget_spent(last, RealPPOConfig(minutes=1.0, max_steps=80), 16)
-    assert budget_spent({"real_steps": 16, "wall_s": 1.0}, RealPPOConfig(max_steps=10), 16)  # one update at least
+    def spent(last: dict, config: RealPPOConfig) -> bool:
+        return budget_spent(last, config, step_cap(config, 16))  # updates of 16 steps
+
+    last = {"real_steps": 64, "wall_s": 59.0}  # after 4 updates
+    assert not spent(last, RealPPOConfig(minutes=1.0))
+    assert spent({**last, "wall_s": 60.0}, RealPPOConfig(minutes=1.0))
+    assert spent(last, RealPPOConfig(minutes=1.0, max_steps=64))
+    assert spent(last, RealPPOConfig(minutes=1.0, max_steps=79))  # no whole update fits under the cap
+    assert not spent(last, RealPPOConfig(minutes=1.0, max_steps=80))
+    assert spent({"real_steps": 16, "wall_s": 1.0}, RealPPOConfig(max_steps=10))  # one update at least
+    assert step_cap(RealPPOConfig(max_steps=79), 16) == 64 and step_cap(RealPPOConfig(), 16) is None
 
 
 def test_the_real_ppo_flags_reach_its_config_and_only_its_commands(tmp_path):
