@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from worldmodel.parallel import imap_unordered
+from worldmodel.parallel import WorkerDied, imap_unordered
 
 
 def test_every_task_is_answered_once_in_workers_and_inline():
@@ -43,3 +45,13 @@ def test_a_worker_that_dies_stops_the_caller_instead_of_leaving_it_waiting():
     except subprocess.TimeoutExpired:
         pytest.fail("the caller was still waiting for the dead worker's answer after 120 s")
     assert done.returncode != 0 and "WorkerDied" in done.stderr and "_exit" in done.stderr, done.stderr[-2000:]
+    assert "(exit code 3)" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("sig", "said"), [("SIGKILL", "SIGKILL, as the kernel's out-of-memory killer"), ("SIGSEGV", "SIGSEGV")]
+)
+def test_a_worker_killed_by_a_signal_is_reported_with_the_signal(sig, said):
+    # the OOM killer sends SIGKILL; a crash in native code ends with SIGSEGV: the message tells which
+    with pytest.raises(WorkerDied, match=re.escape(f"ended without an answer ({said}")):
+        list(imap_unordered(signal.raise_signal, [getattr(signal, sig)] * 2, workers=2))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -34,8 +36,9 @@ def imap_unordered(fn: Callable[[Task], Result], tasks: Iterable[Task], workers:
     except BrokenProcessPool as err:
         name = getattr(fn, "__name__", repr(fn))
         raise WorkerDied(
-            f"a worker process running {name} ended without an answer (killed, out of memory, or a crash in native"
-            f" code; a script that starts workers needs `if __name__ == '__main__':`): {err}"
+            f"a worker process running {name} ended without an answer{_how_workers_ended(pool)}. Workers are lost"
+            f" when killed, out of memory or crashing in native code; a script that starts workers needs"
+            f" `if __name__ == '__main__':`. ({err})"
         ) from err
     finally:
         if not finished:
@@ -44,3 +47,25 @@ def imap_unordered(fn: Callable[[Task], Result], tasks: Iterable[Task], workers:
             for process in list((getattr(pool, "_processes", None) or {}).values()):
                 process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _how_workers_ended(pool: ProcessPoolExecutor) -> str:
+    """How the workers that ended on their own ended, as " (SIGKILL, ...)" ("" when none did): the signal or exit
+    code tells the OOM killer (SIGKILL) from a crash (SIGSEGV) or an exit. Once one dies the executor terminates the
+    others with SIGTERM, which is left out. It reads the executor's private `_processes` (no public way)."""
+    endings = []
+    deadline = time.monotonic() + 5.0
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        # the executor is ending and reaping them in its own thread: a code reads None until that thread sets it
+        while process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        code = process.exitcode
+        if code is None or code == 0 or code == -signal.SIGTERM:
+            continue
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            oom = ", as the kernel's out-of-memory killer sends" if -code == signal.SIGKILL else ""
+            endings.append(f"{name}{oom}")
+        else:
+            endings.append(f"exit code {code}")
+    return f" ({'; '.join(sorted(set(endings)))})" if endings else ""
