@@ -154,6 +154,7 @@ def train_clone(run_dir: str | Path, config: CloneConfig, out: Path) -> dict[str
         "unlabelled_episodes": unlabelled,
         "train_steps": len(train.labels),
         "val_steps": len(val.labels),
+        "budget": {"minutes": config.minutes, "max_steps": config.max_steps},
     }
     save_checkpoint(out, policy, POLICY, {"clone": figures})
     return figures

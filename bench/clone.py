@@ -17,6 +17,7 @@ from agents.loop import driven_seeds
 from bench.scores import HeldOutScores
 from envs.sources import SOURCES
 from worldmodel.checkpoint import read_checkpoint
+from worldmodel.config import ConfigError
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.run_dir import RunDir
 
@@ -29,12 +30,15 @@ def bench_clone(
 ) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
-    pipeline = read_run_config(run_dir)
     folder = run.clone
     checkpoint = folder / CLONE_POLICY
-    if not checkpoint.with_suffix(".json").is_file():
+    fitted = checkpoint.with_suffix(".json")
+    if fitted.is_file():
+        _check_budget(json.loads(fitted.read_text())["clone"], config, folder)
+    pipeline = read_run_config(run_dir)
+    if not fitted.is_file():
         train_clone(run_dir, config, checkpoint)
-    fit = json.loads(checkpoint.with_suffix(".json").read_text())["clone"]
+    fit = json.loads(fitted.read_text())["clone"]
     read_checkpoint(checkpoint, "policy")  # refuse a clone whose weights are missing or damaged before scoring it
 
     eval_config = pipeline.eval
@@ -58,6 +62,20 @@ def bench_clone(
     write_json_atomic(out / "clone.json", results)
     write_text_atomic(out / "clone.md", format_markdown(results) + "\n")
     return results
+
+
+def _check_budget(fit: dict[str, Any], config: CloneConfig, folder: Path) -> None:
+    """ConfigError where the clone kept in `folder` was fitted on another budget than the one asked for: it is scored
+    as it is, or not at all, never silently in place of the one asked for (a clone fitted before budgets were
+    recorded is taken as it is)."""
+    budget = fit.get("budget")
+    asked = {"minutes": config.minutes, "max_steps": config.max_steps}
+    if budget is not None and budget != asked:
+        raise ConfigError(
+            f"{folder} holds a clone fitted with --minutes {budget['minutes']} and --max-steps {budget['max_steps']},"
+            f" not the {config.minutes} and {config.max_steps} asked for: give its budget to score it, or move"
+            f" {folder} away to fit a new clone"
+        )
 
 
 def format_markdown(results: dict[str, Any]) -> str:

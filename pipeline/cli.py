@@ -650,8 +650,8 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
         "--max-steps",
         type=_positive_int,
         default=None,
-        help="at most this many updates besides the minutes (default: the minutes alone; an existing RUN/clone is kept"
-        " as it is, whatever the budget)",
+        help="at most this many updates besides the minutes (default: the minutes alone; an existing RUN/clone is"
+        " scored only with the budget it was fitted with)",
     )
     clone.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per driver")
     clone.add_argument("--out", default=None, help="folder of clone.json and .md (default: RUN/clone)")

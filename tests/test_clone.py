@@ -9,7 +9,7 @@ import torch
 from agents.clone import CloneConfig, train_clone
 from agents.policy import ActorCritic, PolicyConfig, action_bounds
 from agents.ppo import POLICY, load_policy
-from bench.clone import format_markdown
+from bench.clone import bench_clone, format_markdown
 from pipeline.cli import build_parser
 from worldmodel.checkpoint import save_checkpoint
 from worldmodel.config import ConfigError
@@ -111,3 +111,15 @@ def test_the_clone_command_refuses_a_budget_that_is_not_a_positive_number(capsys
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "clone", "--run", "runs/x", "--minutes", bad])
         assert "expected a positive number" in capsys.readouterr().err
+
+
+def test_a_kept_clone_is_scored_only_with_the_budget_it_was_fitted_with(discrete_run, tmp_path):
+    run, _ = _run_with_labels(discrete_run, tmp_path, lambda actions: np.full_like(actions, 2))
+    figures = train_clone(run, FAST, run / "clone" / "policy")
+    assert figures["budget"] == {"minutes": 5.0, "max_steps": 200}
+    kept = (run / "clone" / "policy.json").read_bytes()
+    for other in (CloneConfig(minutes=5.0, max_steps=300), CloneConfig(minutes=3.0, max_steps=200)):
+        with pytest.raises(ConfigError, match="holds a clone fitted with --minutes 5.0 and --max-steps 200"):
+            bench_clone(run, other)
+    assert (run / "clone" / "policy.json").read_bytes() == kept  # refused before any work: the clone is as it was
+    assert not (run / "clone" / "scores.json").exists()
