@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ def held_out_figures(policy: ActorCritic, data: Labelled, bounds, chunk: int = 4
     return figures
 
 
-def train_clone(run_dir: str | Path, config: CloneConfig, out: Path) -> dict[str, float | list[float]]:
+def train_clone(run_dir: str | Path, config: CloneConfig, out: Path) -> dict[str, Any]:
     """Fit a fresh copy of the run's policy network to the labels of its dataset for `config.minutes` (or
     `config.max_steps` updates, whichever comes first); writes the checkpoint `out` (a policy, as `evaluate` scores
     it) and returns its figures."""

@@ -72,10 +72,15 @@ def _check_budget(fit: dict[str, Any], config: CloneConfig, folder: Path) -> Non
     asked = {"minutes": config.minutes, "max_steps": config.max_steps}
     if budget is not None and budget != asked:
         raise ConfigError(
-            f"{folder} holds a clone fitted with --minutes {budget['minutes']} and --max-steps {budget['max_steps']},"
-            f" not the {config.minutes} and {config.max_steps} asked for: give its budget to score it, or move"
-            f" {folder} away to fit a new clone"
+            f"{folder} holds a clone fitted with {_flags(budget)}, not {_flags(asked)} as asked: give its budget to"
+            f" score it, or move {folder} away to fit a new clone"
         )
+
+
+def _flags(budget: dict[str, Any]) -> str:
+    """{"minutes": 3.0, "max_steps": None} -> "--minutes 3.0 and no --max-steps"."""
+    steps = "no --max-steps" if budget["max_steps"] is None else f"--max-steps {budget['max_steps']}"
+    return f"--minutes {budget['minutes']} and {steps}"
 
 
 def format_markdown(results: dict[str, Any]) -> str:

@@ -118,8 +118,11 @@ def test_a_kept_clone_is_scored_only_with_the_budget_it_was_fitted_with(discrete
     figures = train_clone(run, FAST, run / "clone" / "policy")
     assert figures["budget"] == {"minutes": 5.0, "max_steps": 200}
     kept = (run / "clone" / "policy.json").read_bytes()
-    for other in (CloneConfig(minutes=5.0, max_steps=300), CloneConfig(minutes=3.0, max_steps=200)):
-        with pytest.raises(ConfigError, match="holds a clone fitted with --minutes 5.0 and --max-steps 200"):
+    for other, asked in (
+        (CloneConfig(minutes=5.0, max_steps=300), "not --minutes 5.0 and --max-steps 300"),
+        (CloneConfig(minutes=3.0), "not --minutes 3.0 and no --max-steps"),
+    ):
+        with pytest.raises(ConfigError, match=f"holds a clone fitted with --minutes 5.0 and --max-steps 200, {asked}"):
             bench_clone(run, other)
     assert (run / "clone" / "policy.json").read_bytes() == kept  # refused before any work: the clone is as it was
     assert not (run / "clone" / "scores.json").exists()

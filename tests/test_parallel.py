@@ -49,7 +49,7 @@ def test_a_worker_that_dies_stops_the_caller_instead_of_leaving_it_waiting():
 
 
 @pytest.mark.parametrize(
-    ("sig", "said"), [("SIGKILL", "SIGKILL, as the kernel's out-of-memory killer"), ("SIGSEGV", "SIGSEGV")]
+    ("sig", "said"), [("SIGKILL", "SIGKILL: the out-of-memory killer's signal"), ("SIGSEGV", "SIGSEGV")]
 )
 def test_a_worker_killed_by_a_signal_is_reported_with_the_signal(sig, said):
     # the OOM killer sends SIGKILL; a crash in native code ends with SIGSEGV: the message tells which

@@ -50,22 +50,29 @@ def imap_unordered(fn: Callable[[Task], Result], tasks: Iterable[Task], workers:
 
 
 def _how_workers_ended(pool: ProcessPoolExecutor) -> str:
-    """How the workers that ended on their own ended, as " (SIGKILL, ...)" ("" when none did): the signal or exit
-    code tells the OOM killer (SIGKILL) from a crash (SIGSEGV) or an exit. Once one dies the executor terminates the
-    others with SIGTERM, which is left out. It reads the executor's private `_processes` (no public way)."""
-    endings = []
+    """How the workers ended, as " (SIGKILL, ...)" ("" when none had): the signal or exit code tells the OOM
+    killer (SIGKILL) from a crash (SIGSEGV) or an exit. Once one dies the executor terminates the others with
+    SIGTERM, which is named only when nothing else is. It reads the executor's private `_processes` (no public
+    way)."""
+    endings = set()
     deadline = time.monotonic() + 5.0
     for process in list((getattr(pool, "_processes", None) or {}).values()):
-        # the executor is ending and reaping them in its own thread: a code reads None until that thread sets it
+        # the executor's thread is ending them and may reap one first, when its code reads None here for a moment
         while process.exitcode is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        code = process.exitcode
-        if code is None or code == 0 or code == -signal.SIGTERM:
-            continue
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-            oom = ", as the kernel's out-of-memory killer sends" if -code == signal.SIGKILL else ""
-            endings.append(f"{name}{oom}")
-        else:
-            endings.append(f"exit code {code}")
-    return f" ({'; '.join(sorted(set(endings)))})" if endings else ""
+        if process.exitcode:
+            endings.add(_ending(process.exitcode))
+    if len(endings) > 1:
+        endings.discard("SIGTERM")
+    return f" ({'; '.join(sorted(endings))})" if endings else ""
+
+
+def _ending(code: int) -> str:
+    """A process's exit code in words: "exit code 3", or the signal that ended it (a negative code)."""
+    if code > 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:  # real-time signals have no name in `signal.Signals`
+        return f"signal {-code}"
+    return f"{name}: the out-of-memory killer's signal, or kill -9" if -code == signal.SIGKILL else name
