@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from agents.evaluate import EvalConfig
 from agents.loop import LoopConfig
 from agents.ppo import PPOConfig
 from envs.collect import CollectConfig
 from worldmodel.checkpoint import CheckpointError
-from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset, whole
+from worldmodel.config import ConfigError, RunConfig, apply_override, from_dict, load_preset, read_yaml_mapping, whole
 from worldmodel.rollout import RolloutConfig
 from worldmodel.run_dir import RunDir
 from worldmodel.train import DynamicsStage, TokenizerStage
@@ -104,7 +103,7 @@ def read_run_config(run_dir: str | Path) -> PipelineConfig:
     path = RunDir(run_dir).config
     if not path.is_file():
         raise CheckpointError(f"{path} not found; expected a run folder written by `worldmodel run`")
-    return from_dict(PipelineConfig, yaml.safe_load(path.read_text()), where=str(path))
+    return from_dict(PipelineConfig, read_yaml_mapping(path, "run config"), where=str(path))
 
 
 def _number(value: Any) -> bool:

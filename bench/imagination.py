@@ -36,7 +36,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
@@ -44,7 +43,7 @@ from agents.config import load_pipeline_config
 from agents.ppo import PPOConfig
 from envs.dream import DreamSettings, DreamVectorEnv
 from envs.sources import SourceConfig, make_source_env
-from worldmodel.config import ConfigError, from_dict
+from worldmodel.config import ConfigError, from_dict, read_yaml_mapping
 from worldmodel.dynamics import DynamicsModel
 from worldmodel.files import write_json_atomic
 from worldmodel.run_dir import RunDir
@@ -84,7 +83,7 @@ class ImaginationBenchConfig:
 def _run_yaml(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """A run's `config.yaml` as written (older runs may lack settings added since), or {} without one."""
     path = RunDir(run_dir).config
-    return path, (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    return path, read_yaml_mapping(path, "run config") if path.is_file() else {}
 
 
 def run_dream_settings(run_dir: Path) -> tuple[DreamSettings, str]:

@@ -20,13 +20,12 @@ from typing import Any
 import gymnasium
 import numpy as np
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from agents.config import PipelineConfig, load_pipeline_config
 from bench.imagination import timed_rate
-from worldmodel.config import ConfigError
+from worldmodel.config import ConfigError, read_yaml_mapping
 from worldmodel.dynamics import DynamicsModel
 from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import Tokenizer
@@ -144,7 +143,7 @@ def recorded_time_scale(run_dir: Path) -> float | None:
     recorded = RunDir(run_dir).config
     if not recorded.is_file():
         return None
-    scale = ((yaml.safe_load(recorded.read_text()) or {}).get("run") or {}).get("scaled_by")
+    scale = (read_yaml_mapping(recorded, "run config").get("run") or {}).get("scaled_by")
     if scale is None:
         raise ConfigError(
             f"run.time_scale=auto: {recorded} does not say what its minute budgets were scaled by (a run started "

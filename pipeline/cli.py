@@ -18,7 +18,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         default=None,
-        help="data source, a registered simulator: carracing or highway (default: the preset's, CarRacing-v3)",
+        help="data source, a registered simulator: carracing (CarRacing-v3) or highway (highway-env); default: the"
+        " preset's, carracing",
     )
     parser.add_argument("--name", default=None, help="run name (folder under runs/); default: <preset>-<source>")
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -29,7 +30,9 @@ def _config(args: argparse.Namespace):
 
     config = load_pipeline_config(args.preset, args.overrides, args.source)
     if args.name:
-        config.run.name = args.name
+        from worldmodel.config import check_run_name
+
+        config.run.name = check_run_name(args.name, "--name")
     elif not any(o.startswith("run.name=") for o in args.overrides):
         config.run.name = f"{Path(args.preset).stem}-{config.collect.source.name}"
     if config.run.time_scale == "auto" and args.command != "run":

@@ -36,7 +36,7 @@ from agents.ppo import POLICY, learn_from_episodes, load_policy, train_ppo
 from envs.collect import collect
 from envs.sources import SOURCES
 from worldmodel.checkpoint import checkpoint_exists, copy_checkpoint, read_checkpoint, resumable, save_checkpoint
-from worldmodel.config import ConfigError
+from worldmodel.config import ConfigError, read_yaml_mapping
 from worldmodel.dataset import Dataset
 from worldmodel.files import write_json_atomic, write_text_atomic
 from worldmodel.logger import RunLogger
@@ -107,17 +107,20 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     results = Results(run_dir)
     config_path = RunDir(run_dir).config
     if config_path.is_file():
-        previous = yaml.safe_load(config_path.read_text()) or {}
+        previous = read_yaml_mapping(config_path, "run config")
         order = list(STAGE_SECTIONS)
+        # the stage a killed run was in has output on disk made with its settings (episodes, a `_last` checkpoint)
+        started = {name.split("/")[0] for name in StageClock(run_dir).left_behind(results.done)}
         for at, (stage_name, keys) in enumerate(STAGE_SECTIONS.items()):
-            # a stage's settings are fixed once it, or a stage after it (on its output), finished: a loop added to a
-            # finished run would leave its evaluation and video of the policy before the loop
-            finished = next((later for later in order[at:] if results.done(later)), None)
+            # a stage's settings are fixed once it, or a stage after it (on its output), finished or started: a loop
+            # added to a finished run would leave its evaluation and video of the policy before the loop
+            fixed = next((later for later in order[at:] if results.done(later) or later in started), None)
             for key in keys:
-                if finished and _changed(_lookup(previous, key), _lookup(resolved, key), _lookup(defaults, key)):
-                    what = repr(finished) + ("" if finished == stage_name else f", after stage {stage_name!r},")
+                if fixed and _changed(_lookup(previous, key), _lookup(resolved, key), _lookup(defaults, key)):
+                    what = repr(fixed) + ("" if fixed == stage_name else f", after stage {stage_name!r},")
+                    how = "finished" if results.done(fixed) else "started (and stopped)"
                     raise ConfigError(
-                        f"{run_dir}: stage {what} finished with other `{key}` settings than "
+                        f"{run_dir}: stage {what} {how} with other `{key}` settings than "
                         f"now{_scale_changed(key, previous, config)} (see {config_path}); choose a new run.name, or "
                         "delete the run folder"
                     )

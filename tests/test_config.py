@@ -120,6 +120,38 @@ def test_preset_from_custom_yaml(tmp_path):
         load_preset(bad)
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (b"run:\n  device: [cpu\n", r"preset .*bad.yaml is not valid YAML: .*line 3"),  # the line, on one line
+        (b"\xaa\xbb\x00\xff", r"preset .*bad.yaml is not a text \(UTF-8\) YAML file"),
+        (b"", r"preset .*bad.yaml is empty; expected a mapping of sections"),  # not the defaults, silently
+        (b"# only a comment\n", r"is empty"),
+    ],
+)
+def test_a_preset_or_run_config_that_is_not_yaml_is_one_clear_error(tmp_path, text, said):
+    from agents.config import read_run_config
+
+    (tmp_path / "bad.yaml").write_bytes(text)
+    with pytest.raises(ConfigError, match=said):
+        load_pipeline_config(str(tmp_path / "bad.yaml"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_bytes(text)
+    with pytest.raises(ConfigError, match=said.replace("preset .*bad.yaml", "run config .*config.yaml")):
+        read_run_config(tmp_path / "run")
+
+
+def test_an_override_whose_value_is_not_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'tokenizer.model.levels=\[8,5': the value '\[8,5' is not valid"):
+        load_pipeline_config("tiny", ["tokenizer.model.levels=[8,5"])
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".", "", "a\\b"])
+def test_a_run_name_is_one_folder_not_a_path(name):
+    with pytest.raises(ConfigError, match="run.name: expected a plain folder name"):
+        load_pipeline_config("tiny", [f"run.name={name!r}" if name else "run.name=''"])
+
+
 def test_highway_source_overlay():
     base = load_pipeline_config("tiny")
     highway = load_pipeline_config("tiny", source="highway")

@@ -80,6 +80,22 @@ def test_create_reopens_compatible_and_refuses_mismatch(tmp_path):
         Dataset.create(tmp_path, "synthetic", (16, 16, 3), gym.spaces.Discrete(3))
 
 
+def test_a_dataset_is_made_only_in_a_new_or_empty_folder_below_folders(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="notes.txt is a file, so .* cannot be a folder below it"):
+        Dataset.create(tmp_path / "notes.txt" / "data", "synthetic", (16, 16, 3), BOX_SPACE)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "readme.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match=r"holds readme.txt and no dataset \(manifest.json\)"):
+        Dataset.create(mine, "synthetic", (16, 16, 3), BOX_SPACE)
+    assert sorted(p.name for p in mine.iterdir()) == ["readme.txt"]
+    (tmp_path / "empty" / ".manifest.json.x.tmp").parent.mkdir()
+    (tmp_path / "empty" / ".manifest.json.x.tmp").write_text("")  # what a kill during an atomic write leaves
+    assert len(Dataset.create(tmp_path / "empty", "synthetic", (16, 16, 3), BOX_SPACE)) == 0
+    assert len(Dataset.create(tmp_path / "new" / "data", "synthetic", (16, 16, 3), BOX_SPACE)) == 0
+
+
 @pytest.mark.parametrize("mmap", [True, False])
 @pytest.mark.parametrize("array", ["frames", "actions"])
 def test_truncated_npy_names_the_file(tmp_path, mmap, array):

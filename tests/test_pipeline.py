@@ -532,6 +532,29 @@ def test_a_loop_added_to_a_run_evaluated_without_one_is_refused(tmp_path):
     assert not (run_dir / "dataset").exists()  # refused before any work
 
 
+def test_a_stage_killed_midway_keeps_its_settings_for_the_resume(tmp_path):
+    # a run killed while collecting left episodes of 238 steps; resumed with other collect settings it would append
+    # episodes of 200 beside them and rewrite config.yaml as if all were made so
+    from pipeline.run import run_pipeline
+
+    overrides = [f"run.runs_dir={tmp_path}", "run.name=x"]
+    started = load_pipeline_config("tiny", [*overrides, "collect.source.max_steps=238"])
+    run_dir = started.run_dir
+    run_dir.mkdir(parents=True)
+    RunDir(run_dir).config.write_text(yaml.safe_dump(to_dict(started), sort_keys=False))
+    RunDir(run_dir).stage_clock.write_text(json.dumps({"stage": "collect", "seconds": 12.0}))  # killed in it
+    kept = RunDir(run_dir).config.read_text()
+    with pytest.raises(ConfigError, match=r"stage 'collect' started \(and stopped\) with other `collect` settings"):
+        run_pipeline(load_pipeline_config("tiny", overrides))
+    assert RunDir(run_dir).config.read_text() == kept and not (run_dir / "dataset").exists()  # refused before work
+    # killed in the loop's second round: the loop's settings and those of the stages it runs are fixed
+    RunDir(run_dir).stage_clock.write_text(json.dumps({"stage": "loop/02/dynamics", "seconds": 30.0}))
+    with pytest.raises(ConfigError, match=r"stage 'loop', after stage 'dynamics', started \(and stopped\) with other"):
+        run_pipeline(
+            load_pipeline_config("tiny", [*overrides, "collect.source.max_steps=238", "dynamics.train.lr=0.01"])
+        )
+
+
 def _run_command(tmp_path, monkeypatch, preset="tiny", name="auto"):
     """`worldmodel run ... run.time_scale=auto`'s config as the pipeline would get it (the pipeline itself stubbed)."""
     import pipeline.run

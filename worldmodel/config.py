@@ -44,12 +44,31 @@ def preset_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; ConfigError naming `what` the file is (`preset`, `run config`) where it is not
+    text, not YAML, empty, or something other than a mapping."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text (UTF-8) YAML file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {_one_line(err)}") from None
+    if raw is None:
+        raise ConfigError(f"{what} {path} is empty; expected a mapping of sections (collect:, tokenizer:, ...)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """A YAML error's problem and where, on one line ("expected ',' or ']' ... at line 3, column 9")."""
+    return " ".join(str(err).split())
+
+
 def load_preset(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a preset into nested dicts and apply `section.key=value` overrides (values parsed as YAML)."""
-    with open(preset_path(name_or_path)) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"preset {name_or_path} must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(preset_path(name_or_path), "preset")
     for item in overrides:
         apply_override(raw, item)
     return raw
@@ -66,7 +85,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {key!r} is not a section")
-    node[keys[-1]] = _numeric(yaml.safe_load(value))
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value {value!r} is not valid YAML ({_one_line(err)})") from None
+    node[keys[-1]] = _numeric(parsed)
 
 
 def _numeric(value: Any) -> Any:
@@ -135,6 +158,17 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def check_run_name(name: Any, what: str = "run.name") -> str:
+    """`name` if it names one folder (the run's, made under `runs_dir`); ConfigError for a path (`../x`, `a/b`),
+    `.`, `..` or an empty name."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(
+            f"{what}: expected a plain folder name (no / or \\, not . or ..), got {name!r}; the run's folder is made"
+            " under run.runs_dir, which takes a path"
+        )
+    return name
+
+
 @dataclasses.dataclass
 class RunConfig:
     name: str = "tiny"
@@ -160,3 +194,6 @@ class RunConfig:
     reference_rates: tuple[float, float] | None = None
     """The tokenizer's and the dynamics model's training steps/s (`worldmodel bench train-step`, float32) on the
     machine where the preset's minutes were set: what `time_scale: auto` compares this machine with."""
+
+    def __post_init__(self) -> None:
+        check_run_name(self.name)

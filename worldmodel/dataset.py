@@ -38,6 +38,24 @@ OPTIONAL_ARRAYS = ("expert_actions",)
 """Arrays an episode may hold beside `ARRAYS`; a file that is absent loads as None."""
 
 
+def _check_dataset_place(root: Path) -> None:
+    """DatasetError unless `root` can hold a dataset: a new folder (below folders, not a file), an empty one, or one
+    already holding a dataset (`manifest.json`); never beside a user's other files."""
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a file; a dataset is a folder: use another path")
+    above = next((parent for parent in root.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise DatasetError(f"{above} is a file, so {root} cannot be a folder below it: use another path")
+    if root.is_dir() and not (root / "manifest.json").is_file():
+        # the atomic writes' temporary files start with a dot: a collection killed while writing leaves those
+        others = sorted(child.name for child in root.iterdir() if not child.name.startswith("."))
+        if others:
+            raise DatasetError(
+                f"{root} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} and no dataset"
+                " (manifest.json): collect into a new or empty folder"
+            )
+
+
 class DatasetError(ValueError):
     """A dataset folder or manifest that does not follow the format."""
 
@@ -258,8 +276,7 @@ class Dataset:
         """Create a new dataset, or reopen an existing one after checking it has the same source and shapes."""
         shape = _frame_shape(frame_shape, f"dataset {root}")
         manifest = Manifest(source, shape, space_to_dict(action_space), meta=dict(meta or {}))
-        if Path(root).exists() and not Path(root).is_dir():
-            raise DatasetError(f"{root} is a file; a dataset is a folder: use another path")
+        _check_dataset_place(Path(root))
         if (Path(root) / "manifest.json").is_file():
             existing = cls.open(root)
             for key in ("source", "frame_shape", "action_space"):
