@@ -26,6 +26,7 @@ from einops import rearrange
 
 from bench.faithfulness import ProbeConfig, ProbeUnavailable, action_faithfulness
 from worldmodel.dataset import Dataset, DatasetError
+from worldmodel.export import MANIFEST as EXPORT_MANIFEST
 from worldmodel.files import save_figure_atomic, write_json_atomic
 from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import frames_to_float, image_psnr
@@ -203,6 +204,11 @@ def bench_dynamics(
     config = config or DynamicsBenchConfig()
     run_dir = Path(run_dir)
     dataset_dir = Path(dataset_dir) if dataset_dir else RunDir(run_dir).dataset
+    if (run_dir / EXPORT_MANIFEST).is_file():
+        raise DatasetError(
+            f"{run_dir} is an exported model ({EXPORT_MANIFEST}): it keeps a few episodes to start dreams from, not"
+            " the held-out episodes its run measured on; bench the run folder it was exported from"
+        )
     world = WorldModel.load(run_dir, with_contexts=False)
     world.check_sampling(config.sampling)
     world.check_sampling(config.faithfulness.sampling)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from bench.codecs import QUALITIES, CodecPoint, compare, measure_codec
 from bench.imagination import timed_rate
 from envs.sources import fit_frame
-from worldmodel.checkpoint import checkpoint_exists, config_matches, read_checkpoint, resumable
+from worldmodel.checkpoint import CheckpointError, checkpoint_exists, config_matches, read_checkpoint, resumable
 from worldmodel.config import ConfigError, from_dict
 from worldmodel.dataset import Dataset, DatasetError, FrameSampler
 from worldmodel.files import read_json, save_figure_atomic, write_json_atomic, write_text_atomic
@@ -66,9 +66,12 @@ class BackboneUnavailable(ValueError):
 def tokenizer_checkpoint(path: str | Path) -> Path:
     """The checkpoint path `load_tokenizer` takes: `RUN/tokenizer` as given, `RUN` for a run folder, and
     `RUN/tokenizer.safetensors` or `.json` without the suffix."""
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
+    given = Path(path)
+    path = given.with_suffix("") if given.suffix in (".safetensors", ".json") else given
+    if not path.is_dir() and not path.with_suffix(".safetensors").is_file():
+        raise CheckpointError(
+            f"{given} does not exist; expected a run folder (RUN) or a tokenizer checkpoint in one (RUN/tokenizer)"
+        )
     return RunDir(path).tokenizer if path.is_dir() else path
 
 
@@ -78,6 +81,10 @@ def load_frames(path: str | Path, channels: int, max_frames: int | None = None) 
     expected = f"an (N, H, W, {channels}) uint8 .npy array"
     if not path.is_file():
         raise FramesError(f"{path} not found; expected {expected}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # numpy would call any other file pickled data
+        raise FramesError(f"{path} is not a .npy file (numpy.save writes one); expected {expected}")
     try:
         frames = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:

@@ -117,6 +117,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps(figures, indent=2))
 
 
+def _existing_run(config) -> Path:
+    """The run folder `config` names, or CheckpointError where there is none (a misspelt --name)."""
+    from worldmodel.checkpoint import CheckpointError
+
+    if not config.run_dir.is_dir():
+        raise CheckpointError(
+            f"{config.run_dir} does not exist: no run named {config.run.name!r} in {config.run.runs_dir}; give --name"
+            " of a run `worldmodel run` made (default: <preset>-<source>)"
+        )
+    return config.run_dir
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from agents.evaluate import evaluate
     from agents.loop import driven_seeds
@@ -124,6 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from worldmodel.checkpoint import read_checkpoint
 
     config = _config(args)
+    _existing_run(config)
     policy = Path(args.policy) if args.policy else None
     if policy is not None:
         read_checkpoint(policy, POLICY)  # a missing or foreign checkpoint stops here, before any episode is driven
@@ -136,6 +149,7 @@ def cmd_rollout(args: argparse.Namespace) -> None:
     from worldmodel.rollout import write_rollout
 
     config = _config(args)
+    _existing_run(config)
     data = Path(args.data) if args.data else config.dataset_dir
     print(json.dumps(write_rollout(config.run_dir, data, config.rollout, args.out), indent=2))
 
@@ -183,6 +197,16 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _rate_or_zero(text: str) -> float:
+    """A frame rate: a positive number, or 0 for as fast as it runs."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 0, got {text!r}") from None
 
 
 def cmd_bench_imagination(args: argparse.Namespace) -> None:
@@ -548,7 +572,7 @@ def _pipeline_commands(commands: Any) -> None:
     )
     play.add_argument("--seed", type=_non_negative_int, default=0, help="first episode's seed (dream start, track)")
     play.add_argument("--scale", type=_positive_int, default=6, help="frame scaled up this many times")
-    play.add_argument("--fps", type=float, default=12.0, help="frames per second (0: as fast as it runs)")
+    play.add_argument("--fps", type=_rate_or_zero, default=12.0, help="frames per second (0: as fast as it runs)")
     play.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
     play.set_defaults(func=cmd_play)
 

@@ -186,6 +186,9 @@ def _reliability_md(run: RunDir) -> Path | None:
 def build_report(run_dir: str | Path) -> str:
     """The report's HTML for the run in `run_dir`."""
     run = RunDir(run_dir)
+    if not run.root.is_dir():
+        what = "is a file, not" if run.root.exists() else "does not exist; expected"
+        raise CheckpointError(f"{run.root} {what} a run folder written by `worldmodel run`")
     if not (run.summary.is_file() or run.results.is_file() or run.metrics.is_file()):
         raise CheckpointError(f"{run.root} holds no run to report on (no summary.json, results.json or metrics)")
     summary = read_json(run.summary, {})

@@ -65,3 +65,12 @@ def test_bench_command_reports_a_run_without_held_out_episodes(tmp_path, capsys)
         main(["bench", "dynamics", "--run", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_an_exported_model_is_refused_with_where_its_held_out_episodes_are(tmp_path):
+    from envs.dream import SHIPPED_MODEL
+    from worldmodel.dataset import DatasetError
+
+    with pytest.raises(DatasetError, match="is an exported model .*bench the run folder it was exported from"):
+        bench_dynamics(SHIPPED_MODEL, json_path=tmp_path / "fidelity.json")
+    assert not (tmp_path / "fidelity.json").exists()

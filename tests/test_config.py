@@ -358,3 +358,16 @@ def test_a_branch_scales_its_minute_budgets_as_the_run_was_scaled():
     raw = {"run": {"scaled_by": 2.5}, "loop": {"ppo_minutes": 1.875, "episodes": 8, "max_minutes": 22.5}}
     apply_scaled_overrides(raw, ["loop.ppo_minutes=2", "loop.episodes=16", "loop.max_minutes=null"])
     assert raw["loop"] == {"ppo_minutes": 5.0, "episodes": 16, "max_minutes": None}  # only the minutes, x2.5
+
+
+@pytest.mark.parametrize("command", ["evaluate", "rollout"])
+def test_a_command_on_a_run_that_does_not_exist_names_the_run(command, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--preset", "tiny", "--name", "nosuchrun"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs/nosuchrun does not exist: no run named 'nosuchrun' in runs"), err
+    assert not (tmp_path / "runs").exists()

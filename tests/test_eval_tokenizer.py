@@ -121,9 +121,12 @@ def test_eval_tokenizer_refuses_other_files(run_dir, tmp_path, capsys):
             ["--checkpoint", str(run_dir / "dynamics"), "--frames", frames],
             "'dynamics' checkpoint, expected 'tokenizer'",
         ),
-        (["--checkpoint", str(tmp_path / "nowhere"), "--frames", frames], "nowhere.safetensors not found"),
+        (
+            ["--checkpoint", str(tmp_path / "nowhere"), "--frames", frames],
+            "nowhere does not exist; expected a run folder",
+        ),
         (["--checkpoint", str(run_dir), "--frames", str(tmp_path / "frames.npz")], ".npz archive"),
-        (["--checkpoint", str(run_dir), "--frames", str(tmp_path / "text.npy")], "is not readable as an (N, H, W, 3)"),
+        (["--checkpoint", str(run_dir), "--frames", str(tmp_path / "text.npy")], "text.npy is not a .npy file (numpy"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:

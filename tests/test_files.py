@@ -128,4 +128,9 @@ def test_a_damaged_json_file_is_named_not_a_parser_traceback(tmp_path, capsys):
         main(["report", str(tmp_path)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {summary} is not readable JSON")
+    summary.write_text("[1, 2]")  # JSON, but not the object a summary is
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path)])
+    assert capsys.readouterr().err.startswith(f"error: {summary} holds a JSON list, not the object expected")
+    assert files.read_json(summary) == [1, 2]  # read by a caller that takes any JSON
     assert not (tmp_path / "report.html").exists()

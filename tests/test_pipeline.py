@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BOX_SPACE, build_run, open_in_chromium
+from conftest import BOX_SPACE, build_run, open_in_chromium, write_synthetic_dataset
 
 from agents.config import load_pipeline_config
 from pipeline.cli import main as cli_main
@@ -106,6 +106,15 @@ def test_write_rollout(box_run, box_data, tmp_path):
     frames = imageio.mimread(gif)
     assert len(frames) == figures["frames"]
     assert frames[0].shape[:2] == (32, 3 * 32)  # three 16x16 panels at scale 2
+
+
+def test_a_rollout_from_a_dataset_without_the_run_s_held_out_episodes_says_so(box_run, tmp_path):
+    from worldmodel.dataset import DatasetError
+
+    other = write_synthetic_dataset(tmp_path / "other", BOX_SPACE, episodes=1, steps=12)
+    with pytest.raises(DatasetError, match="1 episodes, too few for the run's held-out episodes"):
+        write_rollout(box_run, other.root, RolloutConfig(steps=3, burn_in=2), tmp_path / "vid")
+    assert not (tmp_path / "vid.mp4").exists()
 
 
 def test_dream_episode_context_is_reconstruction(box_world, box_data):

@@ -195,3 +195,15 @@ def test_play_refuses_what_it_cannot_do_before_opening_a_window(tmp_path):
     (run / "policy.json").unlink()
     with pytest.raises(CheckpointError, match="no policy"):
         Session(run, policy_drives=True)
+
+
+def test_play_s_frame_rate_is_a_positive_number_or_zero(capsys):
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["play", "--fps", "0"]).fps == 0.0
+    assert parser.parse_args(["play", "--fps", "24"]).fps == 24.0
+    for bad in ("-3", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["play", "--fps", bad])
+        assert "--fps: expected a positive number or 0" in capsys.readouterr().err

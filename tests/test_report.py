@@ -102,6 +102,12 @@ def test_report_of_something_that_is_not_a_run_is_refused_and_writes_nothing(tmp
     with pytest.raises(CheckpointError, match="no run to report"):
         write_report(tmp_path)
     assert not (tmp_path / "report.html").exists()
+    with pytest.raises(CheckpointError, match="nowhere does not exist; expected a run folder"):
+        write_report(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="notes.txt is a file, not a run folder"):
+        write_report(tmp_path / "notes.txt")
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "notes.txt").read_text() == "keep me"
     run = make_run(tmp_path / "run")
     with pytest.raises(CheckpointError, match="is a folder; give the report's file name"):
         write_report(run, tmp_path)

@@ -125,16 +125,23 @@ class DamagedFile(ValueError):
 
 def read_json(path: str | Path, missing: Any = None) -> Any:
     """A JSON file's contents, or `missing` where there is no file; a file that does not parse (cut short, or
-    edited by hand) is a `DamagedFile` naming it, not a traceback from the JSON parser."""
+    edited by hand) is a `DamagedFile` naming it, not a traceback from the JSON parser, and so is one that holds
+    something else than an object where `missing` is one (`{}`: the caller reads it by keys)."""
     path = Path(path)
     if not path.is_file():
         return missing
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DamagedFile(
             f"{path} is not readable JSON ({err}); restore it, or move it away to redo what it recorded"
         ) from None
+    if isinstance(missing, dict) and not isinstance(data, dict):
+        raise DamagedFile(
+            f"{path} holds a JSON {type(data).__name__}, not the object expected; restore it, or move it away to"
+            " redo what it recorded"
+        )
+    return data
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from worldmodel.dataset import Dataset
+from worldmodel.dataset import Dataset, DatasetError
 from worldmodel.files import atomic_path
 from worldmodel.run_dir import RunDir
 from worldmodel.tokenizer import psnr
@@ -100,7 +100,13 @@ def write_rollout(
     check_video_writer()
     world = WorldModel.load(run_dir, with_contexts=False)
     dataset = Dataset.open(dataset_dir)
-    held_out = [i for i in world.meta.get("val_episodes", []) if dataset.episodes[i].length > config.burn_in]
+    val_episodes = world.meta.get("val_episodes", [])
+    if any(i >= len(dataset) for i in val_episodes):
+        raise DatasetError(
+            f"{dataset_dir} holds {len(dataset)} episodes, too few for the run's held-out episodes (up to"
+            f" {max(val_episodes)} in the dataset its dynamics model trained on): give that dataset"
+        )
+    held_out = [i for i in val_episodes if dataset.episodes[i].length > config.burn_in]
     candidates = held_out or list(range(len(dataset)))
     index = candidates[config.episode % len(candidates)]
     episode = dataset.load(index)
