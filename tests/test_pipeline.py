@@ -638,6 +638,7 @@ def test_a_setting_added_to_the_project_since_a_stage_finished_does_not_block_it
 
 def test_evaluate_refuses_a_missing_policy_checkpoint_before_driving(tmp_path):
     missing = tmp_path / "runs" / "x" / "loop" / "01" / "policy.safetensors"
+    missing.parent.mkdir(parents=True)  # the run is there; the policy asked for is not
     args = ["evaluate", "--name", "x", f"run.runs_dir={tmp_path / 'runs'}", "--policy", str(missing)]
     result = worldmodel_cli(args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
