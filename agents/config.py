@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,18 @@ def check_pipeline_config(config: PipelineConfig) -> None:
                 ok = False
             if not ok:
                 raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    height, width = config.collect.source.frame_shape
+    tokenizer = replace(config.tokenizer.model, image_size=height, image_width=None if width == height else width)
+    try:
+        tokenizer.validate()  # as its stage will, once the episodes are collected
+    except ValueError as err:
+        raise ConfigError(f"tokenizer.model, for collect.source's {height}x{width} frames: {err}") from None
+    ppo = config.ppo
+    if ppo.minibatches > ppo.num_envs * ppo.rollout_steps:
+        raise ConfigError(
+            f"ppo.minibatches: expected at most a rollout's ppo.num_envs x ppo.rollout_steps ="
+            f" {ppo.num_envs * ppo.rollout_steps} steps, got {ppo.minibatches}"
+        )
     model = config.dynamics.model
     if model.d_model % model.heads or (model.d_model // model.heads) % 2:
         raise ConfigError(

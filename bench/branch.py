@@ -16,7 +16,7 @@ import yaml
 
 from agents.config import MINUTE_BUDGETS, PipelineConfig, read_run_config
 from agents.loop import PLAYOFF
-from worldmodel.config import ConfigError, apply_override, from_dict
+from worldmodel.config import ConfigError, apply_override, check_run_name, from_dict
 from worldmodel.dataset import Dataset
 from worldmodel.files import write_text_atomic
 from worldmodel.run_dir import Results, RunDir
@@ -59,6 +59,9 @@ def branch_run(run_dir: str | Path, out_dir: str | Path, iteration: int, overrid
     `loop.max_minutes` (`round_share` in its collection's figures) keeps its share of `loop.ppo_minutes`: the share
     is not recomputed for another `loop.max_minutes`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not RunDir(run_dir).config.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); give one `worldmodel run` made")
+    check_run_name(out_dir.name, "the branch's name")
     results = Results(run_dir).data
     if f"loop/{iteration:02d}/dynamics" not in results:
         raise ConfigError(f"{run_dir}: loop round {iteration} has not trained its dynamics; nothing to branch from")

@@ -346,6 +346,25 @@ def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
         raise BackboneUnavailable(f"backbone {config.backbone!r} cannot be built: {err!r}") from err
 
 
+def _check_buildable(jobs: list[tuple[str, dict[str, Any], TokenizerConfig]], base_backbone: str) -> None:
+    """ConfigError before any work where a rate setting cannot make a tokenizer (with the preset's own backbone), or
+    where no backbone asked for is in this checkout: one that is not is skipped, as a bench across checkouts wants,
+    but a bench of nothing is a typo."""
+    for _, rate, model in jobs:
+        try:
+            Tokenizer(dataclasses.replace(model, backbone=base_backbone))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"tokenizer rate {rate_name(rate)}: {err}") from None
+    reasons = {}
+    for backbone, _, model in jobs:
+        try:
+            build_tokenizer(model)
+        except BackboneUnavailable as err:
+            reasons[backbone] = str(err)
+    if reasons and set(reasons) == {backbone for backbone, _, _ in jobs}:
+        raise ConfigError(f"no backbone asked for can be built here: {'; '.join(reasons.values())}")
+
+
 def model_config(base: TokenizerConfig, backbone: str, rate: dict[str, Any], **fields: Any) -> TokenizerConfig:
     """`base` with the rate's fields and `fields` set, checked like a preset, and the backbone set (checked by
     `build_tokenizer`, so that a backbone this checkout lacks is skipped rather than refused)."""
@@ -547,6 +566,7 @@ def bench_tokenizer(
         for backbone in config.backbones
         for rate in config.rates
     ]  # every rate setting checked before any work
+    _check_buildable(jobs, stage.model.backbone)
     codecs = cached_codecs(out_dir / "codecs.json", frames, {codec: config.qualities[codec] for codec in CODECS})
     # the first optimizer built in a process imports torch._dynamo (seconds): not the first tokenizer's training
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])

@@ -21,7 +21,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="data source, a registered simulator: carracing (CarRacing-v3) or highway (highway-env); default: the"
         " preset's, carracing",
     )
-    parser.add_argument("--name", default=None, help="run name (folder under runs/); default: <preset>-<source>")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="run name (folder under runs/); default: <preset>-<source>, with a preset file's stem (its own run.name"
+        " is not used: a run's config.yaml given as the preset starts a new run, not that run's folder)",
+    )
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
@@ -35,6 +40,9 @@ def _config(args: argparse.Namespace):
         config.run.name = check_run_name(args.name, "--name")
     elif not any(o.startswith("run.name=") for o in args.overrides):
         config.run.name = f"{Path(args.preset).stem}-{config.collect.source.name}"
+    from worldmodel.files import check_output_place
+
+    check_output_place(config.run_dir, folder=True)  # run.runs_dir=a_file would fail only once a stage writes
     if config.run.time_scale == "auto" and args.command != "run":
         from worldmodel.config import ConfigError
 
@@ -89,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from worldmodel.train import train_dynamics, train_tokenizer
 
     config = _config(args)
+    if args.real and args.component != "policy":
+        raise ConfigError(f"--real trains a policy in the real simulator; `train {args.component}` has no such mode")
     if not (args.component == "policy" and args.real) and _real_ppo_given(args):
         raise ConfigError(
             "--minutes, --max-steps, --envs, --snapshot-minutes and --rollout-steps set `train policy --real`, not"
@@ -199,6 +209,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _output_file(text: str) -> str:
+    """An output file's path, refused at once where it cannot be written (a folder, below a file), not after the
+    work that fills it."""
+    from worldmodel.files import UnwritablePath, check_output_place
+
+    try:
+        check_output_place(text)
+    except UnwritablePath as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _output_folder(text: str) -> str:
+    """An output folder's path, refused at once where it cannot be made (a file, below a file)."""
+    from worldmodel.files import UnwritablePath, check_output_place
+
+    try:
+        check_output_place(text, folder=True)
+    except UnwritablePath as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _rate_or_zero(text: str) -> float:
     """A frame rate: a positive number, or 0 for as fast as it runs."""
     if text.strip() in ("0", "0.0"):
@@ -274,9 +307,10 @@ def cmd_bench_verdict(args: argparse.Namespace) -> None:
 def cmd_bench_branch(args: argparse.Namespace) -> None:
     from bench.branch import branch_run
     from pipeline.run import run_pipeline
+    from worldmodel.config import check_run_name
 
     run = Path(args.run)
-    config = branch_run(run, run.parent / args.name, args.round, list(args.overrides))
+    config = branch_run(run, run.parent / check_run_name(args.name, "--name"), args.round, list(args.overrides))
     print(f"{config.run_dir}: {run} cut back to before loop round {args.round}'s PPO; running on")
     run_pipeline(config)
 
@@ -310,11 +344,14 @@ def _sights(text: str) -> list[tuple[float, float] | None]:
 
         try:
             sight = tuple(float(part) for part in item.split(":"))
-            check_view(sight, "sight")
-        except ValueError as error:
+        except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated BEHIND:AHEAD metres or 'all', got {item!r}"
-            ) from error
+            ) from None
+        try:
+            check_view(sight, "sight")
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
         sights.append(sight)
     return sights
 
@@ -512,7 +549,9 @@ def _pipeline_commands(commands: Any) -> None:
 
     collect = commands.add_parser("collect", help="record episodes from a real simulator")
     _common(collect)
-    collect.add_argument("--out", default=None, help="dataset folder (default: runs/<name>/dataset)")
+    collect.add_argument(
+        "--out", type=_output_folder, default=None, help="dataset folder (default: runs/<name>/dataset)"
+    )
     collect.set_defaults(func=cmd_collect)
 
     train = commands.add_parser("train", help="train one component of a run")
@@ -541,14 +580,16 @@ def _pipeline_commands(commands: Any) -> None:
     rollout = commands.add_parser("rollout", help="video: real vs tokenizer vs dream on a held-out episode")
     _common(rollout)
     rollout.add_argument("--data", default=None, help="dataset folder (default: runs/<name>/dataset)")
-    rollout.add_argument("--out", default=None, help="output path without suffix (default: runs/<name>/rollout)")
+    rollout.add_argument(
+        "--out", type=_output_file, default=None, help="output path without suffix (default: runs/<name>/rollout)"
+    )
     rollout.set_defaults(func=cmd_rollout)
 
     export = commands.add_parser(
         "export", help="a run cut down to what dreams need (weights, a few real contexts), to ship or hand on"
     )
     export.add_argument("run", help="run folder written by `worldmodel run`")
-    export.add_argument("--out", required=True, help="folder to write (replaced whole)")
+    export.add_argument("--out", type=_output_folder, required=True, help="folder to write (replaced whole)")
     export.add_argument(
         "--episodes", type=_positive_int, default=32, help="real episodes kept for dreams to start from"
     )
@@ -557,7 +598,7 @@ def _pipeline_commands(commands: Any) -> None:
 
     report = commands.add_parser("report", help="a run's self-contained HTML page (RUN/report.html)")
     report.add_argument("run", help="run folder written by `worldmodel run`")
-    report.add_argument("--out", default=None, help="HTML file to write (default: RUN/report.html)")
+    report.add_argument("--out", type=_output_file, default=None, help="HTML file to write (default: RUN/report.html)")
     report.set_defaults(func=cmd_report)
 
     play = commands.add_parser(
@@ -566,7 +607,7 @@ def _pipeline_commands(commands: Any) -> None:
     play.add_argument("--run", default=None, help="run folder to play (default: the shipped CarRacing model)")
     play.add_argument("--side-by-side", action="store_true", help="the real simulator beside the dream, same keys")
     play.add_argument("--policy", action="store_true", help="the run's policy drives; P hands control back and forth")
-    play.add_argument("--record", default=None, help="save what the window shows to this .mp4")
+    play.add_argument("--record", type=_output_file, default=None, help="save what the window shows to this .mp4")
     play.add_argument(
         "--keys", default=None, help="scripted keys instead of the keyboard, KEYS:FRAMES,..., e.g. up:20,up+left:10"
     )
@@ -619,10 +660,16 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     dynamics.add_argument("--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`")
     dynamics.add_argument("--data", default=None, help="dataset folder (default: RUN/dataset)")
     dynamics.add_argument(
-        "--json", default=None, help="write the figures to this JSON file (default: RUN/fidelity.json)"
+        "--json",
+        type=_output_file,
+        default=None,
+        help="write the figures to this JSON file (default: RUN/fidelity.json)",
     )
     dynamics.add_argument(
-        "--plot", default=None, help="the PSNR-by-horizon plot, a PNG file (default: RUN/fidelity.png)"
+        "--plot",
+        type=_output_file,
+        default=None,
+        help="the PSNR-by-horizon plot, a PNG file (default: RUN/fidelity.png)",
     )
     dynamics.add_argument("--episodes", type=_positive_int, default=16, help="held-out episodes rolled out open loop")
     dynamics.add_argument(
@@ -635,7 +682,7 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     imagination.add_argument(
         "--run", required=True, help="run folder written by `worldmodel run` or `worldmodel train`"
     )
-    imagination.add_argument("--json", default=None, help="write the figures to this JSON file")
+    imagination.add_argument("--json", type=_output_file, default=None, help="write the figures to this JSON file")
     imagination.add_argument(
         "--batch-sizes", type=_positive_ints, default=(1, 16, 256), help="dream batch sizes to time"
     )
@@ -665,7 +712,9 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     baseline.add_argument("--run", required=True, help="run folder written by `worldmodel run`")
     _real_ppo_flags(baseline, "")
     baseline.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per policy")
-    baseline.add_argument("--out", default=None, help="folder of baseline.json, .md and .png (default: RUN/real_ppo)")
+    baseline.add_argument(
+        "--out", type=_output_folder, default=None, help="folder of baseline.json, .md and .png (default: RUN/real_ppo)"
+    )
     baseline.set_defaults(func=cmd_bench_baseline)
 
     clone = targets.add_parser(
@@ -681,7 +730,9 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
         " scored only with the budget it was fitted with)",
     )
     clone.add_argument("--episodes", type=_positive_int, default=None, help="held-out episodes per driver")
-    clone.add_argument("--out", default=None, help="folder of clone.json and .md (default: RUN/clone)")
+    clone.add_argument(
+        "--out", type=_output_folder, default=None, help="folder of clone.json and .md (default: RUN/clone)"
+    )
     clone.set_defaults(func=cmd_bench_clone)
 
     reliability = targets.add_parser(
@@ -694,8 +745,10 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     reliability.add_argument(
         "--name", default=None, help="run folders are RUNS/NAME-seedS (default: reliability-PRESET-SOURCE)"
     )
-    reliability.add_argument("--runs-dir", default="runs", help="folder of the run folders")
-    reliability.add_argument("--out", default=None, help="folder of reliability.json and .md (default: RUNS/NAME)")
+    reliability.add_argument("--runs-dir", type=_output_folder, default="runs", help="folder of the run folders")
+    reliability.add_argument(
+        "--out", type=_output_folder, default=None, help="folder of reliability.json and .md (default: RUNS/NAME)"
+    )
     reliability.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     reliability.set_defaults(func=cmd_bench_reliability)
 
@@ -711,7 +764,7 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
         "--drivers", type=_names, default=None, help="comma-separated: policy, random, expert, steady (default: all)"
     )
     verdict.add_argument("--workers", type=_positive_int, default=2, help="processes driving the simulator")
-    verdict.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    verdict.add_argument("--json", type=_output_file, default=None, help="also write the figures to this JSON file")
     verdict.set_defaults(func=cmd_bench_verdict)
 
     sight = targets.add_parser(
@@ -726,7 +779,7 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     )
     sight.add_argument("--episodes", type=_positive_int, default=50, help="held-out episodes per sight")
     sight.add_argument("--workers", type=_positive_int, default=2, help="processes")
-    sight.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    sight.add_argument("--json", type=_output_file, default=None, help="also write the figures to this JSON file")
     sight.set_defaults(func=cmd_bench_sight)
 
     train_step = targets.add_parser(
@@ -740,7 +793,7 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     )
     train_step.add_argument("--seconds", type=_positive_float, default=3.0, help="timed seconds per measurement")
     train_step.add_argument("--device", type=_device, default="auto", help="cpu, cuda (cuda:N) or auto")
-    train_step.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    train_step.add_argument("--json", type=_output_file, default=None, help="also write the figures to this JSON file")
     train_step.set_defaults(func=cmd_bench_train_step)
 
     branch = targets.add_parser(
@@ -758,7 +811,10 @@ def _bench_commands(bench: argparse.ArgumentParser) -> None:
     )
     tokenizer.add_argument("--data", required=True, help="dataset folder written by `worldmodel collect`")
     tokenizer.add_argument(
-        "--out", required=True, help="output folder: tables, JSON, plot, and the trained tokenizers (reused)"
+        "--out",
+        type=_output_folder,
+        required=True,
+        help="output folder: tables, JSON, plot, and the trained tokenizers (reused)",
     )
     tokenizer.add_argument(
         "--preset", default="tiny", help="preset whose tokenizer model and training settings the rates modify"
@@ -805,7 +861,7 @@ def _eval_commands(evaluation: argparse.ArgumentParser) -> None:
     eval_tokenizer.add_argument(
         "--frames", required=True, help=".npy file of (N, H, W, C) uint8 frames, resized to the tokenizer's size"
     )
-    eval_tokenizer.add_argument("--json", default=None, help="write the figures to this JSON file")
+    eval_tokenizer.add_argument("--json", type=_output_file, default=None, help="write the figures to this JSON file")
     eval_tokenizer.add_argument(
         "--max-frames",
         type=_positive_int,
@@ -836,13 +892,13 @@ def main(argv: list[str] | None = None) -> None:
     from worldmodel.checkpoint import CheckpointError
     from worldmodel.config import ConfigError
     from worldmodel.dataset import DatasetError
-    from worldmodel.files import DamagedFile
+    from worldmodel.files import DamagedFile, UnwritablePath
     from worldmodel.runtime import keep_freed_memory
 
     keep_freed_memory()  # a dream step would page-fault its activations in again each time (docs/architecture.md)
     try:
         args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, DamagedFile) as err:
+    except (ConfigError, DatasetError, CheckpointError, DamagedFile, UnwritablePath) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -315,6 +315,9 @@ def test_the_real_ppo_flags_reach_its_config_and_only_its_commands(tmp_path):
     args = parser.parse_args(["train", "dynamics", f"run.runs_dir={tmp_path}", "--max-steps", "64"])
     with pytest.raises(ConfigError, match="--max-steps"):
         cmd_train(args)
+    args = parser.parse_args(["train", "tokenizer", f"run.runs_dir={tmp_path}", "--real"])
+    with pytest.raises(ConfigError, match="`train tokenizer` has no such mode"):
+        cmd_train(args)
     assert not list(tmp_path.iterdir())  # refused before anything is written
 
 

@@ -24,10 +24,12 @@ def test_a_blinded_scripted_driver_crashes_where_the_sighted_one_does_not(tmp_pa
     assert "| everything |" in table and "| 0 m, 1 m |" in table and "3 of 3" in table
 
 
-def test_sight_refuses_a_view_that_shows_nothing_before_driving():
+def test_sight_refuses_a_view_that_shows_nothing_before_driving(capsys):
     with pytest.raises(ValueError, match=r"sight \(5.0, 0.0\): expected \[behind, ahead\] in metres"):
         bench_sight([(5.0, 0.0)])
     args = parse_args(["bench", "sight", "--sights", "all,13:51"])
     assert args.sights == [None, (13.0, 51.0)]
-    with pytest.raises(SystemExit):
-        parse_args(["bench", "sight", "--sights", "13"])
+    for bad, said in (("13", "sight (13.0,): expected"), ("10:0", "ahead > 0"), ("1:inf", "finite"), ("x:3", "'x:3'")):
+        with pytest.raises(SystemExit):
+            parse_args(["bench", "sight", "--sights", bad])
+        assert said in capsys.readouterr().err

@@ -246,12 +246,25 @@ def test_cli_overrides_may_follow_flags_and_strays_are_refused(capsys):
         "tokenizer.model.levels=[1]",
         "tokenizer.model.levels=[]",
         "dynamics.model.heads=3",  # the tiny preset's d_model is 128
+        "ppo.minibatches=4096",  # the tiny preset's rollout is 64 x 32 = 2,048 steps
     ],
 )
 def test_a_setting_no_stage_could_run_with_is_refused_at_load_naming_its_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected"):
         load_pipeline_config("tiny", [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (["collect.source.frame_size=7"], "7x7 frames: image_size 7 and image_width None must be multiples of 2**3"),
+        (["tokenizer.model.widths=[]"], "widths (): expected at least one stage"),
+    ],
+)
+def test_frames_the_tokenizer_cannot_take_are_refused_before_collecting(overrides, said):
+    with pytest.raises(ConfigError, match=re.escape("tokenizer.model, for collect.source's ") + ".*" + re.escape(said)):
+        load_pipeline_config("tiny", overrides)
 
 
 def test_cuda_is_refused_at_load_where_torch_has_none(monkeypatch):

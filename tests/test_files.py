@@ -134,3 +134,36 @@ def test_a_damaged_json_file_is_named_not_a_parser_traceback(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"error: {summary} holds a JSON list, not the object expected")
     assert files.read_json(summary) == [1, 2]  # read by a caller that takes any JSON
     assert not (tmp_path / "report.html").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work_that_fills_it(tmp_path, capsys):
+    from pipeline.cli import build_parser, main
+
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "folder").mkdir()
+    check = files.check_output_place
+    assert check(tmp_path / "new" / "x.json") == tmp_path / "new" / "x.json"
+    assert check(tmp_path / "folder", folder=True) == tmp_path / "folder"
+    for path, folder, said in (
+        (tmp_path / "afile" / "x.json", False, "afile is a file, so"),
+        (tmp_path / "folder", False, "folder is a folder; give a file"),
+        (tmp_path / "afile", True, "afile is a file; give a folder"),
+    ):
+        with pytest.raises(files.UnwritablePath, match=said):
+            check(path, folder=folder)
+        with pytest.raises(files.UnwritablePath, match=said), files.atomic_path(path, folder=folder):
+            pass  # the atomic writes say the same
+    parser = build_parser()
+    for args, said in (
+        (["report", "runs/x", "--out", str(tmp_path / "afile" / "r.html")], "argument --out: "),
+        (["bench", "sight", "--json", str(tmp_path / "folder")], "argument --json: "),
+        (["bench", "reliability", "--out", str(tmp_path / "afile")], "argument --out: "),
+        (["export", "runs/x", "--out", str(tmp_path / "afile" / "m")], "argument --out: "),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(args)
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a runs folder that is a file, before any stage
+        main(["run", "--preset", "tiny", f"run.runs_dir={tmp_path / 'afile'}"])
+    assert exit_.value.code == 2 and "afile is a file, so" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep me"

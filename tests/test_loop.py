@@ -921,6 +921,10 @@ def test_the_loop_resumes_where_it_was_killed(tmp_path):
     # a branch cut back to before round 2's PPO runs on from there with another loop setting, the run untouched
     with pytest.raises(ConfigError, match=r"only loop\.\* settings"):
         branch_run(run, tmp_path / "refused", 2, ["ppo.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"is not a run folder \(no config.yaml\)"):
+        branch_run(run / "loop", tmp_path / "refused", 2, [])
+    with pytest.raises(ConfigError, match=r"the branch's name: expected a plain folder name"):
+        branch_run(run, tmp_path / "..", 2, [])
     third = _cli(
         ["bench", "branch", "--run", str(run), "--round", "2", "--name", "branch", "loop.continue_from=last"], tmp_path
     )

@@ -65,6 +65,25 @@ def _replace_folder(new: Path, path: Path) -> None:
     shutil.rmtree(aside)
 
 
+class UnwritablePath(ValueError):
+    """An output path that cannot be written: a folder where a file goes, a file where a folder goes, a file among
+    the folders above it, or a folder this process may not write in."""
+
+
+def check_output_place(path: str | Path, *, folder: bool = False) -> Path:
+    """`path` if a file (or, with `folder`, a folder) can be written there; `UnwritablePath` saying why not. Cheap:
+    commands check their outputs with it before any work."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UnwritablePath(f"{path} is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
+    above = next((parent for parent in path.parents if parent.exists()), Path("."))
+    if not above.is_dir():
+        raise UnwritablePath(f"{above} is a file, so {path} cannot be written below it")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UnwritablePath(f"{path} cannot be written: this process may not write in {above}")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path` (a file, or an empty folder with `folder=True`) for the caller to fill;
@@ -72,7 +91,7 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     file or folder gets from the umask), and it is renamed over `path`. On an error it is removed and `path` is
     left as it was. The temporary name keeps `path`'s suffix, so writers that choose the format by the extension
     (imageio, PIL) write the right one."""
-    path = Path(path)
+    path = check_output_place(path, folder=folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."
     if folder:

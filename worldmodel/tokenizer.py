@@ -112,6 +112,8 @@ class TokenizerConfig:
         return self.tokens_per_frame * math.log2(self.codebook_size) / 8
 
     def validate(self) -> None:
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"widths {self.widths}: expected at least one stage, each of at least 1 channel")
         if self.rare_weight < 0 or not 0 <= self.rare_threshold < 1 or self.bottom_weight < 0:
             raise ValueError(
                 f"rare_weight {self.rare_weight} and bottom_weight {self.bottom_weight} must be >= 0 and"

@@ -7,6 +7,7 @@ What is particular to one simulator is its `Source` (`base.py`), in a module of 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import pkgutil
 from collections.abc import Iterator
@@ -50,9 +51,10 @@ def check_view(view: Any, what: str = "view", across: bool = False) -> None:
     `SourceConfig.view`."""
     shape = "[behind, ahead] or [behind, ahead, across]" if across else "[behind, ahead]"
     sizes = (2, 3) if across else (2,)
-    if len(view) not in sizes or not (view[0] >= 0 and view[1] > 0 and (len(view) == 2 or view[2] > 0)):
+    ok = len(view) in sizes and view[0] >= 0 and view[1] > 0 and (len(view) == 2 or view[2] > 0)
+    if not ok or not all(math.isfinite(v) for v in view):
         extra = ", across > 0" if across else ""
-        raise ValueError(f"{what} {view}: expected {shape} in metres, behind >= 0 and ahead > 0{extra}")
+        raise ValueError(f"{what} {view}: expected {shape} in metres, finite, behind >= 0 and ahead > 0{extra}")
 
 
 def get_source(name: str) -> Source:
