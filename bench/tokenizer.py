@@ -68,7 +68,7 @@ def tokenizer_checkpoint(path: str | Path) -> Path:
     `RUN/tokenizer.safetensors` or `.json` without the suffix."""
     given = Path(path)
     path = given.with_suffix("") if given.suffix in (".safetensors", ".json") else given
-    if not path.is_dir() and not path.with_suffix(".safetensors").is_file():
+    if not path.is_dir() and not any(path.with_suffix(suffix).is_file() for suffix in (".safetensors", ".json")):
         raise CheckpointError(
             f"{given} does not exist; expected a run folder (RUN) or a tokenizer checkpoint in one (RUN/tokenizer)"
         )
@@ -346,23 +346,26 @@ def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
         raise BackboneUnavailable(f"backbone {config.backbone!r} cannot be built: {err!r}") from err
 
 
-def _check_buildable(jobs: list[tuple[str, dict[str, Any], TokenizerConfig]], base_backbone: str) -> None:
-    """ConfigError before any work where a rate setting cannot make a tokenizer (with the preset's own backbone), or
-    where no backbone asked for is in this checkout: one that is not is skipped, as a bench across checkouts wants,
-    but a bench of nothing is a typo."""
-    for _, rate, model in jobs:
-        try:
-            Tokenizer(dataclasses.replace(model, backbone=base_backbone))
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"tokenizer rate {rate_name(rate)}: {err}") from None
-    reasons = {}
-    for backbone, _, model in jobs:
+def _check_buildable(jobs: list[tuple[str, dict[str, Any], TokenizerConfig]]) -> None:
+    """ConfigError before any work where a rate setting cannot make a tokenizer with a backbone asked for, or where
+    no backbone asked for is in this checkout: one that is not is skipped, as a bench across checkouts wants, but a
+    bench of nothing is a typo."""
+    allowed = typing.get_args(typing.get_type_hints(TokenizerConfig)["backbone"])
+    missing = {backbone for backbone, _, _ in jobs if allowed and backbone not in allowed}
+    for backbone, rate, model in jobs:
+        if backbone in missing:
+            continue
         try:
             build_tokenizer(model)
         except BackboneUnavailable as err:
-            reasons[backbone] = str(err)
-    if reasons and set(reasons) == {backbone for backbone, _, _ in jobs}:
-        raise ConfigError(f"no backbone asked for can be built here: {'; '.join(reasons.values())}")
+            raise ConfigError(
+                f"tokenizer rate {rate_name(rate)} with backbone {backbone!r}: {err.__cause__ or err}"
+            ) from None
+    if missing and missing == {backbone for backbone, _, _ in jobs}:
+        raise ConfigError(
+            f"no backbone asked for is in this checkout ({sorted(missing)}; TokenizerConfig.backbone is one of"
+            f" {list(allowed)})"
+        )
 
 
 def model_config(base: TokenizerConfig, backbone: str, rate: dict[str, Any], **fields: Any) -> TokenizerConfig:
@@ -566,7 +569,7 @@ def bench_tokenizer(
         for backbone in config.backbones
         for rate in config.rates
     ]  # every rate setting checked before any work
-    _check_buildable(jobs, stage.model.backbone)
+    _check_buildable(jobs)
     codecs = cached_codecs(out_dir / "codecs.json", frames, {codec: config.qualities[codec] for codec in CODECS})
     # the first optimizer built in a process imports torch._dynamo (seconds): not the first tokenizer's training
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])

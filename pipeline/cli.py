@@ -40,9 +40,10 @@ def _config(args: argparse.Namespace):
         config.run.name = check_run_name(args.name, "--name")
     elif not any(o.startswith("run.name=") for o in args.overrides):
         config.run.name = f"{Path(args.preset).stem}-{config.collect.source.name}"
-    from worldmodel.files import check_output_place
+    if args.command in ("run", "train") or (args.command == "collect" and not args.out):
+        from worldmodel.files import check_output_place
 
-    check_output_place(config.run_dir, folder=True)  # run.runs_dir=a_file would fail only once a stage writes
+        check_output_place(config.run_dir, folder=True)  # run.runs_dir=a_file would fail only once a stage writes
     if config.run.time_scale == "auto" and args.command != "run":
         from worldmodel.config import ConfigError
 
@@ -234,11 +235,11 @@ def _output_folder(text: str) -> str:
 
 def _rate_or_zero(text: str) -> float:
     """A frame rate: a positive number, or 0 for as fast as it runs."""
-    if text.strip() in ("0", "0.0"):
-        return 0.0
     try:
+        if float(text) == 0:
+            return 0.0
         return _positive_float(text)
-    except argparse.ArgumentTypeError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected a positive number or 0, got {text!r}") from None
 
 

@@ -80,6 +80,14 @@ def _changed(previous: Any, now: Any, default: Any) -> bool:
     return previous != now
 
 
+def _without_workers(tree: Any) -> Any:
+    """Settings without their worker counts (`collect.workers`, `eval.workers`): how many processes made a stage's
+    output does not change it (episode i is driven on its own seed), so a resumed run may use others."""
+    if not isinstance(tree, dict):
+        return tree
+    return {key: _without_workers(value) for key, value in tree.items() if key != "workers"}
+
+
 def _scale_changed(key: str, previous: dict[str, Any], config: PipelineConfig) -> str:
     """', its minute budgets x2.5 then and x1 now (run.time_scale)' where settings `key` hold a minute budget and
     the run started under another `run.time_scale`; nothing for a run recorded before runs kept their scale."""
@@ -109,16 +117,21 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     if config_path.is_file():
         previous = read_yaml_mapping(config_path, "run config")
         order = list(STAGE_SECTIONS)
-        # the stage a killed run was in has output on disk made with its settings (episodes, a `_last` checkpoint)
-        started = {name.split("/")[0] for name in StageClock(run_dir).left_behind(results.done)}
+        # a collection killed midway (the first, or a loop round's) left episodes made with its settings: more made
+        # with others would join them (a training stage killed midway refuses its `_last` checkpoint on its own
+        # where the model's config changed, and goes on with new training settings)
+        started = {
+            name.split("/")[0] for name in StageClock(run_dir).left_behind(results.done) if name.endswith("collect")
+        }
         for at, (stage_name, keys) in enumerate(STAGE_SECTIONS.items()):
             # a stage's settings are fixed once it, or a stage after it (on its output), finished or started: a loop
             # added to a finished run would leave its evaluation and video of the policy before the loop
             fixed = next((later for later in order[at:] if results.done(later) or later in started), None)
             for key in keys:
-                if fixed and _changed(_lookup(previous, key), _lookup(resolved, key), _lookup(defaults, key)):
+                then, now, default = (_without_workers(_lookup(tree, key)) for tree in (previous, resolved, defaults))
+                if fixed and _changed(then, now, default):
                     what = repr(fixed) + ("" if fixed == stage_name else f", after stage {stage_name!r},")
-                    how = "finished" if results.done(fixed) else "started (and stopped)"
+                    how = "started (and was stopped)" if fixed in started else "finished"
                     raise ConfigError(
                         f"{run_dir}: stage {what} {how} with other `{key}` settings than "
                         f"now{_scale_changed(key, previous, config)} (see {config_path}); choose a new run.name, or "

@@ -106,8 +106,8 @@ def test_bench_tokenizer_refuses_a_bad_rate(data_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "levelz" in capsys.readouterr().err
     # a rate no tokenizer can have, and a bench whose every backbone is missing, are refused before any work
     for args, said in (
-        (["--rate", "{levels: [1]}"], "tokenizer rate levels=1: "),
-        (["--backbones", "nosuch,other"], "no backbone asked for can be built here"),
+        (["--rate", "{levels: [1]}"], "tokenizer rate levels=1 with backbone 'conv': "),
+        (["--backbones", "nosuch,other"], "no backbone asked for is in this checkout (['nosuch', 'other']"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["bench", "tokenizer", "--data", str(data_dir), "--out", str(tmp_path / "b"), *args, *TINY])

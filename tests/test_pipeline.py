@@ -541,27 +541,49 @@ def test_a_loop_added_to_a_run_evaluated_without_one_is_refused(tmp_path):
     assert not (run_dir / "dataset").exists()  # refused before any work
 
 
-def test_a_stage_killed_midway_keeps_its_settings_for_the_resume(tmp_path):
+def test_a_collection_killed_midway_keeps_its_settings_for_the_resume(tmp_path, monkeypatch):
     # a run killed while collecting left episodes of 238 steps; resumed with other collect settings it would append
     # episodes of 200 beside them and rewrite config.yaml as if all were made so
+    import pipeline.run
     from pipeline.run import run_pipeline
+    from worldmodel.run_dir import Results
 
-    overrides = [f"run.runs_dir={tmp_path}", "run.name=x"]
-    started = load_pipeline_config("tiny", [*overrides, "collect.source.max_steps=238"])
+    class Reached(Exception):
+        """The stage's work began: the settings were accepted."""
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    for work in ("collect", "train_dynamics"):
+        monkeypatch.setattr(pipeline.run, work, reached)
+    overrides = [f"run.runs_dir={tmp_path}", "run.name=x", "collect.source.max_steps=238"]
+    started = load_pipeline_config("tiny", overrides)
     run_dir = started.run_dir
     run_dir.mkdir(parents=True)
     RunDir(run_dir).config.write_text(yaml.safe_dump(to_dict(started), sort_keys=False))
     RunDir(run_dir).stage_clock.write_text(json.dumps({"stage": "collect", "seconds": 12.0}))  # killed in it
     kept = RunDir(run_dir).config.read_text()
-    with pytest.raises(ConfigError, match=r"stage 'collect' started \(and stopped\) with other `collect` settings"):
-        run_pipeline(load_pipeline_config("tiny", overrides))
+    with pytest.raises(ConfigError, match=r"stage 'collect' started \(and was stopped\) with other `collect` setting"):
+        run_pipeline(load_pipeline_config("tiny", overrides[:2]))
     assert RunDir(run_dir).config.read_text() == kept and not (run_dir / "dataset").exists()  # refused before work
-    # killed in the loop's second round: the loop's settings and those of the stages it runs are fixed
-    RunDir(run_dir).stage_clock.write_text(json.dumps({"stage": "loop/02/dynamics", "seconds": 30.0}))
-    with pytest.raises(ConfigError, match=r"stage 'loop', after stage 'dynamics', started \(and stopped\) with other"):
-        run_pipeline(
-            load_pipeline_config("tiny", [*overrides, "collect.source.max_steps=238", "dynamics.train.lr=0.01"])
-        )
+    overrides += ["collect.workers=1", "eval.workers=1"]
+    with pytest.raises(Reached):  # fewer workers make the same episodes: the collection goes on
+        run_pipeline(load_pipeline_config("tiny", overrides))
+    # a training stage killed midway goes on with other training settings (its trainer refuses a `_last`
+    # checkpoint of another model config by itself)
+    Results(run_dir).record("collect", {"episodes": 100})
+    Results(run_dir).record("tokenizer", {"steps": 600})
+    RunDir(run_dir).stage_clock.write_text(json.dumps({"stage": "dynamics", "seconds": 30.0}))
+    overrides.append("dynamics.train.batch_size=16")  # config.yaml says so from now on
+    with pytest.raises(Reached):
+        run_pipeline(load_pipeline_config("tiny", overrides))
+    # killed in a loop round's collection, after the loop's first round: the loop's settings are fixed
+    Results(run_dir).record("dynamics", {"steps": 500})
+    Results(run_dir).record("policy", {"steps": 500})
+    Results(run_dir).record("loop/01/collect", {"episodes": 8})
+    RunDir(run_dir).stage_clock.write_text(json.dumps({"stage": "loop/02/collect", "seconds": 3.0}))
+    with pytest.raises(ConfigError, match=r"stage 'loop' started \(and was stopped\) with other `loop` settings"):
+        run_pipeline(load_pipeline_config("tiny", [*overrides, "loop.episodes=4"]))
 
 
 def _run_command(tmp_path, monkeypatch, preset="tiny", name="auto"):
