@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,27 +211,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _output_file(text: str) -> str:
-    """An output file's path, refused at once where it cannot be written (a folder, below a file), not after the
-    work that fills it."""
-    from worldmodel.files import UnwritablePath, check_output_place
+def _output(folder: bool) -> Callable[[str], str]:
+    """An argparse type for an output file's (or folder's) path, refused as it is parsed where it cannot be written
+    (a folder where a file goes, a file among the folders above it), not after the work that fills it."""
 
-    try:
-        check_output_place(text)
-    except UnwritablePath as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    def check(text: str) -> str:
+        from worldmodel.files import UnwritablePath, check_output_place
+
+        try:
+            check_output_place(text, folder=folder)
+        except UnwritablePath as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    return check
 
 
-def _output_folder(text: str) -> str:
-    """An output folder's path, refused at once where it cannot be made (a file, below a file)."""
-    from worldmodel.files import UnwritablePath, check_output_place
-
-    try:
-        check_output_place(text, folder=True)
-    except UnwritablePath as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+_output_file, _output_folder = _output(folder=False), _output(folder=True)
 
 
 def _rate_or_zero(text: str) -> float:
