@@ -82,7 +82,7 @@ def test_create_reopens_compatible_and_refuses_mismatch(tmp_path):
 
 def test_a_dataset_is_made_only_in_a_new_or_empty_folder_below_folders(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(DatasetError, match="notes.txt is a file, so .* cannot be a folder below it"):
+    with pytest.raises(DatasetError, match="notes.txt is a file, so .* cannot be written below it"):
         Dataset.create(tmp_path / "notes.txt" / "data", "synthetic", (16, 16, 3), BOX_SPACE)
     mine = tmp_path / "mine"
     mine.mkdir()

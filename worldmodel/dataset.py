@@ -29,7 +29,7 @@ import gymnasium as gym
 import numpy as np
 
 from worldmodel.config import whole
-from worldmodel.files import atomic_path, write_json_atomic
+from worldmodel.files import UnwritablePath, atomic_path, check_output_place, write_json_atomic
 
 FORMAT_NAME = "worldmodel-dataset"
 FORMAT_VERSION = 1
@@ -41,11 +41,10 @@ OPTIONAL_ARRAYS = ("expert_actions",)
 def _check_dataset_place(root: Path) -> None:
     """DatasetError unless `root` can hold a dataset: a new folder (below folders, not a file), an empty one, or one
     already holding a dataset (`manifest.json`); never beside a user's other files."""
-    if root.exists() and not root.is_dir():
-        raise DatasetError(f"{root} is a file; a dataset is a folder: use another path")
-    above = next((parent for parent in root.parents if parent.exists()), None)
-    if above is not None and not above.is_dir():
-        raise DatasetError(f"{above} is a file, so {root} cannot be a folder below it: use another path")
+    try:
+        check_output_place(root, folder=True)
+    except UnwritablePath as err:
+        raise DatasetError(f"{err}: a dataset is a folder, use another path") from None
     if root.is_dir() and not (root / "manifest.json").is_file():
         # the atomic writes' temporary files start with a dot: a collection killed while writing leaves those
         others = sorted(child.name for child in root.iterdir() if not child.name.startswith("."))
